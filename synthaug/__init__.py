@@ -1,0 +1,44 @@
+"""synthaug: LoRA-adapted diffusion models as a streaming source of rare-class training images.
+
+The top-level names are loaded on first use, so ``import synthaug`` (e.g. to read a cache in a
+DataLoader worker) imports neither diffusers, peft nor transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "SyntheticCache": "synthaug.cache.store",
+    "Record": "synthaug.cache.codec",
+    "Encoding": "synthaug.cache.codec",
+    "SynthaugError": "synthaug.errors",
+    "CorruptRecordError": "synthaug.errors",
+    "CacheFormatError": "synthaug.errors",
+    "SyntheticExhaustedError": "synthaug.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'synthaug' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from synthaug.cache.codec import Encoding, Record
+    from synthaug.cache.store import SyntheticCache
+    from synthaug.errors import CacheFormatError, CorruptRecordError, SynthaugError, SyntheticExhaustedError

@@ -1,0 +1,66 @@
+"""The ``synthaug`` command: one subcommand per module of this package.
+
+Each subcommand module defines ``register(subparsers)``, which adds its parser and sets
+``func`` to the function that runs it. Heavy imports happen inside those functions, so
+``synthaug --help`` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+from typing import List, Optional
+
+__all__ = ["main", "build_parser", "SUBCOMMANDS"]
+
+# module names under synthaug.cli, in the order --help lists them
+SUBCOMMANDS = ["finetune", "generate", "worker", "cache", "bench", "sweep", "quality", "demo", "env"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from synthaug import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="synthaug",
+        description="Synthetic rare-class images from LoRA-adapted diffusion models, streamed into training.",
+    )
+    parser.add_argument("--version", action="version", version=f"synthaug {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"synthaug.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"synthaug.cli.{name}":
+                continue  # subcommand not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from synthaug.errors import SynthaugError
+
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print(f"synthaug {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (SynthaugError, ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError) as exc:
+        if args.traceback:
+            traceback.print_exc()
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"synthaug {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
