@@ -1,0 +1,610 @@
+"""``SyntheticCache``: an LMDB store of synthetic images with provenance.
+
+One writer and many readers (DataLoader workers, DDP ranks, other processes) share one cache
+directory. Each ``append`` is one write transaction: a killed writer leaves every committed record
+intact and no partial one. Reads use short transactions, and the environment is opened lazily in
+each process that uses it (see :mod:`synthaug.cache.env`), so a cache object may be handed to
+forked or spawned workers.
+
+Layout (named databases of one LMDB environment):
+
+* ``records``: key = 8-byte big-endian sequence number, value = one record (:mod:`.codec`).
+* ``meta``: format version, image spec, label names, next seq, byte and eviction counters,
+  ``max_items``, the generation worker's heartbeat.
+* ``cursors``: per-consumer high-water marks (the next sequence number a consumer has not been
+  handed yet), used by the worker to count records no consumer has seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+
+from synthaug.cache import codec
+from synthaug.cache.codec import Encoding, Label, Record
+from synthaug.cache.env import EnvHandle, acquire_env, release_env
+from synthaug.errors import CacheFormatError, CorruptRecordError
+
+__all__ = ["SyntheticCache", "DEFAULT_ENCODING"]
+
+DEFAULT_ENCODING = "raw"  # chosen from benchmarks/cache.py: see README "Choosing the encoding"
+_KEY = struct.Struct(">Q")
+_SCAN_CHUNK = 4096
+
+
+def _key(seq: int) -> bytes:
+    return _KEY.pack(seq)
+
+
+def _seq(key) -> int:
+    return _KEY.unpack(key)[0]
+
+
+def _jload(value, default=None):
+    return default if value is None else json.loads(bytes(value))
+
+
+def _jdump(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+class SyntheticCache:
+    """A directory holding an LMDB cache of synthetic images.
+
+    Args:
+        path: the cache directory (created with its parents when missing, unless ``readonly``).
+        readonly: open an existing cache for reading only; a missing one raises
+            ``FileNotFoundError``.
+        encoding: image encoding of new records, ``"raw"``, ``"png"``, ``"jpeg"`` or ``"webp"``;
+            ``None`` keeps the cache's own (``"raw"`` for a new cache).
+        quality: JPEG/WebP quality of new records (1..100).
+        max_items: keep at most this many records; the oldest are evicted in the same
+            transaction as the append that overflows. Stored in the cache, so every writer obeys
+            it; ``None`` keeps the stored value (unbounded for a new cache), ``0`` removes it.
+        label_names: class names of the label indices (stored once; used to map labels by name).
+        map_size: initial LMDB map size in bytes; it doubles whenever it fills.
+        max_readers: reader slots in the lock table; at least ranks × (workers + 2) per node.
+        sync: fsync each commit (durable against power loss). A killed *process* never loses a
+            committed record either way.
+
+    Records: ``append(images, labels, meta)`` returns the sequence numbers given, ``get(seq)``
+    a :class:`Record`. The object is picklable: a copy opens its own environment in the process
+    that uses it.
+    """
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        *,
+        readonly: bool = False,
+        encoding: Optional[str] = None,
+        quality: int = 95,
+        max_items: Optional[int] = None,
+        label_names: Optional[Sequence[str]] = None,
+        map_size: int = 1 << 30,
+        max_readers: int = 1024,
+        sync: bool = True,
+    ) -> None:
+        self._path = Path(path)
+        if self._path.exists() and not self._path.is_dir():
+            raise ValueError(f"cache path {self._path} is a file; a cache is a directory (give a new or existing folder)")
+        if readonly and not (self._path / "data.mdb").exists():
+            raise FileNotFoundError(f"no synthetic cache at {self._path} (no data.mdb); create it by opening it writable")
+        if not readonly and self._path.is_dir() and not (self._path / "data.mdb").exists() and any(self._path.iterdir()):
+            raise CacheFormatError(
+                f"{self._path} exists, is not empty and holds no cache (no data.mdb); choose a new or empty folder"
+            )
+        if not 1 <= int(quality) <= 100:
+            raise ValueError(f"quality must be in 1..100, got {quality}")
+        if max_items is not None and int(max_items) < 0:
+            raise ValueError(f"max_items must be >= 1 (or 0 to remove the limit), got {max_items}")
+        if map_size < 4096:
+            raise ValueError(f"map_size must be at least 4096 bytes, got {map_size}")
+        self._readonly = bool(readonly)
+        self._encoding_arg = Encoding.parse(encoding) if encoding is not None else None
+        self._quality = int(quality)
+        self._max_items_arg = max_items
+        self._label_names_arg = list(label_names) if label_names is not None else None
+        self._map_size = int(map_size)
+        self._max_readers = int(max_readers)
+        self._sync = bool(sync)
+        self._handle: Optional[EnvHandle] = None
+        self._pid: Optional[int] = None
+        if not readonly:
+            self._path.mkdir(parents=True, exist_ok=True)
+        self._open()
+
+    # ------------------------------------------------------------------ environment
+    def _open(self) -> EnvHandle:
+        handle = acquire_env(
+            str(self._path),
+            readonly=self._readonly,
+            map_size=self._map_size,
+            max_readers=self._max_readers,
+            sync=self._sync,
+        )
+        self._handle = handle
+        self._pid = os.getpid()
+        self._init_meta(handle)
+        return handle
+
+    def _env(self) -> EnvHandle:
+        """This process's handle, opened here on first use (after fork or unpickling)."""
+        handle = self._handle
+        if handle is None or self._pid != os.getpid() or handle._stale:
+            handle = self._open()
+        return handle
+
+    def _init_meta(self, handle: EnvHandle) -> None:
+        with handle.read() as txn:
+            version = _jload(txn.get(b"format_version", db=handle.dbs["meta"]))
+            stored = {
+                k: _jload(txn.get(k.encode(), db=handle.dbs["meta"]))
+                for k in ("encoding", "max_items", "label_names")
+            }
+        if version is not None and version > codec.FORMAT_VERSION:
+            raise CacheFormatError(
+                f"cache {self._path} has format version {version}, newer than this synthaug "
+                f"({codec.FORMAT_VERSION}); upgrade synthaug to read it"
+            )
+        updates: Dict[bytes, Any] = {}
+        if version is None:
+            if self._readonly:
+                raise CacheFormatError(f"{self._path} is not a synthaug cache (no format version in its meta)")
+            from synthaug import __version__
+
+            updates.update(
+                {
+                    b"format_version": codec.FORMAT_VERSION,
+                    b"created_at": _now(),
+                    b"synthaug_version": __version__,
+                    b"next_seq": 0,
+                    b"value_bytes": 0,
+                    b"appended": 0,
+                    b"evicted": 0,
+                    b"encoding": (self._encoding_arg or Encoding.parse(DEFAULT_ENCODING)).name,
+                }
+            )
+            stored["encoding"] = updates[b"encoding"]
+        if self._max_items_arg is not None and stored["max_items"] != (self._max_items_arg or None):
+            updates[b"max_items"] = int(self._max_items_arg) or None
+            stored["max_items"] = updates[b"max_items"]
+        if self._label_names_arg is not None and stored["label_names"] != self._label_names_arg:
+            if stored["label_names"] is not None:
+                raise ValueError(
+                    f"cache {self._path} already has label names {stored['label_names']}, not {self._label_names_arg}"
+                )
+            updates[b"label_names"] = self._label_names_arg
+            stored["label_names"] = self._label_names_arg
+        if updates and not self._readonly:
+            def put(txn):
+                for k, v in updates.items():
+                    txn.put(k, _jdump(v), db=handle.dbs["meta"])
+
+            handle.write(put)
+        self._stored_encoding = Encoding.parse(stored["encoding"])
+        self._max_items = stored["max_items"]
+        self._label_names = stored["label_names"]
+
+    def close(self) -> None:
+        """Release this object's hold on the environment (closed when no object of this process uses it)."""
+        if self._handle is not None and self._pid == os.getpid():
+            release_env(self._handle)
+        self._handle = None
+
+    def __enter__(self) -> "SyntheticCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_pid"] = None
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    @property
+    def encoding(self) -> str:
+        """Encoding of new records."""
+        return (self._encoding_arg or self._stored_encoding).name
+
+    @property
+    def max_items(self) -> Optional[int]:
+        return self._max_items
+
+    @property
+    def label_names(self) -> Optional[List[str]]:
+        return self._label_names
+
+    # ------------------------------------------------------------------ writing
+    def append(self, images, labels, meta=None) -> List[int]:
+        """Store images with their labels and provenance in one write transaction.
+
+        Args:
+            images: uint8 numpy N×H×W×C (C = 1 or 3) or N×H×W; a uint8 torch tensor N×C×H×W
+                (torchvision layout); or a list of PIL images / arrays / C×H×W tensors.
+            labels: one int (or list of ints, multi-label) per image; a single int for all.
+            meta: one provenance dict per image (JSON-serializable), or one dict for all.
+                ``created_at`` is added where missing.
+
+        Returns:
+            The sequence numbers given to the records, in order.
+
+        Raises:
+            ValueError: on float images, wrong shapes, mismatched lengths, or metadata that is
+                not JSON; nothing is written then.
+        """
+        if self._readonly:
+            raise PermissionError(f"cache {self._path} was opened read-only; open it without readonly=True to append")
+        imgs = codec.as_image_batch(images)
+        n = len(imgs)
+        labs = codec.as_labels(labels, n)
+        metas = codec.as_metas(meta, n)
+        if n == 0:
+            return []
+        shape = imgs[0].shape
+        for i, im in enumerate(imgs):
+            if im.shape != shape:
+                raise ValueError(f"image {i} has shape {im.shape} but image 0 has {shape}; one append holds one image size")
+        spec = {"height": shape[0], "width": shape[1], "channels": shape[2]}
+        stamp = _now()
+        values = []
+        enc = self._encoding_arg or self._stored_encoding
+        for im, lab, m in zip(imgs, labs, metas):
+            m.setdefault("created_at", stamp)
+            values.append(codec.encode_record(im, lab, codec.encode_meta(m), enc, quality=self._quality))
+        handle = self._env()
+        meta_db, rec_db = handle.dbs["meta"], handle.dbs["records"]
+
+        def write(txn) -> List[int]:
+            stored_spec = _jload(txn.get(b"image_spec", db=meta_db))
+            if stored_spec is None:
+                txn.put(b"image_spec", _jdump(spec), db=meta_db)
+            elif stored_spec != spec:
+                raise ValueError(
+                    f"cache {self._path} holds {stored_spec['height']}×{stored_spec['width']}×{stored_spec['channels']} "
+                    f"images; these are {spec['height']}×{spec['width']}×{spec['channels']}. Use another cache for another image size."
+                )
+            next_seq = _jload(txn.get(b"next_seq", db=meta_db), 0)
+            value_bytes = _jload(txn.get(b"value_bytes", db=meta_db), 0)
+            seqs = list(range(next_seq, next_seq + n))
+            for s, v in zip(seqs, values):
+                txn.put(_key(s), v, db=rec_db, append=True)
+                value_bytes += len(v)
+            max_items = _jload(txn.get(b"max_items", db=meta_db))
+            evicted = 0
+            if max_items:
+                excess = txn.stat(rec_db)["entries"] - max_items
+                if excess > 0:
+                    evicted, freed = _delete_oldest(txn, rec_db, excess)
+                    value_bytes -= freed
+            txn.put(b"next_seq", _jdump(next_seq + n), db=meta_db)
+            txn.put(b"value_bytes", _jdump(value_bytes), db=meta_db)
+            txn.put(b"appended", _jdump(_jload(txn.get(b"appended", db=meta_db), 0) + n), db=meta_db)
+            if evicted:
+                txn.put(b"evicted", _jdump(_jload(txn.get(b"evicted", db=meta_db), 0) + evicted), db=meta_db)
+            return seqs
+
+        return handle.write(write)
+
+    def trim(self, keep_last: int) -> int:
+        """Delete the oldest records so at most ``keep_last`` remain; returns how many went."""
+        if keep_last < 0:
+            raise ValueError(f"keep_last must be >= 0, got {keep_last}")
+        handle = self._env()
+        meta_db, rec_db = handle.dbs["meta"], handle.dbs["records"]
+
+        def write(txn) -> int:
+            excess = txn.stat(rec_db)["entries"] - keep_last
+            if excess <= 0:
+                return 0
+            evicted, freed = _delete_oldest(txn, rec_db, excess)
+            txn.put(b"value_bytes", _jdump(_jload(txn.get(b"value_bytes", db=meta_db), 0) - freed), db=meta_db)
+            txn.put(b"evicted", _jdump(_jload(txn.get(b"evicted", db=meta_db), 0) + evicted), db=meta_db)
+            return evicted
+
+        return handle.write(write)
+
+    def set_label_names(self, names: Sequence[str]) -> None:
+        """Record the class names of the label indices (refused if different names are stored)."""
+        names = [str(n) for n in names]
+        if self._label_names is not None and self._label_names != names:
+            raise ValueError(f"cache {self._path} already has label names {self._label_names}, not {names}")
+        handle = self._env()
+        handle.write(lambda txn: txn.put(b"label_names", _jdump(names), db=handle.dbs["meta"]))
+        self._label_names = names
+
+    # ------------------------------------------------------------------ reading
+    def get(self, seq: int) -> Record:
+        """The record with sequence number ``seq``.
+
+        Raises:
+            KeyError: no such record (never written, or evicted).
+            CorruptRecordError: the record fails its CRC or cannot be decoded (names ``seq``).
+        """
+        handle = self._env()
+        with handle.read() as txn:
+            buf = txn.get(_key(seq), db=handle.dbs["records"])
+            if buf is None:
+                raise KeyError(self._missing(seq, txn, handle))
+            return codec.decode_record(buf, seq, path=self._path)
+
+    def get_many(self, seqs: Iterable[int]) -> List[Record]:
+        """Records for ``seqs`` read in one transaction (same errors as :meth:`get`)."""
+        handle = self._env()
+        out = []
+        with handle.read() as txn:
+            db = handle.dbs["records"]
+            for seq in seqs:
+                buf = txn.get(_key(seq), db=db)
+                if buf is None:
+                    raise KeyError(self._missing(seq, txn, handle))
+                out.append(codec.decode_record(buf, seq, path=self._path))
+        return out
+
+    def _missing(self, seq: int, txn, handle: EnvHandle) -> str:
+        cur = txn.cursor(db=handle.dbs["records"])
+        first = _seq(cur.key()) if cur.first() else None
+        return f"no record seq={seq} in {self._path} (first seq {first}; evicted or never written)"
+
+    def __len__(self) -> int:
+        handle = self._env()
+        with handle.read() as txn:
+            return txn.stat(handle.dbs["records"])["entries"]
+
+    def __contains__(self, seq: int) -> bool:
+        handle = self._env()
+        with handle.read() as txn:
+            return txn.get(_key(seq), db=handle.dbs["records"]) is not None
+
+    def __iter__(self) -> Iterator[int]:
+        """Sequence numbers in ascending order (read in chunks of short transactions)."""
+        start = 0
+        while True:
+            chunk = self.seqs(start, limit=_SCAN_CHUNK)
+            yield from chunk
+            if len(chunk) < _SCAN_CHUNK:
+                return
+            start = chunk[-1] + 1
+
+    def seqs(self, start: int = 0, stop: Optional[int] = None, *, limit: Optional[int] = None) -> List[int]:
+        """Stored sequence numbers in ``[start, stop)``, ascending, at most ``limit`` of them."""
+        handle = self._env()
+        out: List[int] = []
+        with handle.read() as txn:
+            cur = txn.cursor(db=handle.dbs["records"])
+            if not cur.set_range(_key(max(0, start))):
+                return out
+            for key in cur.iternext(keys=True, values=False):
+                s = _seq(key)
+                if stop is not None and s >= stop:
+                    break
+                out.append(s)
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    def labels(self, start: int = 0, stop: Optional[int] = None) -> Dict[int, Label]:
+        """``{seq: label}`` for records in ``[start, stop)``, read from headers (images not decoded)."""
+        return self._scan(start, stop, codec.peek_label)
+
+    def metas(self, start: int = 0, stop: Optional[int] = None) -> Dict[int, Dict[str, Any]]:
+        """``{seq: provenance dict}`` for records in ``[start, stop)`` (images not decoded)."""
+        return self._scan(start, stop, codec.peek_meta)
+
+    def _scan(self, start: int, stop: Optional[int], read) -> Dict[int, Any]:
+        handle = self._env()
+        out: Dict[int, Any] = {}
+        with handle.read() as txn:
+            cur = txn.cursor(db=handle.dbs["records"])
+            if not cur.set_range(_key(max(0, start))):
+                return out
+            for key, value in cur:
+                s = _seq(key)
+                if stop is not None and s >= stop:
+                    break
+                out[s] = read(value, s, self._path)
+        return out
+
+    # ------------------------------------------------------------------ consumers and worker
+    def set_cursor(self, consumer: str, next_seq: int, **info: Any) -> None:
+        """Record that ``consumer`` has been handed every record below ``next_seq``."""
+        value = {"next_seq": int(next_seq), "updated_at": time.time(), "pid": os.getpid(), **info}
+        handle = self._env()
+        handle.write(lambda txn: txn.put(consumer.encode(), _jdump(value), db=handle.dbs["cursors"]))
+
+    def cursors(self) -> Dict[str, Dict[str, Any]]:
+        """Every consumer's cursor: ``{name: {"next_seq", "updated_at", "pid", ...}}``."""
+        handle = self._env()
+        with handle.read() as txn:
+            return {bytes(k).decode(): _jload(v) for k, v in txn.cursor(db=handle.dbs["cursors"])}
+
+    def remove_cursor(self, consumer: str) -> bool:
+        handle = self._env()
+        return bool(handle.write(lambda txn: txn.delete(consumer.encode(), db=handle.dbs["cursors"])))
+
+    def fresh_count(self, consumer: Optional[str] = None) -> int:
+        """Records no consumer has been handed yet (``consumer``: that one only).
+
+        With no cursor recorded, every stored record counts as fresh.
+        """
+        cursors = self.cursors()
+        if consumer is not None:
+            start = cursors.get(consumer, {}).get("next_seq", 0)
+        else:
+            start = min((c.get("next_seq", 0) for c in cursors.values()), default=0)
+        handle = self._env()
+        with handle.read() as txn:
+            cur = txn.cursor(db=handle.dbs["records"])
+            if not cur.last():
+                return 0
+            last = _seq(cur.key())
+            count = txn.stat(handle.dbs["records"])["entries"]
+            first = _seq(cur.key()) if cur.first() else 0
+        # Sequence numbers are dense between first and last (eviction removes only the oldest).
+        return max(0, last + 1 - max(start, first)) if count else 0
+
+    def write_heartbeat(self, info: Dict[str, Any]) -> None:
+        """Store the writer's liveness record (``time`` and ``pid`` are added)."""
+        value = {"time": time.time(), "pid": os.getpid(), **info}
+        handle = self._env()
+        handle.write(lambda txn: txn.put(b"heartbeat", _jdump(value), db=handle.dbs["meta"]))
+
+    def heartbeat(self) -> Optional[Dict[str, Any]]:
+        handle = self._env()
+        with handle.read() as txn:
+            return _jload(txn.get(b"heartbeat", db=handle.dbs["meta"]))
+
+    # ------------------------------------------------------------------ reports
+    def meta(self) -> Dict[str, Any]:
+        """Everything stored in the ``meta`` database, decoded."""
+        handle = self._env()
+        with handle.read() as txn:
+            return {bytes(k).decode(): _jload(v) for k, v in txn.cursor(db=handle.dbs["meta"])}
+
+    def stats(self) -> Dict[str, Any]:
+        """Counts and sizes, without reading the records.
+
+        Keys: ``count``, ``first_seq``, ``last_seq``, ``next_seq``, ``bytes`` (stored values),
+        ``disk_bytes`` (data file), ``map_size``, ``encoding``, ``format_version``, ``image_spec``,
+        ``label_names``, ``max_items``, ``appended``, ``evicted``, ``consumers``, ``heartbeat``.
+        """
+        handle = self._env()
+        with handle.read() as txn:
+            rec_db = handle.dbs["records"]
+            count = txn.stat(rec_db)["entries"]
+            cur = txn.cursor(db=rec_db)
+            first = _seq(cur.key()) if cur.first() else None
+            last = _seq(cur.key()) if cur.last() else None
+            m = {bytes(k).decode(): _jload(v) for k, v in txn.cursor(db=handle.dbs["meta"])}
+            consumers = txn.stat(handle.dbs["cursors"])["entries"]
+        data_file = self._path / "data.mdb"
+        return {
+            "path": str(self._path),
+            "count": count,
+            "first_seq": first,
+            "last_seq": last,
+            "next_seq": m.get("next_seq", 0),
+            "bytes": m.get("value_bytes", 0),
+            "disk_bytes": data_file.stat().st_size if data_file.exists() else 0,
+            "map_size": handle.map_size(),
+            "encoding": self.encoding,
+            "format_version": m.get("format_version"),
+            "image_spec": m.get("image_spec"),
+            "label_names": m.get("label_names"),
+            "max_items": m.get("max_items"),
+            "appended": m.get("appended", 0),
+            "evicted": m.get("evicted", 0),
+            "consumers": consumers,
+            "heartbeat": m.get("heartbeat"),
+            "created_at": m.get("created_at"),
+        }
+
+    def label_histogram(self) -> Dict[str, int]:
+        """Records per label (multi-label records count once per label), keyed by label text."""
+        counts: Counter = Counter()
+        for lab in self.labels().values():
+            counts.update(lab if isinstance(lab, tuple) else (lab,))
+        names = self._label_names
+        return {
+            (f"{k} ({names[k]})" if names and 0 <= k < len(names) else str(k)): v for k, v in sorted(counts.items())
+        }
+
+    def verify(self, *, progress: bool = False) -> Dict[str, Any]:
+        """Read and decode every record, checking its CRC.
+
+        Returns:
+            ``{"ok": int, "corrupt": int, "corrupt_seqs": [...], "errors": {seq: reason},
+            "count": int, "problems": [...]}``; ``problems`` lists inconsistencies of the meta
+            (e.g. ``next_seq`` not past the last record).
+        """
+        handle = self._env()
+        ok, bad, errors = 0, [], {}
+        problems = []
+        total = len(self)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="verify", unit="rec", dynamic_ncols=True)
+        start = 0
+        last_seen = None
+        while True:
+            n_chunk = 0
+            with handle.read() as txn:
+                cur = txn.cursor(db=handle.dbs["records"])
+                more = cur.set_range(_key(start))
+                while more and n_chunk < _SCAN_CHUNK:
+                    seq = _seq(cur.key())
+                    try:
+                        codec.decode_record(cur.value(), seq, path=self._path)
+                        ok += 1
+                    except CorruptRecordError as exc:
+                        bad.append(seq)
+                        errors[seq] = exc.reason
+                    last_seen = seq
+                    n_chunk += 1
+                    more = cur.next()
+            if bar is not None:
+                bar.update(n_chunk)
+            if not more:
+                break
+            start = last_seen + 1
+        if bar is not None:
+            bar.close()
+        m = self.meta()
+        if m.get("format_version") != codec.FORMAT_VERSION:
+            problems.append(f"format_version is {m.get('format_version')!r}, expected {codec.FORMAT_VERSION}")
+        if last_seen is not None and m.get("next_seq", 0) <= last_seen:
+            problems.append(f"next_seq {m.get('next_seq')} is not past the last record {last_seen}")
+        return {"ok": ok, "corrupt": len(bad), "corrupt_seqs": bad, "errors": errors, "count": ok + len(bad), "problems": problems}
+
+    def __repr__(self) -> str:
+        try:
+            n = len(self)
+        except Exception:
+            n = "?"
+        return f"SyntheticCache({str(self._path)!r}, count={n}, encoding={self.encoding!r})"
+
+
+def _delete_oldest(txn, rec_db, n: int):
+    """Delete the ``n`` lowest-seq records; returns (deleted, bytes freed)."""
+    cur = txn.cursor(db=rec_db)
+    deleted = freed = 0
+    if not cur.first():
+        return 0, 0
+    while deleted < n:
+        freed += len(cur.value())
+        deleted += 1
+        if not cur.delete():
+            break
+    return deleted, freed
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

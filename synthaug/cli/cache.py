@@ -1,0 +1,193 @@
+"""``synthaug cache inspect|verify|export|grid PATH``: look into a synthetic-image cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, List
+
+__all__ = ["register", "provenance_summary"]
+
+# provenance fields summarized by `inspect` (distinct values, most common first)
+_SUMMARY_KEYS = [
+    "model",
+    "adapter",
+    "adapter_hash",
+    "prompt",
+    "negative_prompt",
+    "label_name",
+    "scheduler",
+    "num_inference_steps",
+    "guidance_scale",
+    "resolution",
+    "mode",
+    "strength",
+]
+
+
+def _open(path: str):
+    from synthaug.cache.store import SyntheticCache
+
+    return SyntheticCache(path, readonly=True)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def provenance_summary(metas: Dict[int, Dict[str, Any]], top: int = 5) -> Dict[str, Any]:
+    """Distinct values of the main provenance fields, their counts, seed and time ranges."""
+    out: Dict[str, Any] = {}
+    for key in _SUMMARY_KEYS:
+        counts = Counter(json.dumps(m[key], sort_keys=True) if isinstance(m.get(key), (dict, list)) else m[key] for m in metas.values() if key in m)
+        if counts:
+            out[key] = {"distinct": len(counts), "top": [[v, c] for v, c in counts.most_common(top)]}
+    seeds = [m["seed"] for m in metas.values() if isinstance(m.get("seed"), int)]
+    if seeds:
+        out["seed"] = {"min": min(seeds), "max": max(seeds), "distinct": len(set(seeds))}
+    times = sorted(m["created_at"] for m in metas.values() if "created_at" in m)
+    if times:
+        out["created_at"] = {"first": times[0], "last": times[-1]}
+    missing = sum(1 for m in metas.values() if "seed" not in m or "model" not in m)
+    out["records_without_seed_or_model"] = missing
+    return out
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    cache = _open(args.path)
+    stats = cache.stats()
+    report = {
+        "stats": stats,
+        "label_histogram": cache.label_histogram(),
+        "provenance": provenance_summary(cache.metas()),
+        "cursors": cache.cursors(),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    spec = stats["image_spec"]
+    shape = f"{spec['height']}×{spec['width']}×{spec['channels']}" if spec else "(none yet)"
+    print(f"cache        {stats['path']}")
+    print(f"records      {stats['count']} (seq {stats['first_seq']}..{stats['last_seq']}, next {stats['next_seq']})")
+    print(f"appended     {stats['appended']}, evicted {stats['evicted']}, max_items {stats['max_items'] or 'unbounded'}")
+    print(f"images       {shape}, encoding {stats['encoding']}")
+    print(f"bytes        {_fmt_bytes(stats['bytes'])} in records, {_fmt_bytes(stats['disk_bytes'])} on disk, map {_fmt_bytes(stats['map_size'])}")
+    print(f"format       version {stats['format_version']}, created {stats['created_at']}")
+    hb = stats["heartbeat"]
+    if hb:
+        print(f"heartbeat    pid {hb.get('pid')} at {hb.get('time')}: {json.dumps({k: v for k, v in hb.items() if k not in ('pid', 'time')})}")
+    print("labels")
+    for label, count in report["label_histogram"].items():
+        print(f"  {label:<24} {count}")
+    if report["cursors"]:
+        print("consumers")
+        for name, cur in report["cursors"].items():
+            print(f"  {name:<24} next_seq {cur.get('next_seq')}")
+    print("provenance")
+    for key, value in report["provenance"].items():
+        if isinstance(value, dict) and "top" in value:
+            tops = ", ".join(f"{v!r}×{c}" for v, c in value["top"])
+            print(f"  {key:<20} {value['distinct']} distinct: {tops}")
+        else:
+            print(f"  {key:<20} {value}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    cache = _open(args.path)
+    result = cache.verify(progress=not args.json)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['ok']} records ok, {result['corrupt']} corrupt")
+        for seq in result["corrupt_seqs"][:50]:
+            print(f"  seq {seq}: {result['errors'][seq]}")
+        if result["corrupt"] > 50:
+            print(f"  ... and {result['corrupt'] - 50} more")
+        for problem in result["problems"]:
+            print(f"  meta: {problem}")
+    return 1 if result["corrupt"] or result["problems"] else 0
+
+
+def _select(cache, limit: int, sample: bool, seed: int) -> List[int]:
+    seqs = list(cache)
+    if sample and limit and len(seqs) > limit:
+        return sorted(random.Random(seed).sample(seqs, limit))
+    return seqs[-limit:] if limit else seqs
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    cache = _open(args.path)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"export folder {out} is not empty; pass --overwrite or choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    seqs = _select(cache, args.limit, args.sample, args.seed)
+    written = 0
+    with open(out / "metadata.jsonl", "w") as f:
+        for start in tqdm(range(0, len(seqs), 256), desc="export", unit="batch", dynamic_ncols=True):
+            for rec in cache.get_many(seqs[start : start + 256]):
+                name = f"{rec.seq:08d}.png"
+                img = rec.image[:, :, 0] if rec.image.shape[2] == 1 else rec.image
+                Image.fromarray(img).save(out / name)
+                label = list(rec.label) if isinstance(rec.label, tuple) else rec.label
+                f.write(json.dumps({"file_name": name, "seq": rec.seq, "label": label, "meta": rec.meta}) + "\n")
+                written += 1
+    print(f"exported {written} images and metadata.jsonl to {out}")
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from synthaug.imaging import save_image_grid
+
+    cache = _open(args.path)
+    seqs = _select(cache, args.n, not args.last, args.seed)
+    if not seqs:
+        raise ValueError(f"cache {args.path} holds no records to show")
+    records = cache.get_many(seqs)
+    path = save_image_grid([r.image for r in records], args.out, args.cols)
+    print(f"wrote a grid of {len(records)} images to {path}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("cache", help="inspect, verify, export or preview a cache", description=__doc__)
+    csub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+
+    q = csub.add_parser("inspect", help="counts, label histogram, bytes, encoding, provenance summary")
+    q.add_argument("path", help="cache directory")
+    q.add_argument("--json", action="store_true", help="print the full report as JSON")
+    q.set_defaults(func=cmd_inspect)
+
+    q = csub.add_parser("verify", help="read every record and check its CRC (exit 1 if any is corrupt)")
+    q.add_argument("path", help="cache directory")
+    q.add_argument("--json", action="store_true", help="print the result as JSON")
+    q.set_defaults(func=cmd_verify)
+
+    q = csub.add_parser("export", help="write records as PNG files plus metadata.jsonl")
+    q.add_argument("path", help="cache directory")
+    q.add_argument("--out", required=True, help="folder to write into")
+    q.add_argument("--limit", type=int, default=0, help="export at most N records (0: all); the newest unless --sample")
+    q.add_argument("--sample", action="store_true", help="with --limit, pick records at random (seeded)")
+    q.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    q.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    q.set_defaults(func=cmd_export)
+
+    q = csub.add_parser("grid", help="a PNG grid of sample images")
+    q.add_argument("path", help="cache directory")
+    q.add_argument("--out", default="grid.png", help="PNG file to write")
+    q.add_argument("--n", type=int, default=64, help="number of images")
+    q.add_argument("--cols", type=int, default=None, help="images per row (default: square)")
+    q.add_argument("--last", action="store_true", help="show the newest N instead of a random sample")
+    q.add_argument("--seed", type=int, default=0, help="seed of the random sample")
+    q.set_defaults(func=cmd_grid)
