@@ -1,0 +1,204 @@
+"""The generator contract shared by every backend, and ``load_generator``.
+
+A generator turns ``(n, seed)`` into ``n`` images with labels and per-image provenance:
+
+* Image ``i`` of ``generate(n, seed)`` uses the per-image seed ``seed + i``; its initial noise
+  comes from a CPU ``torch.Generator`` seeded with it. So ``generate(1, seed + i)`` reproduces
+  image ``i``, the internal batch size does not change what is made, and a record's ``meta["seed"]``
+  is all ``synthaug generate --seed`` needs to make it again (same device and dtype).
+* ``spec`` is a JSON-serializable dict; :func:`generator_from_spec` rebuilds an equivalent
+  generator in another process (the GenerationWorker does exactly that).
+* Per-image ``meta`` holds at least: ``source`` and ``overrides`` (the spec), ``model`` (base
+  model ref), ``adapter`` and ``adapter_hash`` (or ``None``), ``backend``, ``mode``
+  (``"txt2img"`` or ``"img2img"``), ``seed``, ``prompt``, ``negative_prompt``, ``label``,
+  ``label_name``, ``scheduler``, ``num_inference_steps``, ``guidance_scale``, ``resolution``
+  (``[H, W]`` of the stored image), ``device``, ``dtype``; in img2img mode also ``strength`` and
+  ``source_image`` (SHA-256 of the source image's pixels, :func:`synthaug.adapter.image_sha256`).
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = [
+    "GeneratedBatch",
+    "Generator",
+    "default_device",
+    "default_dtype",
+    "generator_from_spec",
+    "load_generator",
+    "per_image_seeds",
+]
+
+Label = Union[int, Sequence[int]]
+
+
+@dataclass
+class GeneratedBatch:
+    """What ``Generator.generate`` returns.
+
+    Attributes:
+        images: uint8 numpy array N×H×W×C (C = 1 or 3).
+        labels: one label per image (int, or list of ints for multi-label).
+        meta: one provenance dict per image (see the module docstring).
+    """
+
+    images: np.ndarray
+    labels: List[Label]
+    meta: List[Dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(f"GeneratedBatch.images must be uint8 N×H×W×C, got {self.images.dtype} {self.images.shape}")
+        if not (len(self.labels) == len(self.images) == len(self.meta)):
+            raise ValueError(f"GeneratedBatch has {len(self.images)} images, {len(self.labels)} labels, {len(self.meta)} meta dicts")
+
+
+def per_image_seeds(n: int, seed: int) -> List[int]:
+    """The per-image seeds of ``generate(n, seed)``: ``seed, seed + 1, ..., seed + n - 1``."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if seed < 0 or seed + n > 2**63:
+        raise ValueError(f"seed must be in [0, 2**63 - n], got {seed}")
+    return [seed + i for i in range(n)]
+
+
+def default_device(device: Optional[str] = None) -> str:
+    """``device`` if given, else ``"cuda"`` when available, else ``"cpu"``."""
+    if device:
+        return str(device)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str, dtype: Optional[str] = None):
+    """torch dtype: ``dtype`` if given (``"fp32"|"fp16"|"bf16"`` or torch names), else fp16 on
+    CUDA and fp32 elsewhere (half precision on CPU is slow and inexact)."""
+    import torch
+
+    names = {
+        "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    }
+    if dtype is None or dtype == "auto":
+        return torch.float16 if str(device).startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).replace("torch.", "")
+    if key not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
+    return names[key]
+
+
+class Generator(abc.ABC):
+    """A source of synthetic images. Subclasses implement :meth:`generate` and :attr:`spec`."""
+
+    #: label names of the label space the generator's labels index (``None`` if unknown)
+    label_names: Optional[List[str]] = None
+
+    @property
+    @abc.abstractmethod
+    def spec(self) -> Dict[str, Any]:
+        """``{"source": str, "overrides": {...}}`` plus descriptive keys; JSON-serializable."""
+
+    @abc.abstractmethod
+    def generate(self, n: int, seed: int) -> GeneratedBatch:
+        """``n`` images; image ``i`` made from per-image seed ``seed + i``."""
+
+    def close(self) -> None:
+        """Release models and memory (optional)."""
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def generator_from_spec(spec: Dict[str, Any]) -> Generator:
+    """Rebuild a generator from its ``spec`` (e.g. in a worker process)."""
+    if not isinstance(spec, dict) or "source" not in spec:
+        raise ValueError(f"a generator spec is a dict with 'source' and 'overrides', got {spec!r}")
+    return load_generator(spec["source"], **spec.get("overrides", {}))
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+def load_generator(source: Union[str, os.PathLike], **overrides: Any) -> Generator:
+    """A generator for ``source``.
+
+    ``source`` is one of:
+
+    * a synthaug adapter directory (holds ``synthaug.json``, written by ``synthaug finetune``):
+      the base model it names with the LoRA applied, and its prompt/label as defaults;
+    * ``builtin:<name>``: a model shipped in the package (e.g. ``builtin:fashion-mnist-ddpm``);
+    * a pixel-DDPM folder (holds ``synthaug_model.json``);
+    * a diffusers pipeline folder (holds ``model_index.json``) or a Hugging Face hub id of a
+      Stable-Diffusion-family model (SD 1.x/2.x/SDXL).
+
+    ``overrides`` are backend settings: ``prompt``, ``negative_prompt``, ``height``, ``width``,
+    ``num_inference_steps``, ``guidance_scale``, ``scheduler``, ``label``, ``batch_size``,
+    ``device``, ``dtype``, and for image-to-image ``mode="img2img"``, ``source_images``,
+    ``strength``. Unknown keys raise ``TypeError`` naming them.
+
+    Raises:
+        FileNotFoundError: a path that does not exist, or an adapter whose base model is missing.
+        ValueError: an unknown ``builtin:`` name, or a folder that is none of the above.
+    """
+    from synthaug.adapter import is_adapter_dir, read_adapter_config
+    from synthaug.builtin import BUILTIN_PREFIX, resolve_builtin
+
+    ref = str(source)
+    if ref.startswith(BUILTIN_PREFIX):
+        folder = resolve_builtin(ref)
+        return _pixel_ddpm(folder, ref, None, overrides)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if is_adapter_dir(path):
+            cfg = read_adapter_config(path)
+            if cfg["backend"] == "pixel-ddpm":
+                base = cfg["base_model"]
+                folder = resolve_builtin(base) if base.startswith(BUILTIN_PREFIX) else Path(base)
+                if not folder.is_dir():
+                    raise FileNotFoundError(f"adapter {path} needs its base model {base}, which does not exist")
+                return _pixel_ddpm(folder, base, path, overrides)
+            return _stable_diffusion(cfg["base_model"], path, overrides)
+        if (path / "synthaug_model.json").is_file():
+            return _pixel_ddpm(path, ref, None, overrides)
+        if (path / "model_index.json").is_file():
+            return _stable_diffusion(ref, None, overrides)
+        raise ValueError(
+            f"{path} is not a synthaug adapter (synthaug.json), a pixel-DDPM folder (synthaug_model.json) "
+            "or a diffusers pipeline folder (model_index.json)"
+        )
+    if path.exists():
+        raise ValueError(f"{path} is a file; give a model or adapter folder, a hub id, or builtin:<name>")
+    if _looks_like_hub_id(ref):
+        return _stable_diffusion(ref, None, overrides)
+    raise FileNotFoundError(f"model source {ref!r} not found: no such folder, and not a hub id (org/name) or builtin:<name>")
+
+
+def _pixel_ddpm(folder: Path, model_ref: str, adapter: Optional[Path], overrides: Dict[str, Any]) -> Generator:
+    from synthaug.generation.ddpm import PixelDDPMGenerator
+
+    return PixelDDPMGenerator(folder, model_ref=model_ref, adapter=adapter, **overrides)
+
+
+def _stable_diffusion(model: str, adapter: Optional[Path], overrides: Dict[str, Any]) -> Generator:
+    from synthaug.generation.sd import StableDiffusionGenerator
+
+    return StableDiffusionGenerator(model, adapter=adapter, **overrides)

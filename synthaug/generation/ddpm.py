@@ -1,0 +1,334 @@
+"""The pixel-space DDPM backend: a class-conditional diffusers ``UNet2DModel`` sampled with DDIM.
+
+This is the backend of the embedded default (``builtin:fashion-mnist-ddpm``). A model folder
+holds ``unet/`` (``UNet2DModel.from_pretrained``), ``scheduler/`` and ``synthaug_model.json``
+(class names, the null class used for classifier-free guidance, the crop that turns the model's
+canvas back into dataset images, default generation settings). A LoRA adapter from
+``synthaug finetune`` is injected with peft and merged into the weights, so sampling costs the
+same with or without it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from synthaug.generation.base import GeneratedBatch, Generator, default_device, default_dtype, per_image_seeds
+
+__all__ = ["PixelDDPMGenerator", "SCHEDULERS", "load_lora_into_unet", "MODEL_CONFIG"]
+
+MODEL_CONFIG = "synthaug_model.json"
+SCHEDULERS = ("ddim", "dpm++")
+_DEFAULTS = {"num_inference_steps": 40, "guidance_scale": 1.0, "scheduler": "ddim", "eta": 0.0}
+
+
+def load_lora_into_unet(unet, adapter_dir: Union[str, Path], config: Dict[str, Any], merge: bool = True) -> None:
+    """Inject the adapter's LoRA (peft) into ``unet`` and load its weights.
+
+    The weights file holds peft state-dict keys prefixed with ``unet.`` (diffusers' convention).
+    With ``merge``, the LoRA deltas are folded into the base weights (no inference overhead).
+    """
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    lora = dict(config.get("lora") or {})
+    peft_kwargs = dict(lora.get("peft_config") or {})
+    if not peft_kwargs:
+        peft_kwargs = {"r": lora["rank"], "lora_alpha": lora.get("alpha", lora["rank"]), "target_modules": lora["target_modules"]}
+        if lora.get("modules_to_save"):
+            peft_kwargs["modules_to_save"] = lora["modules_to_save"]
+    inject_adapter_in_model(LoraConfig(**peft_kwargs), unet)
+    state = load_file(str(Path(adapter_dir) / config["weights"]))
+    state = {k[len("unet."):] if k.startswith("unet.") else k: v for k, v in state.items()}
+    result = set_peft_model_state_dict(unet, state)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k or "modules_to_save" in k]
+    if unexpected:
+        raise ValueError(f"adapter {adapter_dir} does not fit this model: unexpected keys {unexpected[:5]}")
+    if merge:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in unet.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+
+
+class PixelDDPMGenerator(Generator):
+    """Class-conditional pixel DDPM sampling (text-free: the class index is the condition).
+
+    Args:
+        model_dir: folder with ``unet/``, ``scheduler/`` and ``synthaug_model.json``.
+        model_ref: how the model is named in provenance (e.g. ``builtin:fashion-mnist-ddpm``).
+        adapter: a synthaug adapter directory whose LoRA is applied (its ``label`` becomes the
+            default label).
+        label: class index to generate (the stored label). Required without an adapter.
+        num_inference_steps: denoising steps (default from the adapter, then the model: 40).
+        guidance_scale: classifier-free guidance weight (1.0 = conditional only, half the cost).
+        scheduler: ``"ddim"`` (default) or ``"dpm++"`` (DPM-Solver++ 2M, deterministic).
+        eta: DDIM noise (0 = deterministic, 1 = DDPM-like ancestral sampling); its noise is drawn
+            per image from the image's own seed, like the initial noise.
+        batch_size: images per UNet call.
+        device, dtype: torch device (default CUDA when available) and ``fp32|fp16|bf16``.
+        mode: ``"txt2img"`` (from noise) or ``"img2img"`` (SDEdit from ``source_images``).
+        source_images: real images for img2img (PIL, H×W(×1) uint8 arrays, or a folder of images).
+            Image ``i`` of a call starts from source ``(seed + i) % len(source_images)``.
+        strength: img2img noise level in (0, 1]: the share of the denoising trajectory re-run.
+        compile: ``torch.compile`` the UNet.
+    """
+
+    def __init__(
+        self,
+        model_dir: Union[str, Path],
+        *,
+        model_ref: Optional[str] = None,
+        adapter: Optional[Union[str, Path]] = None,
+        label: Optional[int] = None,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
+        scheduler: Optional[str] = None,
+        eta: Optional[float] = None,
+        batch_size: int = 64,
+        device: Optional[str] = None,
+        dtype: Optional[str] = None,
+        mode: str = "txt2img",
+        source_images: Optional[Union[str, Path, Sequence]] = None,
+        strength: float = 0.6,
+        compile: bool = False,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        prompt: Optional[str] = None,
+        negative_prompt: Optional[str] = None,
+    ) -> None:
+        import torch
+        from diffusers import UNet2DModel
+
+        self.model_dir = Path(model_dir)
+        cfg_path = self.model_dir / MODEL_CONFIG
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{self.model_dir} is not a pixel-DDPM folder (no {MODEL_CONFIG})")
+        self.model_config = json.loads(cfg_path.read_text())
+        self.model_ref = model_ref or str(self.model_dir)
+        self.adapter = Path(adapter) if adapter is not None else None
+        self.adapter_config: Dict[str, Any] = {}
+        if self.adapter is not None:
+            from synthaug.adapter import read_adapter_config
+
+            self.adapter_config = read_adapter_config(self.adapter)
+        if prompt is not None or negative_prompt is not None:
+            raise ValueError(
+                f"{self.model_ref} is a class-conditional pixel model without text input; "
+                "choose the class with label= instead of prompt="
+            )
+        self.label_names = list(self.model_config.get("classes") or []) or None
+        settings = dict(_DEFAULTS)
+        settings.update(self.model_config.get("generation") or {})
+        settings.update(self.adapter_config.get("generation") or {})
+        given = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler": scheduler, "eta": eta}
+        settings.update({k: v for k, v in given.items() if v is not None})
+        self.num_inference_steps = int(settings["num_inference_steps"])
+        self.guidance_scale = float(settings["guidance_scale"])
+        self.scheduler_name = str(settings["scheduler"]).lower()
+        self.eta = float(settings["eta"])
+        if self.scheduler_name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r} for the pixel DDPM; choose one of {SCHEDULERS}")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if label is None:
+            label = self.adapter_config.get("label")
+        if label is None:
+            names = ", ".join(f"{i}={n}" for i, n in enumerate(self.label_names or []))
+            raise ValueError(f"{self.model_ref} is class-conditional: pass label= (one of {names})")
+        self.label = int(label)
+        n_classes = len(self.label_names or [])
+        if n_classes and not 0 <= self.label < n_classes:
+            raise ValueError(f"label {self.label} is outside the model's {n_classes} classes")
+        self.null_class = int(self.model_config.get("null_class", n_classes))
+        self.image_size = int(self.model_config.get("image_size", 32))
+        self.crop = self.model_config.get("crop") or [0, 0, self.image_size, self.image_size]
+        out_h, out_w = self.crop[2], self.crop[3]
+        if (height not in (None, out_h)) or (width not in (None, out_w)):
+            raise ValueError(f"{self.model_ref} makes {out_h}×{out_w} images; height/width cannot be changed")
+        if mode not in ("txt2img", "img2img"):
+            raise ValueError(f"mode must be 'txt2img' or 'img2img', got {mode!r}")
+        if not 0.0 < float(strength) <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        self.mode = mode
+        self.strength = float(strength)
+        self.batch_size = int(batch_size)
+        self.device = default_device(device)
+        self.dtype = default_dtype(self.device, dtype)
+        self._dtype_name = str(dtype or "auto")
+        self._sources, self._source_hashes = self._load_sources(source_images) if mode == "img2img" else ([], [])
+        if mode == "img2img" and not self._sources:
+            raise ValueError("mode='img2img' needs source_images (a folder or a list of images)")
+
+        self.unet = UNet2DModel.from_pretrained(self.model_dir, subfolder="unet")
+        if self.adapter is not None:
+            load_lora_into_unet(self.unet, self.adapter, self.adapter_config, merge=True)
+        self.unet = self.unet.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        if compile:
+            self.unet = torch.compile(self.unet)
+        self._compile = bool(compile)
+        self._overrides = {
+            k: v
+            for k, v in dict(
+                label=label,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                scheduler=scheduler,
+                eta=eta,
+                batch_size=batch_size,
+                device=device,
+                dtype=dtype,
+                mode=mode if mode != "txt2img" else None,
+                source_images=[str(p) for p in source_images] if isinstance(source_images, (list, tuple)) and all(isinstance(p, (str, Path)) for p in source_images) else (str(source_images) if isinstance(source_images, (str, Path)) else None),
+                strength=strength if mode == "img2img" else None,
+                compile=compile or None,
+            ).items()
+            if v is not None
+        }
+        if mode == "img2img" and "source_images" not in self._overrides:
+            self._overrides["source_images"] = None  # in-memory images: the spec cannot carry them
+
+    # ------------------------------------------------------------------ helpers
+    def _load_sources(self, source_images):
+        from synthaug.adapter import image_sha256
+        from synthaug.imaging import to_hwc_uint8
+
+        if source_images is None:
+            return [], []
+        if isinstance(source_images, (str, Path)):
+            from synthaug.data.folders import load_image_folder
+
+            source_images = load_image_folder(source_images, channels=1).images
+        arrays = []
+        for i, im in enumerate(source_images):
+            if isinstance(im, (str, Path)):
+                from PIL import Image
+
+                with Image.open(im) as pil:
+                    im = pil.convert("L")
+            arr = to_hwc_uint8(im)
+            if arr.shape[2] == 3:
+                arr = (arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(np.uint8)[..., None]
+            if arr.shape[:2] != (self.crop[2], self.crop[3]):
+                from PIL import Image
+
+                arr = np.asarray(Image.fromarray(arr[:, :, 0]).resize((self.crop[3], self.crop[2]), Image.BILINEAR))[..., None]
+            arrays.append(arr)
+        return arrays, [image_sha256(a) for a in arrays]
+
+    def _scheduler(self):
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+        folder = self.model_dir / "scheduler"
+        if self.scheduler_name == "ddim":
+            return DDIMScheduler.from_pretrained(folder, timestep_spacing="trailing")
+        return DPMSolverMultistepScheduler.from_pretrained(folder, timestep_spacing="trailing", algorithm_type="dpmsolver++")
+
+    def _to_canvas(self, images: List[np.ndarray]):
+        import torch
+
+        top, left, h, w = self.crop
+        x = torch.full((len(images), 1, self.image_size, self.image_size), -1.0)
+        for i, im in enumerate(images):
+            x[i, 0, top : top + h, left : left + w] = torch.from_numpy(im[:, :, 0].astype(np.float32) / 127.5 - 1.0)
+        return x
+
+    @property
+    def spec(self) -> Dict[str, Any]:
+        source = str(self.adapter) if self.adapter is not None else self.model_ref
+        return {"source": source, "overrides": dict(self._overrides), "backend": "pixel-ddpm"}
+
+    # ------------------------------------------------------------------ sampling
+    def generate(self, n: int, seed: int) -> GeneratedBatch:
+        import torch
+
+        seeds = per_image_seeds(n, seed)
+        top, left, h, w = self.crop
+        chunks = []
+        for start in range(0, n, self.batch_size):
+            chunks.append(self._sample(seeds[start : start + self.batch_size]))
+        images = np.concatenate(chunks) if chunks else np.zeros((0, h, w, 1), np.uint8)
+        label_name = self.label_names[self.label] if self.label_names and self.label < len(self.label_names) else None
+        base_meta = {
+            "source": self.spec["source"],
+            "overrides": self.spec["overrides"],
+            "backend": "pixel-ddpm",
+            "model": self.model_ref,
+            "adapter": str(self.adapter) if self.adapter is not None else None,
+            "adapter_hash": self.adapter_config.get("adapter_hash"),
+            "mode": self.mode,
+            "prompt": None,
+            "negative_prompt": None,
+            "label": self.label,
+            "label_name": label_name,
+            "scheduler": self.scheduler_name,
+            "eta": self.eta,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "resolution": [h, w],
+            "device": self.device,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "torch_version": torch.__version__,
+        }
+        metas = []
+        for s in seeds:
+            m = dict(base_meta, seed=s)
+            if self.mode == "img2img":
+                k = s % len(self._sources)
+                m.update(strength=self.strength, source_image=self._source_hashes[k], source_index=k)
+            metas.append(m)
+        return GeneratedBatch(images=images, labels=[self.label] * n, meta=metas)
+
+    def _sample(self, seeds: List[int]) -> np.ndarray:
+        """uint8 N×h×w×1 images for the per-image ``seeds``."""
+        import torch
+
+        with torch.no_grad():
+            return self._denoise(seeds)
+
+    def _denoise(self, seeds: List[int]) -> np.ndarray:
+        import torch
+
+        sched = self._scheduler()
+        sched.set_timesteps(self.num_inference_steps)
+        timesteps = sched.timesteps
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        shape = (1, self.image_size, self.image_size)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        if self.mode == "img2img":
+            n_keep = min(max(int(round(self.num_inference_steps * self.strength)), 1), self.num_inference_steps)
+            begin = self.num_inference_steps - n_keep
+            timesteps = timesteps[begin:]
+            x0 = self._to_canvas([self._sources[s % len(self._sources)] for s in seeds])
+            x = sched.add_noise(x0, noise, timesteps[:1].repeat(len(seeds)))
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(begin)
+        else:
+            x = noise * sched.init_noise_sigma
+        x = x.to(self.device, self.dtype)
+        n = len(seeds)
+        labels = torch.full((n,), self.label, dtype=torch.long, device=self.device)
+        null = torch.full((n,), self.null_class, dtype=torch.long, device=self.device)
+        for t in timesteps:
+            tt = torch.full((n,), int(t), device=self.device, dtype=torch.long)
+            xin = sched.scale_model_input(x, t)
+            if self.guidance_scale == 1.0:
+                eps = self.unet(xin, tt, class_labels=labels).sample
+            else:
+                both = self.unet(torch.cat([xin, xin]), torch.cat([tt, tt]), class_labels=torch.cat([labels, null])).sample
+                cond, unc = both.chunk(2)
+                eps = unc + self.guidance_scale * (cond - unc)
+            kwargs = {}
+            if self.scheduler_name == "ddim" and self.eta > 0:
+                var_noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+                kwargs = {"eta": self.eta, "variance_noise": var_noise.to(x.device)}
+            x = sched.step(eps.float(), t, x.float(), **kwargs).prev_sample.to(self.dtype)
+        top, left, h, w = self.crop
+        x = x.float().clamp(-1, 1)[:, :, top : top + h, left : left + w]
+        return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
