@@ -166,10 +166,10 @@ class PixelDDPMGenerator(Generator):
         if mode == "img2img" and not self._sources:
             raise ValueError("mode='img2img' needs source_images (a folder or a list of images)")
 
-        self.unet = UNet2DModel.from_pretrained(self.model_dir, subfolder="unet")
+        self.unet = UNet2DModel.from_pretrained(self.model_dir, subfolder="unet", torch_dtype=self.dtype)
         if self.adapter is not None:
             load_lora_into_unet(self.unet, self.adapter, self.adapter_config, merge=True)
-        self.unet = self.unet.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.unet = self.unet.to(self.device).eval().requires_grad_(False)
         if compile:
             self.unet = torch.compile(self.unet)
         self._compile = bool(compile)
