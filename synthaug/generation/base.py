@@ -31,6 +31,7 @@ __all__ = [
     "Generator",
     "default_device",
     "default_dtype",
+    "dtype_kwargs",
     "generator_from_spec",
     "load_generator",
     "per_image_seeds",
@@ -99,6 +100,18 @@ def default_dtype(device: str, dtype: Optional[str] = None):
     if key not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
     return names[key]
+
+
+def dtype_kwargs(dtype) -> Dict[str, Any]:
+    """The ``from_pretrained`` keyword for a torch dtype: ``dtype`` in diffusers versions that
+    deprecate ``torch_dtype`` (0.42+), ``torch_dtype`` in older ones (feature-detected)."""
+    try:
+        from diffusers.utils import deprecation_utils
+
+        new = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+    except ImportError:  # pragma: no cover - very old diffusers
+        new = False
+    return {"dtype": dtype} if new else {"torch_dtype": dtype}
 
 
 class Generator(abc.ABC):

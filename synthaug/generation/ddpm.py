@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from synthaug.generation.base import GeneratedBatch, Generator, default_device, default_dtype, per_image_seeds
+from synthaug.generation.base import GeneratedBatch, Generator, default_device, default_dtype, dtype_kwargs, per_image_seeds
 
-__all__ = ["PixelDDPMGenerator", "SCHEDULERS", "load_lora_into_unet", "MODEL_CONFIG"]
+__all__ = ["PixelDDPMGenerator", "SCHEDULERS", "load_lora_into_unet", "sample_pixel_ddpm", "MODEL_CONFIG"]
 
 MODEL_CONFIG = "synthaug_model.json"
 SCHEDULERS = ("ddim", "dpm++")
@@ -166,7 +166,7 @@ class PixelDDPMGenerator(Generator):
         if mode == "img2img" and not self._sources:
             raise ValueError("mode='img2img' needs source_images (a folder or a list of images)")
 
-        self.unet = UNet2DModel.from_pretrained(self.model_dir, subfolder="unet", torch_dtype=self.dtype)
+        self.unet = UNet2DModel.from_pretrained(self.model_dir, subfolder="unet", **dtype_kwargs(self.dtype))
         if self.adapter is not None:
             load_lora_into_unet(self.unet, self.adapter, self.adapter_config, merge=True)
         self.unet = self.unet.to(self.device).eval().requires_grad_(False)
@@ -287,48 +287,85 @@ class PixelDDPMGenerator(Generator):
 
     def _sample(self, seeds: List[int]) -> np.ndarray:
         """uint8 N×h×w×1 images for the per-image ``seeds``."""
-        import torch
-
-        with torch.no_grad():
-            return self._denoise(seeds)
-
-    def _denoise(self, seeds: List[int]) -> np.ndarray:
-        import torch
-
-        sched = self._scheduler()
-        sched.set_timesteps(self.num_inference_steps)
-        timesteps = sched.timesteps
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        shape = (1, self.image_size, self.image_size)
-        noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        x0 = None
         if self.mode == "img2img":
-            n_keep = min(max(int(round(self.num_inference_steps * self.strength)), 1), self.num_inference_steps)
-            begin = self.num_inference_steps - n_keep
-            timesteps = timesteps[begin:]
             x0 = self._to_canvas([self._sources[s % len(self._sources)] for s in seeds])
-            x = sched.add_noise(x0, noise, timesteps[:1].repeat(len(seeds)))
-            if hasattr(sched, "set_begin_index"):
-                sched.set_begin_index(begin)
+        return sample_pixel_ddpm(
+            self.unet,
+            self._scheduler(),
+            seeds=seeds,
+            label=self.label,
+            null_class=self.null_class,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            eta=self.eta if self.scheduler_name == "ddim" else 0.0,
+            image_size=self.image_size,
+            crop=self.crop,
+            x0=x0,
+            strength=self.strength,
+        )
+
+
+def sample_pixel_ddpm(
+    unet,
+    scheduler,
+    *,
+    seeds: Sequence[int],
+    label: int,
+    null_class: int,
+    num_inference_steps: int,
+    guidance_scale: float = 1.0,
+    eta: float = 0.0,
+    image_size: int = 32,
+    crop: Optional[Sequence[int]] = None,
+    x0=None,
+    strength: float = 1.0,
+) -> np.ndarray:
+    """Sample a class-conditional pixel UNet; uint8 N×h×w×1 (the ``crop`` of the canvas).
+
+    Image ``i`` starts from noise drawn on a CPU generator seeded with ``seeds[i]`` (and draws
+    its DDIM ``eta`` noise from it), so images do not depend on which others share the batch.
+    With ``x0`` (float N×1×S×S in [-1, 1]), the last ``strength`` share of the trajectory is run
+    from ``x0`` noised to that level (SDEdit).
+    """
+    import torch
+
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    crop = list(crop) if crop is not None else [0, 0, image_size, image_size]
+    with torch.no_grad():
+        scheduler.set_timesteps(num_inference_steps)
+        timesteps = scheduler.timesteps
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        shape = (1, image_size, image_size)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        if x0 is not None:
+            n_keep = min(max(int(round(num_inference_steps * strength)), 1), num_inference_steps)
+            begin = num_inference_steps - n_keep
+            timesteps = timesteps[begin:]
+            x = scheduler.add_noise(x0.float(), noise, timesteps[:1].repeat(len(seeds)))
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(begin)
         else:
-            x = noise * sched.init_noise_sigma
-        x = x.to(self.device, self.dtype)
+            x = noise * scheduler.init_noise_sigma
+        x = x.to(device, dtype)
         n = len(seeds)
-        labels = torch.full((n,), self.label, dtype=torch.long, device=self.device)
-        null = torch.full((n,), self.null_class, dtype=torch.long, device=self.device)
+        labels = torch.full((n,), int(label), dtype=torch.long, device=device)
+        null = torch.full((n,), int(null_class), dtype=torch.long, device=device)
         for t in timesteps:
-            tt = torch.full((n,), int(t), device=self.device, dtype=torch.long)
-            xin = sched.scale_model_input(x, t)
-            if self.guidance_scale == 1.0:
-                eps = self.unet(xin, tt, class_labels=labels).sample
+            tt = torch.full((n,), int(t), device=device, dtype=torch.long)
+            xin = scheduler.scale_model_input(x, t)
+            if guidance_scale == 1.0:
+                eps = unet(xin, tt, class_labels=labels).sample
             else:
-                both = self.unet(torch.cat([xin, xin]), torch.cat([tt, tt]), class_labels=torch.cat([labels, null])).sample
+                both = unet(torch.cat([xin, xin]), torch.cat([tt, tt]), class_labels=torch.cat([labels, null])).sample
                 cond, unc = both.chunk(2)
-                eps = unc + self.guidance_scale * (cond - unc)
+                eps = unc + guidance_scale * (cond - unc)
             kwargs = {}
-            if self.scheduler_name == "ddim" and self.eta > 0:
+            if eta > 0:
                 var_noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
-                kwargs = {"eta": self.eta, "variance_noise": var_noise.to(x.device)}
-            x = sched.step(eps.float(), t, x.float(), **kwargs).prev_sample.to(self.dtype)
-        top, left, h, w = self.crop
+                kwargs = {"eta": eta, "variance_noise": var_noise.to(device)}
+            x = scheduler.step(eps.float(), t, x.float(), **kwargs).prev_sample.to(dtype)
+        top, left, h, w = crop
         x = x.float().clamp(-1, 1)[:, :, top : top + h, left : left + w]
         return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,331 @@
+"""What both LoRA trainers share: settings, input checks, output folder, checkpoints, plots.
+
+Determinism: the batch (indices, flips), noise and timesteps of step ``s`` come from a CPU
+generator seeded with ``(seed, s)``, so a run resumed from a checkpoint takes exactly the steps an
+uninterrupted run would have taken (tested: 3 + 3 resumed steps give the same weights as 6).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = [
+    "FinetuneConfig",
+    "ModelSource",
+    "TrainingImages",
+    "load_training_images",
+    "prepare_output_dir",
+    "resolve_model_source",
+    "step_generator",
+    "CheckpointManager",
+    "save_loss_curve",
+    "noise_prediction_loss",
+    "peak_rss_mb",
+    "write_training_log",
+    "to_gray",
+]
+
+logger = logging.getLogger("synthaug.finetune")
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of one LoRA fine-tuning run (``None`` means: the backend's default).
+
+    Attributes:
+        prompt: text condition (Stable-Diffusion models), e.g. ``"a photo of sks crack"``.
+        label: class index the generated images get in the classifier's label space.
+        class_name: name of that class (for a pixel-DDPM model, the class to learn; resolves
+            ``label`` through the model's class list when ``label`` is not given).
+        rank, alpha: LoRA rank and scaling numerator (``alpha=None``: equal to ``rank``).
+        lr: AdamW learning rate (default 1e-4 for Stable Diffusion, 1e-3 for the pixel DDPM,
+            whose LoRA is small and whose rare-class embedding slot starts untrained).
+        steps: optimizer steps; batch_size: images per step (default 1 for SD, 16 pixel).
+        resolution: training resolution in pixels (default 512 for SD; the pixel model's own).
+        target_modules: module names for LoRA (default: the attention projections ``to_q``,
+            ``to_k``, ``to_v``, ``to_out.0``; the pixel DDPM adds its ResNet convolutions
+            ``conv1``, ``conv2`` because its only attention is the 8×8 middle block).
+        train_class_embedding: pixel DDPM only: train the class-embedding table (peft
+            ``modules_to_save``), so the rare class's slot learns its own embedding.
+        seed: seeds the LoRA init and every step's batch, noise and timesteps.
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (CUDA only).
+        gradient_checkpointing: trade compute for memory (Stable Diffusion).
+        snr_gamma: min-SNR loss weighting (e.g. 5.0); ``None``: plain MSE.
+        validation_every: make a validation grid every N steps (and at the end).
+        checkpoint_every: save a resumable checkpoint every N steps (and at the end).
+        min_images: refuse fewer training images (a warning below 20).
+        device: torch device (default CUDA when available).
+    """
+
+    prompt: Optional[str] = None
+    negative_prompt: Optional[str] = None
+    label: Optional[int] = None
+    class_name: Optional[str] = None
+    rank: int = 8
+    alpha: Optional[float] = None
+    lr: Optional[float] = None
+    steps: int = 500
+    batch_size: Optional[int] = None
+    resolution: Optional[int] = None
+    target_modules: Optional[List[str]] = None
+    train_class_embedding: bool = True
+    seed: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    snr_gamma: Optional[float] = None
+    max_grad_norm: float = 1.0
+    validation_every: Optional[int] = None
+    checkpoint_every: Optional[int] = None
+    validation_steps: Optional[int] = None
+    min_images: int = 5
+    device: Optional[str] = None
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, naming the setting."""
+        if self.rank < 1:
+            raise ValueError(f"--rank must be >= 1, got {self.rank}")
+        if self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.resolution is not None and self.resolution < 8:
+            raise ValueError(f"--resolution must be >= 8 pixels, got {self.resolution}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.min_images < 1:
+            raise ValueError(f"--min-images must be >= 1, got {self.min_images}")
+        for name in ("validation_every", "checkpoint_every"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "FinetuneConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown fine-tuning setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**kwargs)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ModelSource:
+    """A resolved base model: its backend, its folder (or hub id) and how provenance names it."""
+
+    backend: str  # "pixel-ddpm" | "stable-diffusion"
+    ref: str  # as the user named it (builtin:..., folder, hub id)
+    path: Union[Path, str]
+
+
+def resolve_model_source(model: Union[str, os.PathLike]) -> ModelSource:
+    """Which backend trains ``model``.
+
+    Raises:
+        ValueError: unknown ``builtin:`` name, or a folder that is no model.
+        FileNotFoundError: a path that does not exist (and is no hub id).
+    """
+    from synthaug.builtin import BUILTIN_PREFIX, resolve_builtin
+    from synthaug.generation.base import _looks_like_hub_id
+
+    ref = str(model)
+    if ref.startswith(BUILTIN_PREFIX):
+        return ModelSource("pixel-ddpm", ref, resolve_builtin(ref))
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if (path / "synthaug_model.json").is_file():
+            return ModelSource("pixel-ddpm", ref, path)
+        if (path / "model_index.json").is_file():
+            return ModelSource("stable-diffusion", ref, path)
+        if (path / "synthaug.json").is_file():
+            raise ValueError(f"{path} is a synthaug adapter; fine-tune its base model instead (see its synthaug.json)")
+        raise ValueError(f"{path} is not a model folder (no model_index.json or synthaug_model.json)")
+    if path.exists():
+        raise ValueError(f"model {path} is a file; give a model folder, a hub id, or builtin:<name>")
+    if _looks_like_hub_id(ref):
+        return ModelSource("stable-diffusion", ref, ref)
+    raise FileNotFoundError(f"model {ref!r} not found: no such folder, and not a hub id (org/name) or builtin:<name>")
+
+
+@dataclass
+class TrainingImages:
+    """The real images a LoRA is trained on, with their provenance records."""
+
+    images: List[np.ndarray]  # uint8 H×W×C as stored (C = 1 or 3)
+    records: List[Dict[str, str]] = field(default_factory=list)  # [{"file", "sha256"}]
+    skipped: Dict[str, str] = field(default_factory=dict)
+
+
+def load_training_images(folder: Union[str, os.PathLike], *, min_images: int) -> TrainingImages:
+    """Read and check the training folder (images as stored: gray stays 1 channel, others 3).
+
+    Each image's record holds its file name and the SHA-256 of its decoded pixels as stored
+    (:func:`synthaug.adapter.image_sha256`), which the evaluation's leakage guard compares.
+
+    Raises:
+        FileNotFoundError / ValueError: missing or empty folder, no readable image, fewer than
+            ``min_images`` images (warns below 20, the method's intended minimum).
+    """
+    from synthaug.adapter import image_sha256
+    from synthaug.data.folders import load_image_folder
+
+    loaded = load_image_folder(folder)
+    if len(loaded) < min_images:
+        raise ValueError(
+            f"{folder} holds {len(loaded)} readable image(s), fewer than --min-images {min_images}; "
+            "add images or lower --min-images"
+        )
+    if len(loaded) < 20:
+        warnings.warn(f"training a LoRA on only {len(loaded)} images (20–50 is the intended range); expect weak adaptation", stacklevel=2)
+    for name, reason in loaded.skipped.items():
+        logger.warning("skipping %s: %s", name, reason)
+    records = [{"file": p.name, "sha256": image_sha256(im)} for p, im in zip(loaded.files, loaded.images)]
+    return TrainingImages(images=loaded.images, records=records, skipped=dict(loaded.skipped))
+
+
+def prepare_output_dir(out: Union[str, os.PathLike], *, resume: bool, overwrite: bool) -> Path:
+    """Make ``out`` ready.
+
+    An existing folder that is not a synthaug adapter is refused unless ``overwrite`` (then it is
+    emptied). An existing adapter is continued with ``resume``, replaced with ``overwrite``, and
+    otherwise refused, so a trained adapter is never lost silently.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()):
+        is_adapter = (out / "synthaug.json").is_file() or (out / "checkpoints").is_dir()
+        if resume and is_adapter:
+            return out
+        if overwrite:
+            shutil.rmtree(out)
+        elif not is_adapter:
+            raise FileExistsError(f"output folder {out} exists and is not a synthaug adapter; choose another folder or pass --overwrite")
+        else:
+            raise FileExistsError(f"{out} already holds an adapter; pass --resume to continue it or --overwrite to replace it")
+    if resume and not (out / "checkpoints").is_dir():
+        raise FileNotFoundError(f"--resume given but {out} holds no checkpoints to resume from")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def step_generator(seed: int, step: int):
+    """The CPU generator of training step ``step`` (batch, flips, noise, timesteps)."""
+    import torch
+
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+class CheckpointManager:
+    """``OUT/checkpoints/step-NNNNNN/{weights.safetensors, state.pt}``; keeps the newest ``keep``."""
+
+    def __init__(self, out: Path, keep: int = 2) -> None:
+        self.root = Path(out) / "checkpoints"
+        self.keep = keep
+
+    def latest(self) -> Optional[Path]:
+        if not self.root.is_dir():
+            return None
+        done = sorted(p for p in self.root.iterdir() if p.name.startswith("step-") and (p / "state.pt").is_file())
+        return done[-1] if done else None
+
+    def save(self, step: int, weights: Dict[str, Any], state: Dict[str, Any]) -> Path:
+        import torch
+        from safetensors.torch import save_file
+
+        final = self.root / f"step-{step:06d}"
+        tmp = self.root / f".tmp-step-{step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(p for p in self.root.iterdir() if p.name.startswith("step-"))[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load(self, path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        import torch
+        from safetensors.torch import load_file
+
+        return load_file(str(path / "weights.safetensors")), torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+
+
+def save_loss_curve(losses: Sequence[Tuple[int, float]], path: Union[str, os.PathLike], title: str) -> None:
+    """PNG of the per-step loss and its moving average."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([s for s, _ in losses])
+    values = np.array([v for _, v in losses])
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, values, lw=0.6, alpha=0.4, label="loss")
+    if len(values) >= 10:
+        k = max(5, len(values) // 25)
+        smooth = np.convolve(values, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1 :], smooth, lw=1.6, label=f"moving average ({k} steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("noise-prediction MSE")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_training_log(out: Path, losses: Sequence[Tuple[int, float]]) -> None:
+    with open(out / "training_log.jsonl", "w") as f:
+        for step, loss in losses:
+            f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+
+
+def noise_prediction_loss(pred, target, t, noise_sched, snr_gamma: Optional[float]):
+    """MSE between prediction and target; with ``snr_gamma``, min-SNR-gamma weighting
+    (Hang et al. 2023) for epsilon or v-prediction as ``noise_sched`` says."""
+    import torch
+    import torch.nn.functional as F
+
+    if snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float())
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_sched, t).to(pred.device)
+    weights = torch.clamp(snr, max=snr_gamma)
+    weights = weights / (snr + 1) if noise_sched.config.prediction_type == "v_prediction" else weights / snr
+    per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+    return (per * weights).mean()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """uint8 H×W gray image from H×W×1 or H×W×3 (ITU-R 601 luma, as PIL's "L" conversion)."""
+    if image.shape[2] == 1:
+        return image[:, :, 0]
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).convert("L"))

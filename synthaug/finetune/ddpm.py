@@ -1,0 +1,232 @@
+"""LoRA fine-tuning of a class-conditional pixel DDPM (the embedded default's backend).
+
+The class to learn is conditioned through the model's class embedding. By default the
+embedding table is trained too (peft ``modules_to_save``): the rare class's slot, which the base
+model never trained, learns its own embedding the way textual inversion learns a new token, while
+LoRA adapts the UNet's convolutions and attention. The adapter file holds the peft state dict with
+``unet.``-prefixed keys (diffusers' convention); ``load_generator(out)`` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+from synthaug.finetune.common import (
+    CheckpointManager,
+    FinetuneConfig,
+    ModelSource,
+    TrainingImages,
+    to_gray,
+    noise_prediction_loss,
+    peak_rss_mb,
+    save_loss_curve,
+    step_generator,
+    write_training_log,
+)
+
+__all__ = ["finetune_pixel_ddpm", "PIXEL_TARGET_MODULES"]
+
+PIXEL_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+_DEFAULT_LR = 1e-3
+_DEFAULT_BATCH = 16
+
+
+def _canvas(images: List[np.ndarray], size: int, crop) -> "torch.Tensor":
+    """float N×1×size×size in [-1, 1]: each image resized to the crop and placed on background -1."""
+    import torch
+    from PIL import Image
+
+    top, left, h, w = crop
+    out = torch.full((len(images), 1, size, size), -1.0)
+    for i, im in enumerate(images):
+        g = to_gray(im)
+        if g.shape != (h, w):
+            g = np.asarray(Image.fromarray(g).resize((w, h), Image.BILINEAR))
+        out[i, 0, top : top + h, left : left + w] = torch.from_numpy(g.astype(np.float32) / 127.5 - 1.0)
+    return out
+
+
+def _validation_grid(unet, model_dir: Path, label: int, null_class: int, size: int, crop, real: List[np.ndarray], steps: int, path: Path) -> None:
+    from diffusers import DDIMScheduler
+
+    from synthaug.generation.ddpm import sample_pixel_ddpm
+    from synthaug.imaging import save_image_grid
+
+    was_training = unet.training
+    unet.eval()
+    sched = DDIMScheduler.from_pretrained(model_dir / "scheduler", timestep_spacing="trailing")
+    fake = sample_pixel_ddpm(unet, sched, seeds=list(range(16)), label=label, null_class=null_class, num_inference_steps=steps, image_size=size, crop=crop)
+    if was_training:
+        unet.train()
+    from PIL import Image
+
+    h, w = crop[2], crop[3]
+    row = [np.asarray(Image.fromarray(to_gray(r)).resize((w, h), Image.BILINEAR))[:, :, None] for r in real[:8]]
+    save_image_grid(row + list(fake), path, cols=8)
+
+
+def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, cfg: FinetuneConfig, *, resume: bool, progress: bool = True) -> Path:
+    """Train the LoRA; write the adapter folder ``out``; return it."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DModel
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from synthaug.adapter import ADAPTER_WEIGHTS, file_sha256, write_adapter_config
+    from synthaug.generation.base import default_device
+
+    model_dir = Path(source.path)
+    model_cfg = json.loads((model_dir / "synthaug_model.json").read_text())
+    classes: List[str] = list(model_cfg.get("classes") or [])
+    null_class = int(model_cfg.get("null_class", len(classes)))
+    size = int(model_cfg.get("image_size", 32))
+    crop = model_cfg.get("crop") or [0, 0, size, size]
+    if cfg.prompt or cfg.negative_prompt:
+        raise ValueError(f"{source.ref} is a class-conditional pixel model without text input; use --class-name or --label, not --prompt")
+    label, class_name = cfg.label, cfg.class_name
+    if label is None and class_name is not None:
+        if class_name not in classes:
+            raise ValueError(f"--class-name {class_name!r} is not a class of {source.ref} ({', '.join(classes)})")
+        label = classes.index(class_name)
+    if label is None:
+        label = model_cfg.get("rare_class_index")
+    if label is None:
+        raise ValueError(f"pass --class-name or --label: which class of {source.ref} should the LoRA learn?")
+    label = int(label)
+    if not 0 <= label < len(classes):
+        raise ValueError(f"--label {label} is outside the {len(classes)} classes of {source.ref}")
+    class_name = class_name or classes[label]
+    if cfg.resolution not in (None, crop[2]):
+        raise ValueError(f"{source.ref} works at {crop[2]}×{crop[3]} pixels; --resolution {cfg.resolution} is not possible")
+    if cfg.mixed_precision != "no":
+        raise ValueError("--mixed-precision applies to Stable-Diffusion models on CUDA; the pixel DDPM trains in fp32")
+
+    x_all = _canvas(train.images, size, crop)
+    device = default_device(cfg.device)
+    lr = cfg.lr or _DEFAULT_LR
+    batch_size = cfg.batch_size or _DEFAULT_BATCH
+    alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
+    targets = list(cfg.target_modules or PIXEL_TARGET_MODULES)
+    peft_config = {"r": cfg.rank, "lora_alpha": alpha, "target_modules": targets, "init_lora_weights": True}
+    if cfg.train_class_embedding:
+        peft_config["modules_to_save"] = ["class_embedding"]
+
+    unet = UNet2DModel.from_pretrained(model_dir, subfolder="unet")
+    unet.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    try:
+        inject_adapter_in_model(LoraConfig(**peft_config), unet)
+    except ValueError as exc:
+        raise ValueError(f"--target-modules {targets} do not fit {source.ref}: {exc}") from None
+    unet.to(device).train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    noise_sched = DDPMScheduler.from_pretrained(model_dir / "scheduler")
+    n_train_t = noise_sched.config.num_train_timesteps
+
+    ckpts = CheckpointManager(out)
+    step, losses, elapsed_before = 0, [], 0.0
+    if resume:
+        latest = ckpts.latest()
+        weights, state = ckpts.load(latest)
+        if state.get("train_images") != train.records or state.get("peft_config") != peft_config or state.get("label") != label:
+            raise ValueError(f"cannot resume {out}: its checkpoint was made with other images, LoRA settings or class")
+        set_peft_model_state_dict(unet, weights)
+        opt.load_state_dict(state["optimizer"])
+        step, losses, elapsed_before = state["step"], state["losses"], state.get("elapsed_s", 0.0)
+        if step >= cfg.steps:
+            raise ValueError(f"{out} already trained {step} steps; pass a larger --steps to continue")
+    validation_every = cfg.validation_every or max(1, cfg.steps // 4)
+    checkpoint_every = cfg.checkpoint_every or validation_every
+    val_steps = cfg.validation_steps or 40
+    (out / "validation").mkdir(exist_ok=True)
+
+    t0 = time.time()
+    labels = torch.full((batch_size,), label, dtype=torch.long, device=device)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"LoRA {class_name}", unit="step", disable=not progress, dynamic_ncols=True)
+    while step < cfg.steps:
+        g = step_generator(cfg.seed, step)
+        idx = torch.randint(0, len(x_all), (batch_size,), generator=g)
+        x = x_all[idx]
+        flip = torch.rand(batch_size, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        noise = torch.randn(x.shape, generator=g)
+        t = torch.randint(0, n_train_t, (batch_size,), generator=g)
+        noisy = noise_sched.add_noise(x, noise, t)
+        pred = unet(noisy.to(device), t.to(device), class_labels=labels).sample
+        loss = noise_prediction_loss(pred, noise.to(device), t, noise_sched, cfg.snr_gamma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        step += 1
+        losses.append((step, float(loss.item())))
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean([v for _, v in losses[-20:]]):.4f}")
+        if step % validation_every == 0 or step == cfg.steps:
+            _validation_grid(unet, model_dir, label, null_class, size, crop, train.images, val_steps, out / "validation" / f"step-{step:06d}.png")
+        if step % checkpoint_every == 0 or step == cfg.steps:
+            ckpts.save(
+                step,
+                get_peft_model_state_dict(unet),
+                {
+                    "step": step,
+                    "optimizer": opt.state_dict(),
+                    "losses": losses,
+                    "train_images": train.records,
+                    "peft_config": peft_config,
+                    "label": label,
+                    "elapsed_s": elapsed_before + time.time() - t0,
+                },
+            )
+    bar.close()
+    wall = elapsed_before + time.time() - t0
+
+    weights = {"unet." + k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}
+    save_file(weights, str(out / ADAPTER_WEIGHTS))
+    final_grid = out / "validation" / f"step-{cfg.steps:06d}.png"
+    if final_grid.exists():
+        (out / "validation.png").write_bytes(final_grid.read_bytes())
+    save_loss_curve(losses, out / "loss.png", f"LoRA r={cfg.rank} on {len(train.images)} '{class_name}' images, {source.ref}")
+    write_training_log(out, losses)
+    write_adapter_config(
+        out,
+        {
+            "backend": "pixel-ddpm",
+            "base_model": source.ref,
+            "weights": ADAPTER_WEIGHTS,
+            "adapter_hash": file_sha256(out / ADAPTER_WEIGHTS),
+            "prompt": None,
+            "negative_prompt": None,
+            "label": label,
+            "class_name": class_name,
+            "resolution": crop[2],
+            "channels": 1,
+            "lora": {
+                "rank": cfg.rank,
+                "alpha": alpha,
+                "target_modules": targets,
+                "modules_to_save": peft_config.get("modules_to_save", []),
+                "peft_config": peft_config,
+            },
+            "training": {
+                **cfg.to_dict(),
+                "lr": lr,
+                "batch_size": batch_size,
+                "final_loss": float(np.mean([v for _, v in losses[-50:]])),
+                "wall_time_s": round(wall, 1),
+                "peak_rss_mb": peak_rss_mb(),
+                "device": device,
+            },
+            "train_images": train.records,
+            "skipped_files": train.skipped,
+            "generation": {"num_inference_steps": 40, "guidance_scale": 1.0, "scheduler": "ddim"},
+        },
+    )
+    return out
