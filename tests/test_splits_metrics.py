@@ -35,7 +35,7 @@ def test_few_shot_split_sizes_determinism_and_errors():
     with pytest.raises(ValueError, match="not one of"):
         class_index(ds, "z")
     with pytest.raises(ValueError, match="cannot draw 60"):
-        few_shot_split(ds, "b", shots=60)
+        few_shot_split(ds, "b", shots=60, per_class=20)
 
 
 def test_write_images_round_trips(tmp_path):

@@ -79,6 +79,7 @@ def few_shot_split(dataset, rare_class: Union[str, int], *, shots: int, per_clas
     targets = targets_of(dataset)
     if shots < 1:
         raise ValueError(f"shots must be >= 1, got {shots}")
+    names = list(getattr(dataset, "classes", []) or [])
     rng = np.random.default_rng(seed)
     chosen: List[np.ndarray] = []
     rare_idx = None
@@ -86,7 +87,8 @@ def few_shot_split(dataset, rare_class: Union[str, int], *, shots: int, per_clas
         idx = np.nonzero(targets == c)[0]
         want = shots if c == rare else (len(idx) if per_class is None else per_class)
         if want > len(idx):
-            raise ValueError(f"class {c} has {len(idx)} images; cannot draw {want}")
+            name = f"{c} ({names[c]})" if c < len(names) else str(c)
+            raise ValueError(f"class {name} has {len(idx)} images; cannot draw {want} (lower shots/per_class)")
         pick = np.sort(rng.choice(idx, size=want, replace=False))
         if c == rare:
             rare_idx = pick
