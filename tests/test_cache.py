@@ -374,3 +374,33 @@ def test_bad_input_is_refused_with_clear_errors(tmp_path):
     ro = SyntheticCache(tmp_path / "c", readonly=True)
     with pytest.raises(PermissionError, match="read-only"):
         ro.append(_images(1), 0)
+
+
+def test_reopened_copy_does_not_reapply_constructor_settings(tmp_path):
+    import pickle
+
+    first = SyntheticCache(tmp_path / "c", max_items=100, label_names=["a", "b"])
+    first.append(_images(2), 0)
+    copy = pickle.loads(pickle.dumps(first))  # what a DataLoader worker or spawned process gets
+    SyntheticCache(tmp_path / "c", max_items=50)  # the limit changed meanwhile
+    assert copy.get(1).label == 0  # the copy opens its environment here
+    assert SyntheticCache(tmp_path / "c").max_items == 50, "a reopened copy restored its old max_items"
+
+
+def test_reader_waits_for_a_cache_being_created(tmp_path):
+    path = tmp_path / "c"
+    path.mkdir()
+    lmdb.open(str(path), max_dbs=4).close()  # the file exists, the creator has not set it up yet
+
+    def create_later():
+        time.sleep(0.4)
+        SyntheticCache(path).append(_images(1), 3)
+
+    t = threading.Thread(target=create_later)
+    t.start()
+    reader = SyntheticCache(path, readonly=True)  # waits instead of failing
+    t.join()
+    deadline = time.time() + 5
+    while len(reader) == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert reader.get(0).label == 3

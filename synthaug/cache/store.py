@@ -36,6 +36,11 @@ __all__ = ["SyntheticCache", "DEFAULT_ENCODING"]
 DEFAULT_ENCODING = "raw"  # chosen from benchmarks/cache.py: see README "Choosing the encoding"
 _KEY = struct.Struct(">Q")
 _SCAN_CHUNK = 4096
+_CREATION_WAIT_S = 3.0
+
+
+class _NotCreatedYet(Exception):
+    """The cache's file exists but its creator has not written its meta yet."""
 
 
 def _key(seq: int) -> bytes:
@@ -118,21 +123,46 @@ class SyntheticCache:
         self._pid: Optional[int] = None
         if not readonly:
             self._path.mkdir(parents=True, exist_ok=True)
-        self._open()
+        self._open(apply_settings=True)
 
     # ------------------------------------------------------------------ environment
-    def _open(self) -> EnvHandle:
-        handle = acquire_env(
-            str(self._path),
-            readonly=self._readonly,
-            map_size=self._map_size,
-            max_readers=self._max_readers,
-            sync=self._sync,
-        )
-        self._handle = handle
-        self._pid = os.getpid()
-        self._init_meta(handle)
-        return handle
+    def _open(self, *, apply_settings: bool = False) -> EnvHandle:
+        """Open this process's handle and read the stored settings.
+
+        ``apply_settings`` (only in ``__init__``): store the constructor's ``max_items`` and
+        ``label_names``. A copy reopened in another process (unpickled, forked) never writes them
+        again, so it cannot undo a change made meanwhile. A cache still being created by another
+        process (its file exists, its databases or meta not yet) is waited for, briefly.
+        """
+        deadline = time.monotonic() + _CREATION_WAIT_S
+        while True:
+            try:
+                handle = acquire_env(
+                    str(self._path),
+                    readonly=self._readonly,
+                    map_size=self._map_size,
+                    max_readers=self._max_readers,
+                    sync=self._sync,
+                )
+            except CacheFormatError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise
+            try:
+                self._load_meta(handle, apply_settings)
+            except _NotCreatedYet:
+                release_env(handle)
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise CacheFormatError(f"{self._path} is not a synthaug cache (no format version in its meta)") from None
+            except BaseException:
+                release_env(handle)
+                raise
+            self._handle = handle
+            self._pid = os.getpid()
+            return handle
 
     def _env(self) -> EnvHandle:
         """This process's handle, opened here on first use (after fork or unpickling)."""
@@ -141,22 +171,42 @@ class SyntheticCache:
             handle = self._open()
         return handle
 
-    def _init_meta(self, handle: EnvHandle) -> None:
+    def _load_meta(self, handle: EnvHandle, apply_settings: bool) -> None:
+        meta_db = handle.dbs["meta"]
+        keys = ("format_version", "encoding", "max_items", "label_names")
+
+        def read(txn) -> Dict[str, Any]:
+            return {k: _jload(txn.get(k.encode(), db=meta_db)) for k in keys}
+
         with handle.read() as txn:
-            version = _jload(txn.get(b"format_version", db=handle.dbs["meta"]))
-            stored = {
-                k: _jload(txn.get(k.encode(), db=handle.dbs["meta"]))
-                for k in ("encoding", "max_items", "label_names")
-            }
-        if version is not None and version > codec.FORMAT_VERSION:
+            stored = read(txn)
+        if stored["format_version"] is not None and stored["format_version"] > codec.FORMAT_VERSION:
             raise CacheFormatError(
-                f"cache {self._path} has format version {version}, newer than this synthaug "
+                f"cache {self._path} has format version {stored['format_version']}, newer than this synthaug "
                 f"({codec.FORMAT_VERSION}); upgrade synthaug to read it"
             )
-        updates: Dict[bytes, Any] = {}
-        if version is None:
+        wants_max = apply_settings and self._max_items_arg is not None and stored["max_items"] != (self._max_items_arg or None)
+        wants_names = apply_settings and self._label_names_arg is not None and stored["label_names"] != self._label_names_arg
+        if stored["format_version"] is None or wants_max or wants_names:
             if self._readonly:
-                raise CacheFormatError(f"{self._path} is not a synthaug cache (no format version in its meta)")
+                if stored["format_version"] is None:
+                    raise _NotCreatedYet()
+            else:
+                stored = handle.write(lambda txn: self._write_meta(txn, meta_db, apply_settings, read))
+        if stored["label_names"] is not None and self._label_names_arg is not None and apply_settings:
+            if stored["label_names"] != self._label_names_arg:
+                raise ValueError(f"cache {self._path} already has label names {stored['label_names']}, not {self._label_names_arg}")
+        self._stored_encoding = Encoding.parse(stored["encoding"])
+        self._max_items = stored["max_items"]
+        self._label_names = stored["label_names"]
+
+    def _write_meta(self, txn, meta_db, apply_settings: bool, read) -> Dict[str, Any]:
+        """Initialize a new cache and/or store the constructor's settings, deciding inside the
+        write transaction (writers are serialized), so two processes creating one cache at once
+        cannot reset each other's counters."""
+        stored = read(txn)
+        updates: Dict[bytes, Any] = {}
+        if stored["format_version"] is None:
             from synthaug import __version__
 
             updates.update(
@@ -171,26 +221,13 @@ class SyntheticCache:
                     b"encoding": (self._encoding_arg or Encoding.parse(DEFAULT_ENCODING)).name,
                 }
             )
-            stored["encoding"] = updates[b"encoding"]
-        if self._max_items_arg is not None and stored["max_items"] != (self._max_items_arg or None):
+        if apply_settings and self._max_items_arg is not None:
             updates[b"max_items"] = int(self._max_items_arg) or None
-            stored["max_items"] = updates[b"max_items"]
-        if self._label_names_arg is not None and stored["label_names"] != self._label_names_arg:
-            if stored["label_names"] is not None:
-                raise ValueError(
-                    f"cache {self._path} already has label names {stored['label_names']}, not {self._label_names_arg}"
-                )
+        if apply_settings and self._label_names_arg is not None and stored["label_names"] is None:
             updates[b"label_names"] = self._label_names_arg
-            stored["label_names"] = self._label_names_arg
-        if updates and not self._readonly:
-            def put(txn):
-                for k, v in updates.items():
-                    txn.put(k, _jdump(v), db=handle.dbs["meta"])
-
-            handle.write(put)
-        self._stored_encoding = Encoding.parse(stored["encoding"])
-        self._max_items = stored["max_items"]
-        self._label_names = stored["label_names"]
+        for k, v in updates.items():
+            txn.put(k, _jdump(v), db=meta_db)
+        return read(txn)
 
     def close(self) -> None:
         """Release this object's hold on the environment (closed when no object of this process uses it)."""

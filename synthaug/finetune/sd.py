@@ -233,7 +233,8 @@ def finetune_stable_diffusion(source: ModelSource, train: TrainingImages, out: P
             "label": cfg.label,
             "class_name": cfg.class_name,
             "resolution": resolution,
-            "channels": 3,
+            # gray training images (X-rays, Fashion-MNIST): the generator converts its RGB output
+            "channels": 1 if all(im.shape[2] == 1 for im in train.images) else 3,
             "lora": {"rank": cfg.rank, "alpha": alpha, "target_modules": targets, "peft_config": peft_config},
             "training": {
                 **cfg.to_dict(),

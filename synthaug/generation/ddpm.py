@@ -251,8 +251,11 @@ class PixelDDPMGenerator(Generator):
         seeds = per_image_seeds(n, seed)
         top, left, h, w = self.crop
         chunks = []
+        batch_of = []  # [first seed, size] of the UNet batch each image was made in
         for start in range(0, n, self.batch_size):
-            chunks.append(self._sample(seeds[start : start + self.batch_size]))
+            chunk = seeds[start : start + self.batch_size]
+            chunks.append(self._sample(chunk))
+            batch_of += [[chunk[0], len(chunk)]] * len(chunk)
         images = np.concatenate(chunks) if chunks else np.zeros((0, h, w, 1), np.uint8)
         label_name = self.label_names[self.label] if self.label_names and self.label < len(self.label_names) else None
         base_meta = {
@@ -277,8 +280,11 @@ class PixelDDPMGenerator(Generator):
             "torch_version": torch.__version__,
         }
         metas = []
-        for s in seeds:
-            m = dict(base_meta, seed=s)
+        for s, batch in zip(seeds, batch_of):
+            # CPU kernels may sum in another order for another batch size (last-bit float
+            # differences, now and then one uint8 level): generate(*reversed(batch)) remakes the
+            # record bit for bit; generate(1, seed) within that rounding.
+            m = dict(base_meta, seed=s, batch=batch)
             if self.mode == "img2img":
                 k = s % len(self._sources)
                 m.update(strength=self.strength, source_image=self._source_hashes[k], source_index=k)
