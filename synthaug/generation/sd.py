@@ -32,8 +32,9 @@ ones, which would enter a training set as labeled examples of the class.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -260,13 +261,15 @@ class StableDiffusionGenerator(Generator):
         extra: Dict[str, Any] = {}
         if "safety_checker" in index:
             extra.update(safety_checker=None, requires_safety_checker=False)
-        try:
-            pipe = AutoPipelineForText2Image.from_pretrained(self.model_ref, torch_dtype=self.dtype, local_files_only=local_only, **extra)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"could not load the diffusers pipeline {self.model_ref}: {exc}") from exc
-        pipe.set_progress_bar_config(disable=True)
-        if self.adapter is not None:
-            self._load_lora(pipe)
+        extra[_dtype_keyword()] = self.dtype
+        with _quiet_loading():
+            try:
+                pipe = AutoPipelineForText2Image.from_pretrained(self.model_ref, local_files_only=local_only, **extra)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"could not load the diffusers pipeline {self.model_ref}: {exc}") from exc
+            pipe.set_progress_bar_config(disable=True)
+            if self.adapter is not None:
+                self._load_lora(pipe)
         pipe = pipe.to(self.device)
         self.vae_scale_factor = int(getattr(pipe, "vae_scale_factor", 8))
         native = int(pipe.unet.config.sample_size) * self.vae_scale_factor
@@ -499,6 +502,31 @@ class StableDiffusionGenerator(Generator):
     def __repr__(self) -> str:
         src = f"adapter={str(self.adapter)!r}, " if self.adapter is not None else ""
         return f"StableDiffusionGenerator({self.model_ref!r}, {src}mode={self.mode!r}, {self.height}x{self.width}, device={self.device!r})"
+
+
+def _dtype_keyword() -> str:
+    """``from_pretrained``'s precision keyword: ``dtype`` where diffusers deprecates ``torch_dtype``."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No loading progress bars from diffusers/transformers (ours are around the real work)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    d_on, t_on = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if d_on:
+            dlog.enable_progress_bar()
+        if t_on:
+            tlog.enable_progress_bar()
 
 
 def _scheduler_class(name: str):

@@ -17,11 +17,13 @@ fresh, the worker generates ``batch_size`` images and appends them in one transa
 **max_items.** The cache never holds more than ``max_items`` records (nor more than the cache's
 own stored ``max_items``, if smaller). To make room the worker deletes the oldest records
 (``cache.trim``) just before its append, and only records that *every* consumer has passed (seq
-below the smallest cursor). When the cache is full and the oldest records have not been passed by
-every consumer, it appends fewer images or none and waits in state ``"paused"``: generated images
-are never evicted unseen. (Trim and append are two transactions; between them the cache holds
-fewer records, never more.) A consumer whose cursor stops moving (a dead run) pauses the worker
-at the limit; remove its cursor with ``cache.remove_cursor(name)``.
+below the smallest cursor); if that is not enough it appends fewer images or none and waits in
+state ``"paused"``: generated images are never evicted unseen. (Trim and append are two
+transactions; between them the cache holds fewer records, never more.) Since fresh records are
+counted from the slowest consumer, room is ``limit - fresh``, so the worker pauses only when the
+cache's own limit is below ``min_fresh`` or another writer fills the cache. A consumer whose
+cursor stops moving (a dead run) keeps every later record "fresh", so the worker idles while
+other consumers starve: remove such a cursor with ``cache.remove_cursor(name)``.
 
 **Seeds.** The images appended as sequence numbers ``q, q+1, ...`` are generated with
 ``generate(k, seed + q)``, so record ``q`` has per-image seed ``seed + q``. The counter is the
@@ -237,6 +239,7 @@ class _WorkerLoop:
         try:
             with self.stop.critical():
                 self._prepare_cache(generator)
+                self.beat("running")  # the model is loaded: start(wait=True) returns
             while True:
                 if self.parent_alive is not None and not self.parent_alive():
                     break  # the process that started us is gone: nobody consumes any more
