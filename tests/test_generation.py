@@ -164,6 +164,18 @@ def test_grayscale_and_output_size(tiny_sd_dir, sd_gen):
     np.testing.assert_array_equal(batch.images[0, :, :, 0], luma.astype(np.uint8))
 
 
+def test_gray_label_space_from_the_adapter(tiny_sd_adapter, tmp_path):
+    import shutil
+
+    gray = tmp_path / "gray-adapter"
+    shutil.copytree(tiny_sd_adapter, gray)
+    cfg = json.loads((gray / "synthaug.json").read_text())
+    cfg.update(channels=3, target_channels=1, output_size=[28, 28])  # model RGB, real images gray
+    (gray / "synthaug.json").write_text(json.dumps(cfg))
+    batch = load_generator(gray).generate(1, 0)
+    assert batch.images.shape == (1, 28, 28, 1) and batch.meta[0]["resolution"] == [28, 28]
+
+
 def test_schedulers_are_deterministic_per_image(tiny_sd_dir):
     for name in ("dpm++", "euler-a", "EulerDiscreteScheduler"):
         gen = _sd(tiny_sd_dir, scheduler=name, guidance_scale=1.0)
@@ -380,3 +392,121 @@ def test_import_stays_light():
         "heavy = [m for m in ('torch', 'diffusers', 'peft', 'transformers') if m in sys.modules]; assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# ---------------------------------------------------------------------------------- real models in a worker
+def test_worker_with_tiny_sd_records_regenerate_from_their_meta(tmp_path, tiny_sd_adapter, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned worker
+    cache = SyntheticCache(tmp_path / "c")
+    with GenerationWorker(cache, str(tiny_sd_adapter), min_fresh=6, max_items=50, batch_size=3, seed=11, num_threads=1) as w:
+        _wait_for(lambda: len(cache) >= 6, timeout=120, what="6 records")
+        st = w.status()
+        assert st["state"] == "running" and st["generated"] >= 6 and st["images_per_s"] > 0
+    assert cache.verify()["corrupt"] == 0 and cache.heartbeat()["state"] == "stopped"
+    regen = {}
+    for seq, meta in cache.metas().items():
+        assert meta["seed"] == 11 + seq and meta["adapter"] == str(tiny_sd_adapter) and meta["batch"] == [meta["seed"], 1]
+        key = (meta["source"], json.dumps(meta["overrides"], sort_keys=True))
+        if key not in regen:
+            regen[key] = load_generator(meta["source"], **meta["overrides"])
+        np.testing.assert_array_equal(regen[key].generate(1, meta["seed"]).images[0], cache.get(seq).image)
+
+
+# ---------------------------------------------------------------------------------- CLI
+def _peek(path):
+    """A read-only view of a cache another process is creating (``None`` until it exists)."""
+    try:
+        return SyntheticCache(path, readonly=True)
+    except (FileNotFoundError, synthaug.CacheFormatError):
+        return None
+
+
+def _run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "synthaug", *map(str, args)], cwd=REPO, env=ENV_1T, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_generate_prefills_and_regenerates(tmp_path, tiny_sd_adapter):
+    out = _run_cli("generate", "--adapter", tiny_sd_adapter, "--cache", tmp_path / "c", "--count", 3, "--seed", 5)
+    assert out.returncode == 0, out.stderr
+    assert f"wrote 3 images (seq 0..2, seeds 5..7) from {tiny_sd_adapter} to {tmp_path / 'c'}" in out.stdout
+    assert "generate: 100%" in out.stderr  # the progress bar
+    cache = SyntheticCache(tmp_path / "c", readonly=True)
+    rec = cache.get(1)
+    assert rec.meta["seed"] == 6 and rec.label == 6
+    again = load_generator(rec.meta["source"], **rec.meta["overrides"]).generate(1, rec.meta["seed"])
+    np.testing.assert_array_equal(again.images[0], rec.image)
+    # errors: one line, no traceback, naming what was wrong
+    bad = _run_cli("generate", "--model", "builtin:nope", "--label", 0, "--cache", tmp_path / "d", "--count", 1)
+    assert bad.returncode == 2 and "synthaug generate: error: unknown built-in model 'builtin:nope'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_cli_generate_ctrl_c_leaves_a_valid_cache(tmp_path, tiny_ddpm_dir):
+    path = tmp_path / "c"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "synthaug", "generate", "--model", str(tiny_ddpm_dir), "--label", "1", "--cache", str(path),
+         "--count", "100000", "--batch-size", "2", "--steps", "20"],
+        cwd=REPO, env=ENV_1T, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _wait_for(lambda: _peek(path) is not None and len(_peek(path)) >= 4, timeout=120, what="records")
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    cache = SyntheticCache(path, readonly=True)
+    n = len(cache)
+    assert f"interrupted after writing {n} images" in stdout and str(path) in stdout
+    assert cache.verify()["corrupt"] == 0 and n % 2 == 0
+    assert [m["seed"] for m in cache.metas().values()] == list(range(n))
+
+
+def test_cli_worker_runs_until_ctrl_c(tmp_path, tiny_ddpm_dir):
+    path = tmp_path / "c"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "synthaug", "worker", "--model", str(tiny_ddpm_dir), "--label", "2", "--cache", str(path),
+         "--min-fresh", "6", "--max-items", "10", "--batch-size", "3", "--poll-interval", "0.05", "--worker-id", "cli-test"],
+        cwd=REPO, env=ENV_1T, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        def ready():
+            c = _peek(path)
+            return c is not None and len(c) >= 6 and (c.heartbeat() or {}).get("state") == "running"
+
+        _wait_for(ready, timeout=120, what="the worker to fill the cache")
+        cache = SyntheticCache(path, readonly=True)
+        assert len(cache) == 6  # idle at min_fresh
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    hb = cache.heartbeat()
+    assert hb["state"] == "stopped" and hb["worker_id"] == "cli-test" and hb["generated"] == 6
+    assert "stopped by Ctrl-C after generating 6 images" in stdout and cache.label_names == ["a", "b", "c"]
+
+
+# ---------------------------------------------------------------------------------- docs and benchmark
+def test_readme_generating_snippet_runs(tmp_path, tiny_sd_adapter, monkeypatch):
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Generating"):]
+    code = section[section.index("```python") + len("```python"): section.index("```", section.index("```python") + 9)]
+    code = code.replace('"cache/adapters/shirt"', repr(str(tiny_sd_adapter))).replace('"cache/shirt.lmdb"', repr(str(tmp_path / "shirt.lmdb")))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    exec(compile(code, "README.md#generating", "exec"), {})
+    cache = SyntheticCache(tmp_path / "shirt.lmdb", readonly=True)
+    assert cache.fresh_count() >= 16 and cache.heartbeat()["state"] == "stopped"
+
+
+def test_benchmark_quick_smoke(tmp_path, tiny_ddpm_dir, tiny_sd_dir):
+    from synthaug.benchmarks import generate as bench
+
+    result = bench.main(["--quick", "--model", str(tiny_ddpm_dir), "--no-gpu", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "generate_quick.json").read_text())
+    assert saved["device"] and len(saved["cpu"]["rows"]) == len(result["cpu"]["rows"]) == 4
+    assert all(r["images/s"] > 0 for r in saved["cpu"]["rows"])
+    assert result["gpu"]["skipped"]
+    # the GPU comparison's code path, shrunk to the tiny pipeline on CPU (no compile, no timing claims)
+    rows = bench.compare_sd(tiny_sd_dir, device="cpu", size=32, steps=2, configs={"ours bf16 b2": dict(dtype="bf16", batch_size=2)}, n_default=1, n_ours=2, repeats=1)
+    assert [r["config"] for r in rows] == ["diffusers default", "ours bf16 b2"] and rows[1]["dtype"] == "bfloat16"

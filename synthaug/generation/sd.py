@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from synthaug.generation.base import GeneratedBatch, Generator, default_device, default_dtype, per_image_seeds
+from synthaug.generation.base import GeneratedBatch, Generator, default_device, default_dtype, dtype_kwargs, per_image_seeds
 
 __all__ = ["StableDiffusionGenerator", "SCHEDULERS", "ATTENTION", "resolve_pipeline_source"]
 
@@ -134,7 +134,8 @@ class StableDiffusionGenerator(Generator):
         prompt: text prompt (default: the adapter's). Required without an adapter.
         negative_prompt: what to steer away from (default: the adapter's, else none).
         height, width: generated image size in pixels, multiples of 8 (default: the adapter's
-            ``resolution``, else the model's native size, e.g. 512 for SD 1.5).
+            ``generation.height/width``, else its ``resolution``, else the model's native size,
+            e.g. 512 for SD 1.5).
         num_inference_steps: denoising steps (default: adapter, else 30).
         guidance_scale: classifier-free guidance weight (default: adapter, else 7.5; 1.0 turns
             guidance off and halves the cost).
@@ -161,7 +162,8 @@ class StableDiffusionGenerator(Generator):
         attention: ``"auto"`` (xformers when installed and on CUDA, else SDPA), ``"sdpa"``,
             ``"xformers"`` or ``"eager"`` (diffusers' plain attention; for comparisons).
         grayscale: convert the RGB output to one-channel luma (ITU-R 601), for gray label spaces
-            (default: ``True`` when the adapter's ``synthaug.json`` says ``"channels": 1``).
+            (default: ``True`` when the adapter's ``synthaug.json`` has ``"target_channels": 1``,
+            or ``"channels": 1`` without ``target_channels``).
         output_size: resize the generated images to this size (int or ``[height, width]``,
             Lanczos) before they are returned, e.g. to the classifier's input size; default: the
             adapter's ``output_size``, else no resize.
@@ -247,9 +249,15 @@ class StableDiffusionGenerator(Generator):
         self.label = int(label)
         self.label_name = cfg.get("class_name")
         self.label_names = list(cfg["label_names"]) if cfg.get("label_names") else None
-        self.grayscale = bool(grayscale) if grayscale is not None else cfg.get("channels") == 1
+        # The label space's channels: "target_channels" (the real images'), else "channels".
+        target_channels = cfg.get("target_channels", cfg.get("channels"))
+        self.grayscale = bool(grayscale) if grayscale is not None else target_channels == 1
         self.output_size = _size_pair(output_size if output_size is not None else cfg.get("output_size"), "output_size")
-        res = _size_pair(cfg.get("resolution"), "the adapter's resolution")
+        gen_cfg = cfg.get("generation") or {}
+        if gen_cfg.get("height") and gen_cfg.get("width"):
+            res = (int(gen_cfg["height"]), int(gen_cfg["width"]))
+        else:
+            res = _size_pair(cfg.get("resolution"), "the adapter's resolution")
         self.batch_size = int(batch_size) if batch_size is not None else (_GPU_BATCH if on_cuda else 1)
         self.mode = mode
         self.strength = float(strength)
@@ -261,7 +269,7 @@ class StableDiffusionGenerator(Generator):
         extra: Dict[str, Any] = {}
         if "safety_checker" in index:
             extra.update(safety_checker=None, requires_safety_checker=False)
-        extra[_dtype_keyword()] = self.dtype
+        extra.update(dtype_kwargs(self.dtype))
         with _quiet_loading():
             try:
                 pipe = AutoPipelineForText2Image.from_pretrained(self.model_ref, local_files_only=local_only, **extra)
@@ -502,13 +510,6 @@ class StableDiffusionGenerator(Generator):
     def __repr__(self) -> str:
         src = f"adapter={str(self.adapter)!r}, " if self.adapter is not None else ""
         return f"StableDiffusionGenerator({self.model_ref!r}, {src}mode={self.mode!r}, {self.height}x{self.width}, device={self.device!r})"
-
-
-def _dtype_keyword() -> str:
-    """``from_pretrained``'s precision keyword: ``dtype`` where diffusers deprecates ``torch_dtype``."""
-    from diffusers.utils import deprecation_utils
-
-    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 
 
 @contextmanager
