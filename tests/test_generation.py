@@ -412,6 +412,64 @@ def test_worker_with_tiny_sd_records_regenerate_from_their_meta(tmp_path, tiny_s
         np.testing.assert_array_equal(regen[key].generate(1, meta["seed"]).images[0], cache.get(seq).image)
 
 
+class _RealImages:
+    """A real dataset of 32×32 RGB uint8 images (numpy H×W×C) with labels 0..5."""
+
+    def __init__(self, n=16):
+        rng = np.random.default_rng(3)
+        self.images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], int(i % 6)
+
+
+def test_worker_feeds_a_waiting_sampler_through_a_dataloader(tmp_path, tiny_sd_adapter, monkeypatch):
+    RatioBatchSampler = getattr(synthaug, "RatioBatchSampler", None) if "RatioBatchSampler" in synthaug.__all__ else None
+    if RatioBatchSampler is None:
+        pytest.skip("synthaug.RatioBatchSampler is not in this branch yet (mixing, issue 3); runs once it is merged")
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cache = SyntheticCache(tmp_path / "c")  # empty: the sampler must wait for the worker
+    mixed = synthaug.MixedDataset(_RealImages(16), cache)
+    sampler = RatioBatchSampler(mixed, batch_size=4, synthetic_ratio=0.5, on_exhausted="wait", wait_timeout=120, seed=0)
+    loader = torch.utils.data.DataLoader(mixed, batch_sampler=sampler, num_workers=2)
+    sizes, stop_watch = [], threading.Event()
+
+    def watch():
+        while not stop_watch.is_set():
+            sizes.append(len(cache))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    worker = GenerationWorker(cache, str(tiny_sd_adapter), min_fresh=8, max_items=24, batch_size=4, seed=0, num_threads=1)
+    synthetic_seen = 0
+    try:
+        with worker:
+            for epoch in range(2):  # 2 epochs × 8 batches × 2 synthetic = 32 > max_items: eviction needed
+                sampler.set_epoch(epoch)
+                for x, y in loader:
+                    assert x.shape == (4, 32, 32, 3) and x.dtype == torch.uint8
+                    assert int((y == 6).sum()) == 2  # exactly r·B synthetic items, label from the adapter
+                    synthetic_seen += 2
+            assert worker.is_alive()
+            pid = worker.pid
+        assert not worker.is_alive() and worker.status()["exitcode"] == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    finally:
+        stop_watch.set()
+        watcher.join()
+    assert synthetic_seen == 32 and max(sizes) <= 24 and cache.stats()["evicted"] > 0
+    assert cache.verify()["corrupt"] == 0 and cache.heartbeat()["state"] == "stopped"
+    seeds = [m["seed"] for m in cache.metas().values()]
+    assert seeds == cache.seqs()  # seed 0 + seq, never repeated
+
+
 # ---------------------------------------------------------------------------------- CLI
 def _peek(path):
     """A read-only view of a cache another process is creating (``None`` until it exists)."""
