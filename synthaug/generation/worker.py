@@ -124,9 +124,6 @@ class _StopSignal:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
-    def request(self, signum: int = signal.SIGTERM) -> None:
-        self.signum = signum
-
     def _handler(self, signum, frame) -> None:
         self.signum = signum
         if self._critical == 0:
