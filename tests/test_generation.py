@@ -323,7 +323,8 @@ def test_worker_sigkill_mid_write_then_new_worker_continues(tmp_path):
         _wait_for(lambda: len(cache) > before, what="appends")
         time.sleep(float(rng.uniform(0.0, 0.2)))
         os.kill(w.pid, signal.SIGKILL)
-        w._process.join(10)
+        _wait_for(lambda: not w.is_alive(), what="the killed worker to be reaped")
+        assert w.status()["exitcode"] == -signal.SIGKILL
         with pytest.raises(GenerationWorkerError, match="killed by signal SIGKILL"):
             w.raise_if_failed()
         _wait_for(lambda: (cache.heartbeat() or {}).get("state") == "failed", what="post-mortem heartbeat")

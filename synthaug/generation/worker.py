@@ -514,6 +514,10 @@ class GenerationWorker:
         self._stopping = False
         self._watcher: Optional[threading.Thread] = None
         self._lock = threading.Lock()
+        # The watcher thread is the only one that reaps the process (two threads waiting on one
+        # child race in waitpid, and the loser sees no exit status): it sets these.
+        self._exited = threading.Event()
+        self._exitcode: Optional[int] = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -535,7 +539,8 @@ class GenerationWorker:
         return self._process.pid if self._process is not None else None
 
     def is_alive(self) -> bool:
-        return self._process is not None and self._process.is_alive()
+        """Whether the worker process runs (``False`` before :meth:`start` and once it exited)."""
+        return self._process is not None and not self._exited.is_set()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, *, wait: bool = False, timeout: Optional[float] = None) -> "GenerationWorker":
@@ -565,6 +570,8 @@ class GenerationWorker:
         )
         self._error = None
         self._stopping = False
+        self._exited = threading.Event()
+        self._exitcode = None
         self._shared = (ints, floats)
         self._conn = recv
         self._process = process
@@ -574,12 +581,12 @@ class GenerationWorker:
         self._watcher.start()
         if wait:
             deadline = None if timeout is None else time.monotonic() + timeout
-            while self._state_code() == _STATE_CODE["starting"] and process.is_alive():
+            while self._state_code() == _STATE_CODE["starting"] and not self._exited.is_set():
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"generation worker {self.worker_id} did not start within {timeout} s")
                 time.sleep(0.05)
-            if self._state_code() == _STATE_CODE["failed"] or not process.is_alive():
-                process.join(10.0)  # its error report is sent just before it exits
+            if self._state_code() == _STATE_CODE["failed"] or self._exited.is_set():
+                self._exited.wait(10.0)  # its error report is sent just before it exits
             self.raise_if_failed()
         return self
 
@@ -590,15 +597,13 @@ class GenerationWorker:
         if process is None:
             return self.status()
         self._stopping = True
-        if process.is_alive():
+        if not self._exited.is_set():
             try:
                 os.kill(process.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-            process.join(timeout)
-            if process.is_alive():
+            if not self._exited.wait(timeout):
                 process.kill()
-                process.join()
         if self._watcher is not None:
             self._watcher.join()
         self._drain()
@@ -616,7 +621,7 @@ class GenerationWorker:
 
     def __del__(self) -> None:
         try:
-            if self._process is not None and self._process.is_alive():
+            if self.is_alive():
                 self.stop(timeout=5.0)
         except Exception:
             pass
@@ -638,13 +643,23 @@ class GenerationWorker:
                 pass
             except Exception as exc:  # a truncated message from a killed worker
                 self._error = self._error or {"exc_type": None, "message": f"unreadable error report ({exc})", "traceback": ""}
-            if self._process is not None and not self._process.is_alive():
+            if self._exited.is_set():
                 conn.close()
                 self._conn = None
 
     def _watch(self, process) -> None:
-        """When the worker exits, write its final state if it could not (killed)."""
+        """Reap the worker when it exits; write its final state if it could not (killed)."""
+        from multiprocessing.connection import wait
+
+        wait([process.sentinel])
         process.join()
+        code = process.exitcode
+        deadline = time.monotonic() + 5.0
+        while code is None and time.monotonic() < deadline:  # reaped elsewhere (active_children)
+            time.sleep(0.01)
+            code = process.exitcode
+        self._exitcode = code
+        self._exited.set()
         self._drain()
         if self._shared is None or self._state_code() in (_STATE_CODE["stopped"], _STATE_CODE["failed"]):
             return
@@ -659,7 +674,7 @@ class GenerationWorker:
                     "worker_id": self.worker_id,
                     "pid": process.pid,
                     "state": state,
-                    "last_error": None if state == "stopped" else f"worker process exited with status {process.exitcode} without reporting an error",
+                    "last_error": None if state == "stopped" else f"worker process exited with status {code} without reporting an error",
                 }
             )
         except Exception:
@@ -679,22 +694,23 @@ class GenerationWorker:
             return {"worker_id": self.worker_id, "state": "not started", "alive": False, "pid": None, "exitcode": None,
                     "generated": 0, "images_per_s": 0.0, "next_seed": None, "fresh": None, "last_error": None}
         ints, floats = self._shared
-        alive = process.is_alive()
+        alive = self.is_alive()
+        exitcode = self._exitcode
         state = STATES[int(ints[0])]
         last_error = None
         if self._error is not None:
             state = "failed"
             last_error = f"{self._error['exc_type']}: {self._error['message']}" if self._error.get("exc_type") else self._error["message"]
         elif not alive and state not in ("stopped", "failed"):
-            state = "stopped" if self._stopping or process.exitcode == 0 else "failed"
+            state = "stopped" if self._stopping or exitcode == 0 else "failed"
             if state == "failed":
-                last_error = f"worker process exited with status {process.exitcode} without reporting an error"
+                last_error = f"worker process exited with status {exitcode} without reporting an error"
         return {
             "worker_id": self.worker_id,
             "state": state,
             "alive": alive,
             "pid": process.pid,
-            "exitcode": process.exitcode,
+            "exitcode": exitcode,
             "generated": int(ints[1]),
             "images_per_s": float(floats[0]),
             "next_seed": None if ints[2] < 0 else int(ints[2]),
@@ -714,10 +730,10 @@ class GenerationWorker:
                 exc_type=self._error.get("exc_type"),
                 worker_traceback=self._error.get("traceback", ""),
                 pid=process.pid if process else None,
-                exitcode=process.exitcode if process else None,
+                exitcode=self._exitcode,
             )
-        if process is not None and not process.is_alive() and process.exitcode not in (0, None) and not self._stopping:
-            code = process.exitcode
+        if process is not None and self._exited.is_set() and self._exitcode not in (0, None) and not self._stopping:
+            code = self._exitcode
             how = f"killed by signal {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"exit status {code}"
             raise GenerationWorkerError(f"the worker process died ({how}) without reporting an error", pid=process.pid, exitcode=code)
 
