@@ -20,10 +20,12 @@ _EXPORTS = {
     "CorruptRecordError": "synthaug.errors",
     "CacheFormatError": "synthaug.errors",
     "SyntheticExhaustedError": "synthaug.errors",
+    "GenerationWorkerError": "synthaug.errors",
     "load_generator": "synthaug.generation.base",
     "generator_from_spec": "synthaug.generation.base",
     "Generator": "synthaug.generation.base",
     "GeneratedBatch": "synthaug.generation.base",
+    "GenerationWorker": "synthaug.generation.worker",
     "finetune_lora": "synthaug.finetune",
     "FinetuneConfig": "synthaug.finetune.common",
 }
@@ -47,7 +49,14 @@ def __dir__():
 if TYPE_CHECKING:  # pragma: no cover
     from synthaug.cache.codec import Encoding, Record
     from synthaug.cache.store import SyntheticCache
-    from synthaug.errors import CacheFormatError, CorruptRecordError, SynthaugError, SyntheticExhaustedError
+    from synthaug.errors import (
+        CacheFormatError,
+        CorruptRecordError,
+        GenerationWorkerError,
+        SynthaugError,
+        SyntheticExhaustedError,
+    )
     from synthaug.finetune import finetune_lora
     from synthaug.finetune.common import FinetuneConfig
     from synthaug.generation.base import GeneratedBatch, Generator, generator_from_spec, load_generator
+    from synthaug.generation.worker import GenerationWorker

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["SynthaugError", "CorruptRecordError", "CacheFormatError", "SyntheticExhaustedError"]
+__all__ = [
+    "SynthaugError",
+    "CorruptRecordError",
+    "CacheFormatError",
+    "SyntheticExhaustedError",
+    "GenerationWorkerError",
+]
 
 
 class SynthaugError(Exception):
@@ -38,3 +44,37 @@ class CacheFormatError(SynthaugError):
 
 class SyntheticExhaustedError(SynthaugError):
     """No synthetic record is available and the policy forbids waiting or reusing."""
+
+
+class GenerationWorkerError(SynthaugError):
+    """The background generation worker failed (its generator or its cache raised, or it died).
+
+    Attributes:
+        exc_type: name of the exception class raised in the worker (``None`` if it died without
+            reporting one, e.g. killed by the OS).
+        message: that exception's message, or what is known about the death.
+        worker_traceback: the worker's traceback as text (``""`` when unknown).
+        pid: the worker's process id; exitcode: its exit status (negative: killed by that signal).
+    """
+
+    def __init__(self, message: str, *, exc_type=None, worker_traceback: str = "", pid=None, exitcode=None) -> None:
+        self.exc_type = exc_type
+        self.message = message
+        self.worker_traceback = worker_traceback
+        self.pid = pid
+        self.exitcode = exitcode
+        what = f"{exc_type}: {message}" if exc_type else message
+        text = f"generation worker (pid {pid}) failed: {what}"
+        if worker_traceback:
+            text += "\n\nTraceback in the worker process:\n" + worker_traceback.rstrip()
+        super().__init__(text)
+
+    def __reduce__(self):
+        return (
+            _rebuild_worker_error,
+            (self.message, self.exc_type, self.worker_traceback, self.pid, self.exitcode),
+        )
+
+
+def _rebuild_worker_error(message, exc_type, worker_traceback, pid, exitcode):
+    return GenerationWorkerError(message, exc_type=exc_type, worker_traceback=worker_traceback, pid=pid, exitcode=exitcode)

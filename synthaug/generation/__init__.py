@@ -1,5 +1,9 @@
-"""Generators (Stable-Diffusion family, pixel DDPM) and the background GenerationWorker."""
+"""Generators (Stable-Diffusion family, pixel DDPM) and the background GenerationWorker.
+
+Heavy libraries (torch, diffusers) are imported only by the backends, when a generator is built.
+"""
 
 from synthaug.generation.base import GeneratedBatch, Generator, generator_from_spec, load_generator
+from synthaug.generation.worker import GenerationWorker
 
-__all__ = ["GeneratedBatch", "Generator", "generator_from_spec", "load_generator"]
+__all__ = ["GeneratedBatch", "GenerationWorker", "Generator", "generator_from_spec", "load_generator"]

@@ -140,10 +140,26 @@ class Generator(abc.ABC):
 
 
 def generator_from_spec(spec: Dict[str, Any]) -> Generator:
-    """Rebuild a generator from its ``spec`` (e.g. in a worker process)."""
-    if not isinstance(spec, dict) or "source" not in spec:
-        raise ValueError(f"a generator spec is a dict with 'source' and 'overrides', got {spec!r}")
-    return load_generator(spec["source"], **spec.get("overrides", {}))
+    """Rebuild a generator from its ``spec`` (e.g. in a worker process).
+
+    A spec is ``{"source": ..., "overrides": {...}}`` (:func:`load_generator` arguments). A
+    generator class of your own can travel to a worker too: give its spec a ``"factory"`` key,
+    ``"package.module:callable"``, and the callable is imported and called with ``overrides``.
+    """
+    if not isinstance(spec, dict) or not ("source" in spec or "factory" in spec):
+        raise ValueError(f"a generator spec is a dict with 'source' (or 'factory') and 'overrides', got {spec!r}")
+    overrides = dict(spec.get("overrides") or {})
+    if spec.get("factory"):
+        import importlib
+
+        module_name, _, attr = str(spec["factory"]).partition(":")
+        if not module_name or not attr:
+            raise ValueError(f"spec factory must be 'package.module:callable', got {spec['factory']!r}")
+        factory = importlib.import_module(module_name)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+        return factory(**overrides)
+    return load_generator(spec["source"], **overrides)
 
 
 def _looks_like_hub_id(source: str) -> bool:

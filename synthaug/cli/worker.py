@@ -1,0 +1,74 @@
+"""``synthaug worker``: keep a cache topped up from the foreground, e.g. on another GPU.
+
+Runs the GenerationWorker loop in this process: while fewer than ``--min-fresh`` records are
+unconsumed, generate and append; never hold more than ``--max-items`` records, evicting only
+records every consumer has passed (else wait, state "paused"); heartbeat in the cache. Ctrl-C
+(exit status 130) or SIGTERM (exit status 0) stop it after the transaction in progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+
+__all__ = ["register"]
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from synthaug.cache.store import SyntheticCache
+    from synthaug.cli.generate import generator_overrides, generator_source
+    from synthaug.generation.worker import run_worker
+
+    source = generator_source(args)
+    spec = {"source": source, "overrides": generator_overrides(args)}
+    cache = SyntheticCache(args.cache)
+    bar = tqdm(desc="worker", unit="img", dynamic_ncols=True)
+
+    def progress(info) -> None:
+        bar.update(info["generated"] - bar.n)
+        bar.set_postfix_str(f"{info['state']}, fresh {info['fresh']}/{args.min_fresh}, stored {info['count']}/{args.max_items}, {info['images_per_s']:.2f} img/s")
+
+    try:
+        info = run_worker(
+            cache,
+            spec,
+            min_fresh=args.min_fresh,
+            max_items=args.max_items,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            worker_id=args.worker_id,
+            num_threads=args.threads,
+            poll_interval=args.poll_interval,
+            progress=progress,
+        )
+    finally:
+        bar.close()
+    how = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(info.get("signal"), "request")
+    print(
+        f"synthaug worker: stopped by {how} after generating {info['generated']} images from {source} into {cache.path}; "
+        f"cache holds {len(cache)} records, {cache.fresh_count()} fresh, next seed {info['next_seed']}"
+    )
+    return 130 if info.get("signal") == signal.SIGINT else 0
+
+
+def register(sub) -> None:
+    from synthaug.cli.generate import HelpFormatter, add_generator_arguments
+
+    p = sub.add_parser(
+        "worker",
+        help="keep a cache topped up with fresh synthetic images (foreground)",
+        description=__doc__,
+        formatter_class=HelpFormatter,
+    )
+    add_generator_arguments(p)
+    p.add_argument("--cache", required=True, metavar="PATH", help="cache directory (created if missing)")
+    p.add_argument("--min-fresh", type=int, required=True, help="keep at least this many records no consumer has been handed")
+    p.add_argument("--max-items", type=int, required=True, help="never hold more records than this")
+    p.add_argument("--batch-size", type=int, default=None, help="images per model call and per append (default: the backend's batch size, else 8)")
+    p.add_argument("--seed", type=int, default=0, help="base seed: the record stored as seq q gets per-image seed SEED + q")
+    p.add_argument("--worker-id", default=None, help="name in the heartbeat (default: host name + random suffix)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between checks while idle or paused")
+    p.set_defaults(func=cmd_worker)

@@ -1,0 +1,742 @@
+"""``GenerationWorker``: a background process that keeps a synthetic cache topped up.
+
+The worker runs in its own process (``spawn`` start method: it never inherits the training
+process's CUDA context, threads or open LMDB handles). It rebuilds the generator there from its
+``spec`` (:func:`~synthaug.generation.base.generator_from_spec`, with ``device`` overridden when
+given) and reopens the cache from its path. The same loop runs in the foreground as
+``synthaug worker`` (:func:`run_worker`).
+
+Protocol
+--------
+**Fresh records.** A record is *fresh* while no consumer has been handed it: consumers
+(``RatioBatchSampler``) record cursors in the cache, the next sequence number they have not been
+handed, and fresh = records at or after the smallest cursor (every record when no consumer has a
+cursor yet; :meth:`SyntheticCache.fresh_count`). While fewer than ``min_fresh`` records are
+fresh, the worker generates ``batch_size`` images and appends them in one transaction.
+
+**max_items.** The cache never holds more than ``max_items`` records (nor more than the cache's
+own stored ``max_items``, if smaller). To make room the worker deletes the oldest records
+(``cache.trim``) just before its append, and only records that *every* consumer has passed (seq
+below the smallest cursor); if that is not enough it appends fewer images or none and waits in
+state ``"paused"``: generated images are never evicted unseen. (Trim and append are two
+transactions; between them the cache holds fewer records, never more.) Since fresh records are
+counted from the slowest consumer, room is ``limit - fresh``, so the worker pauses only when the
+cache's own limit is below ``min_fresh`` or another writer fills the cache. A consumer whose
+cursor stops moving (a dead run) keeps every later record "fresh", so the worker idles while
+other consumers starve: remove such a cursor with ``cache.remove_cursor(name)``.
+
+**Seeds.** The images appended as sequence numbers ``q, q+1, ...`` are generated with
+``generate(k, seed + q)``, so record ``q`` has per-image seed ``seed + q``. The counter is the
+cache's own ``next_seq``, which is advanced in the same transaction as the append: a worker
+restarted on the same cache with the same ``seed`` continues the sequence (no seed repeats,
+whether the previous worker stopped or was killed), and a batch lost to a kill is simply generated
+again. This assumes one writer per cache (as LMDB's design here does); if another writer appends
+between the worker's read of ``next_seq`` and its append, the worker prints a warning.
+
+**Heartbeat.** The worker writes ``cache.write_heartbeat(...)`` at most about once a second while
+working and at once on every change of state. Schema (key ``heartbeat`` of the cache's meta)::
+
+    {"worker_id": str,          # this worker (GenerationWorker(worker_id=...), default host-random)
+     "pid": int,                # its process id
+     "time": float,             # time.time() of the write
+     "state": "starting" | "running" | "paused" | "stopped" | "failed",
+     "generated": int,          # images appended by this process since it started
+     "images_per_s": float,     # recent generation rate (generate + append), images per second
+     "next_seed": int | None,   # per-image seed of the next record (seed + next_seq)
+     "last_error": str | None,  # "ExceptionType: message" when state is "failed"
+     "seed": int, "min_fresh": int, "max_items": int,
+     "fresh": int, "count": int}   # fresh and stored records at the last check
+
+``"running"`` covers both generating and idling with ``min_fresh`` reached. A failed worker
+writes ``"failed"`` and ``last_error`` before it exits, so readers in other processes can stop
+waiting at once; if a worker dies without writing its final state (SIGKILL, OOM killer), the
+``GenerationWorker`` that started it writes ``"failed"`` (or ``"stopped"``, if it was being
+stopped) on its behalf.
+
+**Stopping.** SIGTERM and SIGINT request a stop: an append (or heartbeat write) in progress is
+finished, a generation in progress is abandoned, ``"stopped"`` is written and the process exits
+with status 0. :meth:`GenerationWorker.stop` sends SIGTERM, waits ``timeout`` seconds, then sends
+SIGKILL (LMDB transactions are atomic: a killed worker leaves no partial record). A stopped or
+killed worker can be started again, or a new one started on the same cache: it continues.
+
+**Errors.** An exception in the worker (loading the model, generating, appending) is written to
+the heartbeat and sent to the parent with its traceback; :meth:`GenerationWorker.raise_if_failed`
+and the context manager's exit raise it as :class:`~synthaug.errors.GenerationWorkerError`. The
+cache stays valid: a failure can only happen between transactions.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Deque, Dict, Iterator, Optional, Tuple, Union
+
+from synthaug.errors import GenerationWorkerError
+
+__all__ = ["GenerationWorker", "WorkerSettings", "run_worker", "STATES"]
+
+STATES = ("starting", "running", "paused", "stopped", "failed")
+_STATE_CODE = {name: i for i, name in enumerate(STATES)}
+_MAX_TRACEBACK = 20_000  # characters sent to the parent (a pipe message must not fill the pipe)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker process is told (picklable; the generator travels as its spec)."""
+
+    min_fresh: int
+    max_items: int
+    batch_size: int
+    seed: int = 0
+    worker_id: str = ""
+    poll_interval: float = 0.2
+    heartbeat_interval: float = 1.0
+    num_threads: Optional[int] = None
+
+
+class _Stop(BaseException):
+    """Raised in the worker's main thread when a stop was requested outside a critical section.
+    A BaseException, so ``except Exception`` in generator code does not swallow it."""
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT -> a stop at the next safe point.
+
+    Inside :meth:`critical` (cache transactions) the signal only sets a flag, checked after the
+    section ends; anywhere else (generating, sleeping) the handler raises :class:`_Stop` at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._critical = 0
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = signum
+        if self._critical == 0:
+            raise _Stop()
+
+    @contextmanager
+    def critical(self) -> Iterator[None]:
+        self._critical += 1
+        try:
+            yield
+        finally:
+            self._critical -= 1
+        if self.signum is not None and self._critical == 0:
+            raise _Stop()
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:1000]
+
+
+class _WorkerLoop:
+    """The worker's loop; runs in the worker process (or in the foreground for ``synthaug worker``)."""
+
+    def __init__(
+        self,
+        cache,
+        spec: Dict[str, Any],
+        settings: WorkerSettings,
+        stop: _StopSignal,
+        *,
+        shared: Optional[Tuple[Any, Any]] = None,
+        parent_alive: Optional[Callable[[], bool]] = None,
+        progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+    ) -> None:
+        self.cache = cache
+        self.spec = spec
+        self.s = settings
+        self.stop = stop
+        self.shared = shared
+        self.parent_alive = parent_alive
+        self.progress = progress
+        self.state = "starting"
+        self.generated = 0
+        self.next_seed: Optional[int] = None
+        self.fresh = 0
+        self.count = 0
+        self.last_error: Optional[str] = None
+        self._window: Deque[Tuple[int, float]] = deque(maxlen=20)
+        self._last_beat = 0.0
+        self._beat_state: Optional[str] = None
+        self._warned_writer = False
+
+    # ------------------------------------------------------------------ reporting
+    @property
+    def images_per_s(self) -> float:
+        n = sum(k for k, _ in self._window)
+        t = sum(dt for _, dt in self._window)
+        return n / t if t > 0 else 0.0
+
+    def info(self) -> Dict[str, Any]:
+        return {
+            "worker_id": self.s.worker_id,
+            "pid": os.getpid(),
+            "time": time.time(),
+            "state": self.state,
+            "generated": self.generated,
+            "images_per_s": round(self.images_per_s, 4),
+            "next_seed": self.next_seed,
+            "last_error": self.last_error,
+            "seed": self.s.seed,
+            "min_fresh": self.s.min_fresh,
+            "max_items": self.s.max_items,
+            "fresh": self.fresh,
+            "count": self.count,
+        }
+
+    def beat(self, state: str, *, force: bool = False) -> None:
+        """Publish the state: shared memory always, the cache heartbeat when due or changed."""
+        self.state = state
+        if self.shared is not None:
+            ints, floats = self.shared
+            ints[0] = _STATE_CODE[state]
+            ints[1] = self.generated
+            ints[2] = -1 if self.next_seed is None else self.next_seed
+            ints[3] = self.fresh
+            floats[0] = self.images_per_s
+        now = time.monotonic()
+        if force or state != self._beat_state or now - self._last_beat >= self.s.heartbeat_interval:
+            info = self.info()
+            with self.stop.critical():
+                self.cache.write_heartbeat(info)
+            self._last_beat = now
+            self._beat_state = state
+            if self.progress is not None:
+                self.progress(info)
+
+    def _sleep(self) -> None:
+        time.sleep(self.s.poll_interval)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self):
+        from synthaug.generation.base import generator_from_spec
+
+        self.beat("starting", force=True)
+        if self.s.num_threads:
+            import torch
+
+            torch.set_num_threads(int(self.s.num_threads))
+        generator = generator_from_spec(self.spec)
+        try:
+            with self.stop.critical():
+                self._prepare_cache(generator)
+                self.beat("running")  # the model is loaded: start(wait=True) returns
+            while True:
+                if self.parent_alive is not None and not self.parent_alive():
+                    break  # the process that started us is gone: nobody consumes any more
+                with self.stop.critical():
+                    plan = self._plan()
+                if plan is None:
+                    self._sleep()
+                    continue
+                first_seq, k = plan
+                t0 = time.perf_counter()
+                batch = generator.generate(k, self.s.seed + first_seq)
+                with self.stop.critical():
+                    k = self._make_room(k)
+                    if k == 0:
+                        continue
+                    seqs = self.cache.append(batch.images[:k], batch.labels[:k], batch.meta[:k])
+                    self._window.append((k, time.perf_counter() - t0))
+                    self.generated += k
+                    self.next_seed = self.s.seed + seqs[-1] + 1
+                    self.fresh += k
+                    self.count += k
+                    if seqs[0] != first_seq and not self._warned_writer:
+                        self._warned_writer = True
+                        print(
+                            f"synthaug worker: another writer appended to {self.cache.path} while this worker generated; "
+                            "records' seeds no longer equal seed + seq and may repeat. Use one writer per cache.",
+                            file=sys.stderr,
+                        )
+                    self.beat("running")
+        finally:
+            generator.close()
+
+    def _prepare_cache(self, generator) -> None:
+        names = getattr(generator, "label_names", None)
+        if names and self.cache.label_names is None:
+            self.cache.set_label_names(names)
+
+    def _snapshot(self) -> Dict[str, int]:
+        """Counts that decide what to do: stored records, fresh ones, evictable ones, the limit."""
+        stats = self.cache.stats()
+        cursors = self.cache.cursors()
+        count, next_seq = stats["count"], stats["next_seq"]
+        first = stats["first_seq"] if stats["first_seq"] is not None else next_seq
+        min_cursor = min((int(c.get("next_seq", 0)) for c in cursors.values()), default=None)
+        # fresh: records no consumer has been handed (all of them while no consumer has a cursor)
+        fresh = max(0, next_seq - max(first, min_cursor or 0)) if count else 0
+        # evictable: records every consumer has passed, the only ones the worker may delete
+        evictable = max(0, min(min_cursor, next_seq) - first) if (min_cursor is not None and count) else 0
+        limit = min(self.s.max_items, stats["max_items"] or self.s.max_items)
+        self.count, self.fresh, self.next_seed = count, fresh, self.s.seed + next_seq
+        return {"count": count, "next_seq": next_seq, "fresh": fresh, "evictable": evictable, "limit": limit}
+
+    def _plan(self) -> Optional[Tuple[int, int]]:
+        """``(first seq, number of images)`` to generate now, or ``None`` (and the state) to wait."""
+        snap = self._snapshot()
+        if snap["fresh"] >= self.s.min_fresh:
+            self.beat("running")
+            return None
+        room = snap["limit"] - snap["count"] + snap["evictable"]
+        if room <= 0:
+            self.beat("paused")
+            return None
+        return snap["next_seq"], min(self.s.batch_size, room)
+
+    def _make_room(self, k: int) -> int:
+        """Delete the oldest records (only passed ones) so ``k`` more fit; returns how many fit."""
+        snap = self._snapshot()  # cursors only move forward while we generated: room only grew
+        k = max(0, min(k, snap["limit"] - snap["count"] + snap["evictable"]))
+        excess = snap["count"] + k - snap["limit"]
+        if excess > 0:
+            self.cache.trim(keep_last=snap["count"] - excess)
+            self.count -= excess
+        return k
+
+
+def _run_loop(loop: _WorkerLoop) -> Dict[str, Any]:
+    """Run ``loop`` until stopped; write the final state. Re-raises errors after reporting them."""
+    try:
+        loop.run()
+    except _Stop:
+        pass
+    except BaseException as exc:
+        loop.last_error = _error_text(exc)
+        try:
+            with _no_stop(loop.stop):
+                loop.beat("failed", force=True)
+        except Exception:
+            pass
+        raise
+    with _no_stop(loop.stop):
+        loop.beat("stopped", force=True)
+    return loop.info()
+
+
+@contextmanager
+def _no_stop(stop: _StopSignal) -> Iterator[None]:
+    """Final writes: a second signal must not interrupt them."""
+    stop._critical += 1
+    try:
+        yield
+    finally:
+        stop._critical -= 1
+
+
+def _child_main(cache, spec, settings: WorkerSettings, shared, conn) -> None:
+    """Entry point of the worker process."""
+    import multiprocessing
+
+    stop = _StopSignal()
+    stop.install()
+    parent = multiprocessing.parent_process()
+    loop = _WorkerLoop(cache, spec, settings, stop, shared=shared, parent_alive=parent.is_alive if parent else None)
+    try:
+        _run_loop(loop)
+    except BaseException as exc:
+        stop._critical += 1  # report the error even if a stop signal arrives now
+        tb = traceback.format_exc()
+        if len(tb) > _MAX_TRACEBACK:
+            tb = "...\n" + tb[-_MAX_TRACEBACK:]
+        try:
+            conn.send({"exc_type": type(exc).__name__, "message": str(exc)[:_MAX_TRACEBACK], "traceback": tb})
+        except Exception:
+            pass
+        sys.exit(1)
+    finally:
+        conn.close()
+
+
+def run_worker(
+    cache,
+    generator,
+    *,
+    min_fresh: int,
+    max_items: int,
+    batch_size: Optional[int] = None,
+    seed: int = 0,
+    device: Optional[str] = None,
+    worker_id: Optional[str] = None,
+    num_threads: Optional[int] = None,
+    poll_interval: float = 0.2,
+    progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+) -> Dict[str, Any]:
+    """Run the worker loop in this process until SIGTERM or SIGINT (``synthaug worker``).
+
+    Arguments as :class:`GenerationWorker`; ``progress`` is called with the heartbeat dict each
+    time one is written. Installs SIGTERM/SIGINT handlers for the duration (main thread only).
+
+    Returns:
+        The last heartbeat dict (``state == "stopped"``); ``info["signal"]`` is the signal number
+        that stopped it.
+
+    Raises:
+        Whatever the generator or the cache raised (after writing ``state="failed"``).
+    """
+    cache_obj, spec, settings = _prepare(cache, generator, min_fresh, max_items, batch_size, seed, device, worker_id, num_threads, poll_interval)
+    stop = _StopSignal()
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop.install()
+    try:
+        info = _run_loop(_WorkerLoop(cache_obj, spec, settings, stop, progress=progress))
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    info["signal"] = stop.signum
+    return info
+
+
+def _prepare(cache, generator, min_fresh, max_items, batch_size, seed, device, worker_id, num_threads, poll_interval):
+    """Checked (cache, spec, settings) from the user's arguments."""
+    from synthaug.cache.store import SyntheticCache
+    from synthaug.generation.base import Generator
+
+    if isinstance(cache, (str, os.PathLike)):
+        cache = SyntheticCache(cache)
+    if not isinstance(cache, SyntheticCache):
+        raise ValueError(f"cache must be a SyntheticCache or a cache folder path, got {type(cache).__name__}")
+    if cache.readonly:
+        raise ValueError(f"cache {cache.path} was opened read-only; the worker appends to it, so open it writable")
+    if isinstance(generator, Generator):
+        spec = generator.spec
+    elif isinstance(generator, dict):
+        spec = dict(generator)
+    elif isinstance(generator, (str, os.PathLike)):
+        spec = {"source": str(generator), "overrides": {}}
+    else:
+        raise ValueError(f"generator must be a Generator, a generator spec dict or a model source, got {type(generator).__name__}")
+    if not ("source" in spec or "factory" in spec):
+        raise ValueError(f"generator spec {spec!r} has no 'source'; use Generator.spec")
+    overrides = dict(spec.get("overrides") or {})
+    if overrides.get("mode") == "img2img" and not overrides.get("source_images"):
+        raise ValueError(
+            "this img2img generator holds its source images in memory, which a worker process cannot receive; "
+            "create it with source_images=<folder or list of image files>"
+        )
+    if device is not None:
+        overrides["device"] = str(device)
+    spec = {**spec, "overrides": overrides}
+    for name, value in (("min_fresh", min_fresh), ("max_items", max_items)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if max_items < min_fresh:
+        raise ValueError(
+            f"max_items ({max_items}) must be >= min_fresh ({min_fresh}): the cache must be able to hold min_fresh unconsumed records"
+        )
+    if batch_size is None:
+        batch_size = int(overrides.get("batch_size") or 8)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int (images per append), got {batch_size!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if num_threads is not None and int(num_threads) < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    if poll_interval <= 0:
+        raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval}")
+    settings = WorkerSettings(
+        min_fresh=min_fresh,
+        max_items=max_items,
+        batch_size=batch_size,
+        seed=seed,
+        worker_id=worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
+        poll_interval=float(poll_interval),
+        num_threads=int(num_threads) if num_threads else None,
+    )
+    return cache, spec, settings
+
+
+class GenerationWorker:
+    """Keeps ``min_fresh`` unconsumed synthetic records in ``cache`` from a background process.
+
+    Args:
+        cache: a :class:`~synthaug.SyntheticCache` (writable) or its folder path.
+        generator: a :class:`~synthaug.generation.base.Generator` (its ``spec`` is sent to the
+            worker, which loads its own copy of the model), a spec dict, or a model source as for
+            ``load_generator``. Passing ``generator.spec`` or the source avoids loading the model
+            in this process.
+        min_fresh: keep at least this many records that no consumer has been handed.
+        max_items: the cache never holds more records than this (see the module docstring:
+            records are only evicted once every consumer has passed them).
+        batch_size: images per ``generate`` call and per append (default: the generator's
+            ``batch_size`` override, else 8).
+        seed: base seed; record ``q`` gets per-image seed ``seed + q`` (module docstring).
+        device: device of the worker's model (e.g. ``"cuda:1"``); default: the generator's.
+        worker_id: name in the heartbeat (default: host name + random suffix).
+        num_threads: ``torch.set_num_threads`` in the worker (CPU generation beside CPU
+            training: give each a share of the cores).
+        poll_interval: seconds between checks of the cache while idle or paused.
+
+    Use as a context manager (started on entry; stopped on exit, which raises
+    :class:`~synthaug.errors.GenerationWorkerError` if the worker failed), or call :meth:`start`
+    and :meth:`stop`. The worker process uses the ``spawn`` start method: a script that starts
+    one must guard its entry point with ``if __name__ == "__main__":``.
+    """
+
+    def __init__(
+        self,
+        cache,
+        generator,
+        *,
+        min_fresh: int,
+        max_items: int,
+        batch_size: Optional[int] = None,
+        seed: int = 0,
+        device: Optional[str] = None,
+        worker_id: Optional[str] = None,
+        num_threads: Optional[int] = None,
+        poll_interval: float = 0.2,
+    ) -> None:
+        self._cache, self._spec, self._settings = _prepare(
+            cache, generator, min_fresh, max_items, batch_size, seed, device, worker_id, num_threads, poll_interval
+        )
+        self._process = None
+        self._conn = None
+        self._shared = None
+        self._error: Optional[Dict[str, Any]] = None
+        self._stopping = False
+        self._watcher: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        # The watcher thread is the only one that reaps the process (two threads waiting on one
+        # child race in waitpid, and the loser sees no exit status): it sets these.
+        self._exited = threading.Event()
+        self._exitcode: Optional[int] = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def spec(self) -> Dict[str, Any]:
+        """The generator spec the worker process builds its generator from."""
+        return dict(self._spec)
+
+    @property
+    def settings(self) -> WorkerSettings:
+        return self._settings
+
+    @property
+    def worker_id(self) -> str:
+        return self._settings.worker_id
+
+    @property
+    def pid(self) -> Optional[int]:
+        """Process id of the worker (``None`` before :meth:`start`)."""
+        return self._process.pid if self._process is not None else None
+
+    def is_alive(self) -> bool:
+        """Whether the worker process runs (``False`` before :meth:`start` and once it exited)."""
+        return self._process is not None and not self._exited.is_set()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, *, wait: bool = False, timeout: Optional[float] = None) -> "GenerationWorker":
+        """Start the worker process (again, after :meth:`stop`).
+
+        Args:
+            wait: block until the worker has loaded its model and runs (state leaves
+                ``"starting"``), raising :class:`GenerationWorkerError` if it fails first.
+            timeout: with ``wait``, give up after this many seconds (``TimeoutError``).
+
+        Raises:
+            RuntimeError: the worker is already running.
+        """
+        import multiprocessing
+
+        if self.is_alive():
+            raise RuntimeError(f"generation worker {self.worker_id} is already running (pid {self.pid})")
+        ctx = multiprocessing.get_context("spawn")
+        ints = ctx.RawArray("q", [_STATE_CODE["starting"], 0, -1, 0])
+        floats = ctx.RawArray("d", [0.0])
+        recv, send = ctx.Pipe(duplex=False)
+        process = ctx.Process(
+            target=_child_main,
+            args=(self._cache, self._spec, self._settings, (ints, floats), send),
+            name=f"synthaug-worker-{self.worker_id}",
+            daemon=True,  # ended (SIGTERM) if this process exits without stopping it
+        )
+        self._error = None
+        self._stopping = False
+        self._exited = threading.Event()
+        self._exitcode = None
+        self._shared = (ints, floats)
+        self._conn = recv
+        self._process = process
+        process.start()
+        send.close()  # the child holds the only write end: EOF here once it exits
+        self._watcher = threading.Thread(target=self._watch, args=(process,), name="synthaug-worker-watch", daemon=True)
+        self._watcher.start()
+        if wait:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._state_code() == _STATE_CODE["starting"] and not self._exited.is_set():
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"generation worker {self.worker_id} did not start within {timeout} s")
+                time.sleep(0.05)
+            if self._state_code() == _STATE_CODE["failed"] or self._exited.is_set():
+                self._exited.wait(10.0)  # its error report is sent just before it exits
+            self.raise_if_failed()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> Dict[str, Any]:
+        """Stop the worker: SIGTERM, wait up to ``timeout`` s, then SIGKILL. Does not raise the
+        worker's error (see :meth:`raise_if_failed`); returns the final :meth:`status`."""
+        process = self._process
+        if process is None:
+            return self.status()
+        self._stopping = True
+        if not self._exited.is_set():
+            try:
+                os.kill(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            if not self._exited.wait(timeout):
+                process.kill()
+        if self._watcher is not None:
+            self._watcher.join()
+        self._drain()
+        return self.status()
+
+    def __enter__(self) -> "GenerationWorker":
+        if not self.is_alive():
+            self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.stop()
+        if exc_type is None:
+            self.raise_if_failed()
+
+    def __del__(self) -> None:
+        try:
+            if self.is_alive():
+                self.stop(timeout=5.0)
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ state
+    def _state_code(self) -> int:
+        return int(self._shared[0][0]) if self._shared is not None else -1
+
+    def _drain(self) -> None:
+        """Read the error report, if the worker sent one."""
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                return
+            try:
+                while conn.poll():
+                    self._error = conn.recv()
+            except (EOFError, OSError):
+                pass
+            except Exception as exc:  # a truncated message from a killed worker
+                self._error = self._error or {"exc_type": None, "message": f"unreadable error report ({exc})", "traceback": ""}
+            if self._exited.is_set():
+                conn.close()
+                self._conn = None
+
+    def _watch(self, process) -> None:
+        """Reap the worker when it exits; write its final state if it could not (killed)."""
+        from multiprocessing.connection import wait
+
+        wait([process.sentinel])
+        process.join()
+        code = process.exitcode
+        deadline = time.monotonic() + 5.0
+        while code is None and time.monotonic() < deadline:  # reaped elsewhere (active_children)
+            time.sleep(0.01)
+            code = process.exitcode
+        self._exitcode = code
+        self._exited.set()
+        self._drain()
+        if self._shared is None or self._state_code() in (_STATE_CODE["stopped"], _STATE_CODE["failed"]):
+            return
+        state = "stopped" if self._stopping else "failed"
+        try:
+            hb = self._cache.heartbeat() or {}
+            if hb.get("worker_id") not in (None, self.worker_id):
+                return  # another worker has taken over the cache
+            self._cache.write_heartbeat(
+                {
+                    **hb,
+                    "worker_id": self.worker_id,
+                    "pid": process.pid,
+                    "state": state,
+                    "last_error": None if state == "stopped" else f"worker process exited with status {code} without reporting an error",
+                }
+            )
+        except Exception:
+            pass
+
+    def status(self) -> Dict[str, Any]:
+        """The worker's live state.
+
+        Returns:
+            ``{"worker_id", "state", "alive", "pid", "exitcode", "generated", "images_per_s",
+            "next_seed", "fresh", "last_error"}``; ``state`` is one of :data:`STATES` or
+            ``"not started"``.
+        """
+        self._drain()
+        process = self._process
+        if process is None or self._shared is None:
+            return {"worker_id": self.worker_id, "state": "not started", "alive": False, "pid": None, "exitcode": None,
+                    "generated": 0, "images_per_s": 0.0, "next_seed": None, "fresh": None, "last_error": None}
+        ints, floats = self._shared
+        alive = self.is_alive()
+        exitcode = self._exitcode
+        state = STATES[int(ints[0])]
+        last_error = None
+        if self._error is not None:
+            state = "failed"
+            last_error = f"{self._error['exc_type']}: {self._error['message']}" if self._error.get("exc_type") else self._error["message"]
+        elif not alive and state not in ("stopped", "failed"):
+            state = "stopped" if self._stopping or exitcode == 0 else "failed"
+            if state == "failed":
+                last_error = f"worker process exited with status {exitcode} without reporting an error"
+        return {
+            "worker_id": self.worker_id,
+            "state": state,
+            "alive": alive,
+            "pid": process.pid,
+            "exitcode": exitcode,
+            "generated": int(ints[1]),
+            "images_per_s": float(floats[0]),
+            "next_seed": None if ints[2] < 0 else int(ints[2]),
+            "fresh": int(ints[3]),
+            "last_error": last_error,
+        }
+
+    def raise_if_failed(self) -> None:
+        """Raise :class:`GenerationWorkerError` if the worker failed: it raised (the error carries
+        the exception type, message and traceback text from the worker), or it died without being
+        asked to stop (e.g. killed by the OS)."""
+        self._drain()
+        process = self._process
+        if self._error is not None:
+            raise GenerationWorkerError(
+                self._error["message"],
+                exc_type=self._error.get("exc_type"),
+                worker_traceback=self._error.get("traceback", ""),
+                pid=process.pid if process else None,
+                exitcode=self._exitcode,
+            )
+        if process is not None and self._exited.is_set() and self._exitcode not in (0, None) and not self._stopping:
+            code = self._exitcode
+            how = f"killed by signal {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"exit status {code}"
+            raise GenerationWorkerError(f"the worker process died ({how}) without reporting an error", pid=process.pid, exitcode=code)
+
+    def __repr__(self) -> str:
+        st = self.status()
+        return f"GenerationWorker({str(self._cache.path)!r}, state={st['state']!r}, pid={st['pid']}, generated={st['generated']})"
