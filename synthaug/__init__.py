@@ -26,6 +26,8 @@ _EXPORTS = {
     "GeneratedBatch": "synthaug.generation.base",
     "finetune_lora": "synthaug.finetune",
     "FinetuneConfig": "synthaug.finetune.common",
+    "image_quality_report": "synthaug.evaluation.quality",
+    "write_quality_report": "synthaug.evaluation.quality",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -50,4 +52,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from synthaug.errors import CacheFormatError, CorruptRecordError, SynthaugError, SyntheticExhaustedError
     from synthaug.finetune import finetune_lora
     from synthaug.finetune.common import FinetuneConfig
+    from synthaug.evaluation.quality import image_quality_report, write_quality_report
     from synthaug.generation.base import GeneratedBatch, Generator, generator_from_spec, load_generator
