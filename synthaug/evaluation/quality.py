@@ -26,8 +26,11 @@ Definitions (every number in the report follows them):
 * **SSIM**: Wang, Bovik, Sheikh & Simoncelli (2004): an 11×11 Gaussian window with σ = 1.5
   (normalized to sum 1), K1 = 0.01, K2 = 0.03, L = 255, weighted (biased) local variances, the SSIM
   map over the *valid* region only (no padding: an H×W image gives an (H−10)×(W−10) map), averaged
-  over the map and over channels (RGB: each channel on its own, then the mean). This equals
-  ``torchmetrics``' ``structural_similarity_index_measure`` with a Gaussian kernel.
+  over the map and over channels (RGB: each channel on its own, then the mean), as in the
+  authors' MATLAB code. The local SSIM values equal ``torchmetrics``'
+  ``structural_similarity_index_measure`` map (Gaussian kernel); torchmetrics 1.9 averages that
+  map over the whole reflect-padded image instead of the valid region, which on 28×28 images
+  differs by ~1e-3.
 * **LPIPS** (Zhang et al. 2018, ``lpips`` package, AlexNet trunk, v0.1 linear layers) between a
   synthetic image and its nearest real image (by pixel distance, as above). Inputs are RGB in
   [−1, 1] (gray replicated); images with a side below 64 px are enlarged bilinearly so the short
