@@ -167,7 +167,7 @@ def register(sub) -> None:
     g = p.add_argument_group("metrics")
     g.add_argument("--lpips", choices=("auto", "on", "off"), default="auto", help="auto: LPIPS when the AlexNet weights are found, else reported as unavailable; on: fail without them; off: skip (default: auto)")
     g.add_argument("--lpips-backbone", default=None, metavar="PATH", help="torchvision's alexnet-owt-7be5be79.pth (default: looked for in torch.hub.get_dir()/checkpoints; never downloaded)")
-    g.add_argument("--max-pairs", type=int, default=100_000, metavar="N", help="diversity: all pairs up to N, else N pairs sampled with --seed (default: 100000)")
+    g.add_argument("--max-pairs", type=int, default=20_000, metavar="N", help="diversity: all pairs up to N, else N pairs sampled with --seed (default: 20000)")
 
     g = p.add_argument_group("output")
     g.add_argument("--out", default="quality-report", metavar="DIR", help="folder for quality.json, quality_histograms.png, nearest_pairs.png (default: quality-report)")
