@@ -28,6 +28,8 @@ _EXPORTS = {
     "GenerationWorker": "synthaug.generation.worker",
     "finetune_lora": "synthaug.finetune",
     "FinetuneConfig": "synthaug.finetune.common",
+    "image_quality_report": "synthaug.evaluation.quality",
+    "write_quality_report": "synthaug.evaluation.quality",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -58,5 +60,6 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from synthaug.finetune import finetune_lora
     from synthaug.finetune.common import FinetuneConfig
+    from synthaug.evaluation.quality import image_quality_report, write_quality_report
     from synthaug.generation.base import GeneratedBatch, Generator, generator_from_spec, load_generator
     from synthaug.generation.worker import GenerationWorker
