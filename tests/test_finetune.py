@@ -1,0 +1,178 @@
+"""LoRA fine-tuning: both backends on tiny real-architecture models, resume, and bad input."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from synthaug.finetune import finetune_lora
+from tests.helpers.tiny_sd import write_tiny_pixel_ddpm, write_tiny_sd
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shirt_images(tmp_path_factory):
+    """Eight real Fashion-MNIST shirts (28×28 gray PNG) and, for the SD model, the same as RGB 40×40."""
+    from synthaug.data.fashion_mnist import FashionMNIST
+
+    ds = FashionMNIST(train=True)
+    idx = np.nonzero(ds.targets.numpy() == 6)[0][:8]
+    gray = tmp_path_factory.mktemp("shirts_gray")
+    rgb = tmp_path_factory.mktemp("shirts_rgb")
+    for i in idx:
+        arr = ds.data[i].numpy()
+        Image.fromarray(arr).save(gray / f"shirt_{i}.png")
+        Image.fromarray(arr).convert("RGB").resize((40, 40)).save(rgb / f"shirt_{i}.png")
+    return gray, rgb
+
+
+@pytest.fixture(scope="module")
+def tiny_pixel(tmp_path_factory):
+    return write_tiny_pixel_ddpm(tmp_path_factory.mktemp("pixel"), classes=("coat", "shirt", "bag"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    return write_tiny_sd(tmp_path_factory.mktemp("sd"))
+
+
+# ---------------------------------------------------------------------------------- pixel DDPM
+def test_pixel_ddpm_adapter_is_written_and_generates(tiny_pixel, shirt_images, tmp_path):
+    from synthaug import load_generator
+
+    out = finetune_lora(tiny_pixel, shirt_images[0], tmp_path / "lora", class_name="shirt", steps=4, batch_size=4, progress=False)
+    for name in ("synthaug.json", "pytorch_lora_weights.safetensors", "validation.png", "loss.png", "training_log.jsonl"):
+        assert (out / name).is_file(), name
+    cfg = json.loads((out / "synthaug.json").read_text())
+    assert cfg["backend"] == "pixel-ddpm" and cfg["label"] == 1 and cfg["class_name"] == "shirt"
+    assert cfg["base_model"] == str(tiny_pixel) and cfg["adapter_hash"].startswith("sha256:")
+    assert len(cfg["train_images"]) == 8 and all(len(r["sha256"]) == 64 for r in cfg["train_images"])
+    assert cfg["training"]["steps"] == 4 and cfg["training"]["final_loss"] > 0
+    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert all(k.startswith("unet.") for k in weights) and any("lora_A" in k for k in weights)
+    assert any("class_embedding" in k for k in weights)  # the rare class's embedding slot trains
+
+    adapted = load_generator(out).generate(3, seed=5)
+    assert adapted.images.shape == (3, 12, 12, 1) and adapted.labels == [1, 1, 1]
+    assert adapted.meta[0]["adapter_hash"] == cfg["adapter_hash"]
+    base = load_generator(tiny_pixel, label=1).generate(3, seed=5)
+    assert not np.array_equal(adapted.images, base.images), "the adapter did not change the model's output"
+
+
+def test_pixel_ddpm_resume_equals_uninterrupted_run(tiny_pixel, shirt_images, tmp_path):
+    common = dict(class_name="shirt", batch_size=4, checkpoint_every=3, validation_every=3, progress=False)
+    whole = finetune_lora(tiny_pixel, shirt_images[0], tmp_path / "whole", steps=6, **common)
+    part = finetune_lora(tiny_pixel, shirt_images[0], tmp_path / "part", steps=3, **common)
+    assert json.loads((part / "synthaug.json").read_text())["training"]["steps"] == 3
+    resumed = finetune_lora(tiny_pixel, shirt_images[0], part, steps=6, resume=True, **common)
+    log = [json.loads(line) for line in (resumed / "training_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    a = load_file(str(whole / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k].numpy(), b[k].numpy()), f"{k} differs after resume"
+
+
+# ---------------------------------------------------------------------------------- Stable Diffusion
+def test_sd_adapter_loads_in_diffusers_and_changes_output(tiny_sd, shirt_images, tmp_path):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    out = finetune_lora(
+        tiny_sd, shirt_images[1], tmp_path / "lora", prompt="a photo of sks shirt", label=6, class_name="Shirt",
+        steps=3, lr=1e-2, rank=4, progress=False,
+    )
+    cfg = json.loads((out / "synthaug.json").read_text())
+    assert cfg["backend"] == "stable-diffusion" and cfg["resolution"] == 32 and cfg["prompt"] == "a photo of sks shirt"
+    assert len(cfg["train_images"]) == 8
+
+    def render(pipe):
+        g = torch.Generator().manual_seed(3)
+        return pipe("a photo of sks shirt", num_inference_steps=3, generator=g, output_type="np").images
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    before = render(pipe)
+    pipe.load_lora_weights(out)  # diffusers' own loader reads our file
+    after = render(pipe)
+    assert np.abs(after - before).max() > 1e-4, "load_lora_weights left the output unchanged"
+
+
+def test_sd_resume_continues_step_count(tiny_sd, shirt_images, tmp_path):
+    common = dict(prompt="a photo of sks shirt", label=6, checkpoint_every=2, validation_every=2, rank=4, progress=False)
+    out = finetune_lora(tiny_sd, shirt_images[1], tmp_path / "lora", steps=2, **common)
+    finetune_lora(tiny_sd, shirt_images[1], out, steps=4, resume=True, **common)
+    log = [json.loads(line)["step"] for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]
+    assert json.loads((out / "synthaug.json").read_text())["training"]["steps"] == 4
+
+
+# ---------------------------------------------------------------------------------- bad input (CLI)
+def _cli(capsys, *args):
+    from synthaug.cli import main
+
+    code = main(["finetune", *map(str, args)])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_cli_bad_input_gives_one_line_errors(tiny_pixel, shirt_images, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not an image")
+    (junk / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in sorted(shirt_images[0].iterdir())[:3]:
+        (few / p.name).write_bytes(p.read_bytes())
+    notadapter = tmp_path / "occupied"
+    notadapter.mkdir()
+    (notadapter / "results.csv").write_text("x")
+    cases = [
+        ((tiny_pixel, empty, tmp_path / "o1"), "is empty"),
+        ((tiny_pixel, junk, tmp_path / "o2"), "no readable images"),
+        ((tiny_pixel, few, tmp_path / "o3"), "fewer than --min-images 5"),
+        ((tmp_path / "no_such_model", shirt_images[0], tmp_path / "o4"), "not found"),
+        (("builtin:no-such-model", shirt_images[0], tmp_path / "o5"), "unknown built-in model"),
+        ((tiny_pixel, shirt_images[0], notadapter), "not a synthaug adapter"),
+    ]
+    for (model, images, out), expected in cases:
+        code, err = _cli(capsys, "--model", model, "--images", images, "--out", out, "--steps", 1)
+        assert code != 0, expected
+        lines = [line for line in err.strip().splitlines() if line]
+        assert len(lines) == 1 and expected in lines[0], (expected, err)
+        assert "Traceback" not in err
+    assert not (tmp_path / "o1").exists(), "a refused run left an output folder behind"
+    assert (notadapter / "results.csv").exists(), "a refused run touched the occupied folder"
+
+
+def test_cli_error_exit_code_in_a_real_process(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "synthaug", "finetune", "--model", "builtin:nope", "--images", str(tmp_path), "--out", str(tmp_path / "o")],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown built-in model" in proc.stderr
+
+
+def test_help_documents_every_flag_with_its_default():
+    from synthaug.cli import build_parser
+
+    parser = build_parser()
+    finetune = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("finetune"))
+    for action in finetune._actions:
+        if action.option_strings and action.dest != "help" and not action.required:
+            assert action.help and "default" in action.help, f"{action.option_strings} lacks its default in --help"
+    text = finetune.format_help()
+    for flag in ("--rank", "--alpha", "--lr", "--steps", "--batch-size", "--resolution", "--target-modules", "--seed",
+                 "--mixed-precision", "--gradient-checkpointing", "--validation-every", "--resume", "--label", "--class-name"):
+        assert re.search(re.escape(flag) + r"\b", text), flag
