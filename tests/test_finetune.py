@@ -105,6 +105,12 @@ def test_sd_adapter_loads_in_diffusers_and_changes_output(tiny_sd, shirt_images,
     after = render(pipe)
     assert np.abs(after - before).max() > 1e-4, "load_lora_weights left the output unchanged"
 
+    from synthaug import load_generator
+
+    batch = load_generator(out, num_inference_steps=3).generate(2, seed=0)
+    assert batch.images.shape == (2, 32, 32, 3) and batch.labels == [6, 6]
+    assert batch.meta[0]["adapter_hash"] == cfg["adapter_hash"] and batch.meta[0]["prompt"] == "a photo of sks shirt"
+
 
 def test_sd_resume_continues_step_count(tiny_sd, shirt_images, tmp_path):
     common = dict(prompt="a photo of sks shirt", label=6, checkpoint_every=2, validation_every=2, rank=4, progress=False)
