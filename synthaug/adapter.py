@@ -79,8 +79,11 @@ def is_adapter_dir(path: Union[str, os.PathLike]) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def read_adapter_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+def read_adapter_config(path: Union[str, os.PathLike], *, require_weights: bool = True) -> Dict[str, Any]:
     """The checked ``synthaug.json`` of an adapter directory.
+
+    ``require_weights=False`` for readers that need only the JSON (e.g. the leakage guard and
+    quality reports, which read the training-image hashes).
 
     Raises:
         FileNotFoundError: no such directory, or it holds no ``synthaug.json`` or no weights file.
@@ -101,7 +104,7 @@ def read_adapter_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
         raise ValueError(f"{cfg_path} has schema version {cfg['synthaug_adapter']}, newer than this synthaug; upgrade synthaug")
     if cfg["backend"] not in BACKENDS:
         raise ValueError(f"{cfg_path} names unknown backend {cfg['backend']!r}; expected one of {BACKENDS}")
-    if not (path / cfg["weights"]).is_file():
+    if require_weights and not (path / cfg["weights"]).is_file():
         raise FileNotFoundError(f"adapter {path} lacks its weights file {cfg['weights']}")
     return cfg
 

@@ -26,6 +26,8 @@ def to_hwc_uint8(image) -> np.ndarray:
         image = image[:, :, None]
     if image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
+    if image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f"expected an H×W, H×W×1 or H×W×3 image, got shape {image.shape} (drop the alpha channel of RGBA images)")
     return image
 
 

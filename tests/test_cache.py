@@ -404,3 +404,19 @@ def test_reader_waits_for_a_cache_being_created(tmp_path):
     while len(reader) == 0 and time.time() < deadline:
         time.sleep(0.05)
     assert reader.get(0).label == 3
+
+
+def test_cli_reports_a_damaged_lmdb_file_in_one_line(tmp_path, capsys):
+    from synthaug.cli import main
+
+    path = tmp_path / "c"
+    SyntheticCache(path).append(_images(2), 0)
+    import synthaug.cache.env as env_mod
+
+    for handle in list(env_mod._ENVS.values()):  # close this process's handle before damaging the file
+        if handle.path == os.path.realpath(path):
+            env_mod._ENVS.pop(handle.path).env.close()
+    (path / "data.mdb").write_bytes(b"\0" * 100 + b"not an lmdb file" * 500)
+    assert main(["cache", "inspect", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "LMDB" in err[0] and "Traceback" not in err[0], err

@@ -100,7 +100,10 @@ class SyntheticCache:
         if self._path.exists() and not self._path.is_dir():
             raise ValueError(f"cache path {self._path} is a file; a cache is a directory (give a new or existing folder)")
         if readonly and not (self._path / "data.mdb").exists():
-            raise FileNotFoundError(f"no synthetic cache at {self._path} (no data.mdb); create it by opening it writable")
+            raise FileNotFoundError(
+                f"no synthetic cache at {self._path} (no data.mdb); check the path, or fill one with "
+                "`synthaug generate` (or SyntheticCache(path) without readonly=True)"
+            )
         if not readonly and self._path.is_dir() and not (self._path / "data.mdb").exists() and any(self._path.iterdir()):
             raise CacheFormatError(
                 f"{self._path} exists, is not empty and holds no cache (no data.mdb); choose a new or empty folder"

@@ -53,11 +53,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"synthaug {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (SynthaugError, ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError) as exc:
+    except (SynthaugError, ValueError, OSError, KeyError) as exc:
         if args.traceback:
             traceback.print_exc()
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"synthaug {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] != "lmdb":
+            raise
+        # a damaged or unreadable LMDB file: say which error LMDB reported, without a traceback
+        if args.traceback:
+            traceback.print_exc()
+        print(f"synthaug {args.command}: error: LMDB {type(exc).__name__}: {exc} (is the cache damaged? try `synthaug cache verify`)", file=sys.stderr)
         return 2
     return int(result or 0)
 

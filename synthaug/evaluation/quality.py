@@ -778,7 +778,7 @@ def train_images_from_adapter(adapter_dir: Union[str, os.PathLike], real: Sequen
     """
     from synthaug.adapter import image_sha256, read_adapter_config
 
-    cfg = read_adapter_config(adapter_dir)
+    cfg = read_adapter_config(adapter_dir, require_weights=False)
     listed = [r for r in cfg.get("train_images") or [] if isinstance(r, dict) and r.get("sha256")]
     if not listed:
         raise ValueError(f"adapter {adapter_dir} lists no train_images hashes in synthaug.json; pass the training folder with --train-images DIR")
