@@ -20,6 +20,10 @@ _EXPORTS = {
     "CorruptRecordError": "synthaug.errors",
     "CacheFormatError": "synthaug.errors",
     "SyntheticExhaustedError": "synthaug.errors",
+    "MixedDataset": "synthaug.mixing.dataset",
+    "RatioBatchSampler": "synthaug.mixing.sampler",
+    "SyntheticIndex": "synthaug.mixing.index",
+    "mixed_loader": "synthaug.mixing.loader",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -42,3 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from synthaug.cache.codec import Encoding, Record
     from synthaug.cache.store import SyntheticCache
     from synthaug.errors import CacheFormatError, CorruptRecordError, SynthaugError, SyntheticExhaustedError
+    from synthaug.mixing.dataset import MixedDataset
+    from synthaug.mixing.index import SyntheticIndex
+    from synthaug.mixing.loader import mixed_loader
+    from synthaug.mixing.sampler import RatioBatchSampler
