@@ -11,6 +11,7 @@ import numbers
 import random
 import time
 import warnings
+import weakref
 from collections import deque
 from fractions import Fraction
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -203,13 +204,13 @@ class RatioBatchSampler(Sampler):
             rank=self.rank,
             world=self.num_replicas,
             n_groups=len(self._groups),
-            group_of=self._group_of,
             max_serves=None if max_reuse is None else 1 + max_reuse,
             on_exhausted=on_exhausted,
             wait_timeout=self.wait_timeout,
             counters=self._counters,
-            describe=self._describe,
-            publish=lambda: self._publish(force=True),
+            describe=_weak_method(self, "_describe"),
+            publish=_weak_method(self, "_publish", force=True),
+            group_of=_weak_method(self, "_group_of"),
         )
         self._pos: Dict[str, Any] = {"epoch": 0, "batch": 0, "group_counts": [0] * len(self._groups)}
         self._resume_pending = False
@@ -584,10 +585,25 @@ class _EpochHook:
     """``RatioBatchSampler.sampler``: forwards ``set_epoch`` to the batch sampler."""
 
     def __init__(self, owner: RatioBatchSampler) -> None:
-        self._owner = owner
+        self._owner = weakref.ref(owner)
 
     def set_epoch(self, epoch: int) -> None:
-        self._owner.set_epoch(epoch)
+        self._owner().set_epoch(epoch)
 
     def __repr__(self) -> str:
-        return f"<set_epoch hook of {self._owner!r}>"
+        return f"<set_epoch hook of {self._owner()!r}>"
+
+
+def _weak_method(owner: Any, name: str, **kwargs: Any) -> Callable:
+    """``owner.<name>(*args, **kwargs)`` through a weak reference.
+
+    The pool calls back into its sampler; strong references would make a cycle, and a cycle is
+    freed by the garbage collector at an arbitrary moment — possibly inside another cache's read
+    transaction — rather than when the last reference goes.
+    """
+    ref = weakref.ref(owner)
+
+    def call(*args: Any) -> Any:
+        return getattr(ref(), name)(*args, **kwargs)
+
+    return call
