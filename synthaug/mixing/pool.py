@@ -124,7 +124,10 @@ class SyntheticPool:
             elif kind == "pl":
                 pending[op[1]].appendleft(op[2])
             elif kind == "ps":
-                buckets[op[1]][op[2]].pop()
+                lst = buckets[op[1]][op[2]]
+                lst.pop()
+                if not lst:
+                    del buckets[op[1]][op[2]]
             elif kind == "tk":
                 _, g, c, j, seq = op
                 lst = buckets[g].setdefault(c, [])
@@ -143,8 +146,10 @@ class SyntheticPool:
         """``n`` sequence numbers for ``group``, by the rules of the module docstring."""
         out: List[int] = []
         self._first = first_seq(self.cache)
+        fresh_left = True  # once a scan finds nothing, the rest of this draw does not read the cache again
         while len(out) < n:
-            seq = self._take_fresh(group)
+            seq = self._take_fresh(group) if fresh_left else None
+            fresh_left = seq is not None
             if seq is None and self.on_exhausted == "error":
                 raise SyntheticExhaustedError(
                     f"no fresh synthetic record for {self.describe(group)}: {self._where()}; on_exhausted='error' "
@@ -156,6 +161,7 @@ class SyntheticPool:
             if seq is None:
                 capped = self.on_exhausted == "reuse" and self.max_serves is not None
                 self._wait(group, capped)
+                fresh_left = True
                 continue
             out.append(seq)
         return out
@@ -177,17 +183,18 @@ class SyntheticPool:
                 return None
 
     def _take_reuse(self, g: int, rng) -> Optional[int]:
-        buckets = self.buckets[g]
+        buckets = self.buckets[g]  # count -> records served that often; empty lists are removed
         while True:
-            counts = [c for c, lst in buckets.items() if lst]
-            if not counts:
+            if not buckets:
                 return None
-            c = min(counts)
+            c = min(buckets)
             lst = buckets[c]
             j = rng.randrange(len(lst))
             seq = lst[j]
             lst[j] = lst[-1]
             lst.pop()
+            if not lst:
+                del buckets[c]
             self._log(("tk", g, c, j, seq))
             if seq < self._first:  # evicted since it was served: it leaves the pool
                 continue
