@@ -30,6 +30,10 @@ _EXPORTS = {
     "FinetuneConfig": "synthaug.finetune.common",
     "image_quality_report": "synthaug.evaluation.quality",
     "write_quality_report": "synthaug.evaluation.quality",
+    "MixedDataset": "synthaug.mixing.dataset",
+    "RatioBatchSampler": "synthaug.mixing.sampler",
+    "SyntheticIndex": "synthaug.mixing.index",
+    "mixed_loader": "synthaug.mixing.loader",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -63,3 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from synthaug.evaluation.quality import image_quality_report, write_quality_report
     from synthaug.generation.base import GeneratedBatch, Generator, generator_from_spec, load_generator
     from synthaug.generation.worker import GenerationWorker
+    from synthaug.mixing.dataset import MixedDataset
+    from synthaug.mixing.index import SyntheticIndex
+    from synthaug.mixing.loader import mixed_loader
+    from synthaug.mixing.sampler import RatioBatchSampler

@@ -252,12 +252,21 @@ def acquire_env(
 
 
 def release_env(handle: EnvHandle) -> None:
-    """Drop one reference; close the environment when no cache object of this process uses it."""
+    """Drop one reference; close the environment when no cache object of this process uses it.
+
+    While any transaction of this process is open, the environment is left open (unreferenced,
+    reused by the next ``acquire_env`` of its path): closing needs the gate exclusively, and when
+    the open transaction belongs to this very thread — the garbage collector running
+    ``SyntheticCache.__del__`` in the middle of another cache's read — waiting for it would
+    never end.
+    """
     with _ENVS_LOCK:
         if handle._stale or handle.pid != os.getpid():
             return
         handle.refs -= 1
         if handle.refs <= 0 and _ENVS.get(handle.path) is handle:
+            if _GATE.active:
+                return
             del _ENVS[handle.path]
             with _GATE.exclusively():
                 handle.env.close()

@@ -1,0 +1,98 @@
+"""Train a small CNN on Fashion-MNIST with synthetic images mixed in, on several processes (DDP).
+
+    torchrun --nproc_per_node=2 examples/train_ddp.py --cache cache/shirt.lmdb --ratio 0.25
+
+Each rank reads its own shard of the real data and only the synthetic records with
+``seq % world_size == rank``; the sampler takes the world size and rank from
+``torch.distributed``, and every rank yields the same number of batches. Runs on CPU with the
+gloo backend (nccl when CUDA is available). ``--cache`` is a cache filled by ``synthaug
+generate``; ``--max-batches`` fixes the batches per epoch for a quick run. Rank 0 prints the
+realized synthetic share over all ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import synthaug
+from synthaug.data.fashion_mnist import FashionMNIST
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_plain import TRANSFORM, open_cache, parse_classes, share_line, small_cnn  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cache", required=True, help="synthetic cache folder, filled by `synthaug generate`")
+    p.add_argument("--ratio", type=float, default=0.25)
+    p.add_argument("--classes", nargs="*", default=None)
+    p.add_argument("--batch-size", type=int, default=64, help="per rank")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-batches", type=int, default=None, help="batches per epoch and rank (default: the whole real shard)")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if backend == "nccl" else torch.device("cpu")
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    cache = open_cache(args.cache)
+    real = FashionMNIST(args.data_root, train=True)
+    loader = synthaug.mixed_loader(
+        real,
+        cache,
+        args.batch_size,
+        args.ratio,
+        transform=TRANSFORM,
+        classes=parse_classes(args.classes),
+        seed=args.seed,  # the same on every rank: the real shuffle is global, then sharded
+        batches_per_epoch=args.max_batches,
+        num_workers=args.workers,
+    )
+    sampler = loader.batch_sampler
+    model = DistributedDataParallel(small_cnn().to(device))
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(args.epochs):
+        sampler.set_epoch(epoch)
+        steps, total_loss = 0, 0.0
+        for x, y in loader:
+            loss = loss_fn(model(x.to(device)), y.to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+            total_loss += loss.item()
+        if rank == 0:
+            print(f"epoch {epoch}: {steps} batches per rank, loss {total_loss / max(steps, 1):.4f} (rank 0)", flush=True)
+    s = sampler.stats()
+    counts = torch.tensor([s["served"], s["real"], s["fresh"], s["reused"], steps], dtype=torch.float64)
+    gathered = [torch.zeros_like(counts) for _ in range(world)]
+    dist.all_gather(gathered, counts)
+    if rank == 0:
+        served, real_items, fresh, reused = (float(sum(g[i] for g in gathered)) for i in range(4))
+        batches = [int(g[4]) for g in gathered]
+        total = {"served": int(served), "real": int(real_items), "fresh": int(fresh), "reused": int(reused),
+                 "waited_s": s["waited_s"], "synthetic_share": served / max(served + real_items, 1)}
+        print(f"batches in the last epoch per rank: {batches}")
+        print(share_line(total, float(sampler.ratio())) + f" over {world} ranks")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

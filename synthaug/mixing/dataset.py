@@ -1,0 +1,487 @@
+"""``MixedDataset``: a real dataset and a synthetic cache behind one index space.
+
+Real items are addressed by plain ``int`` indices into the real dataset, synthetic ones by
+:class:`~synthaug.mixing.index.SyntheticIndex` (a cache sequence number). A
+:class:`~synthaug.mixing.sampler.RatioBatchSampler` yields batches of both; the DataLoader hands
+each batch to :meth:`MixedDataset.__getitems__`, which reads the batch's synthetic records in one
+cache read transaction.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from synthaug.cache.codec import Label, Record
+from synthaug.cache.store import SyntheticCache
+from synthaug.errors import CorruptRecordError
+from synthaug.mixing.index import SyntheticIndex
+from synthaug.mixing.scan import read_labels
+
+__all__ = ["MixedDataset", "ON_CORRUPT"]
+
+ON_CORRUPT = ("replace", "raise")
+_COUNTER_SLOTS = 64  # rows of the shared counter table: main process + one per DataLoader worker
+_COUNTERS = ("corrupt", "missing", "replaced")
+_REPLACE_SEARCH = 4096  # records looked at on each side of a bad one for a replacement
+_SCAN_WINDOW = 256
+
+
+def _find_attr(dataset: Any, name: str) -> Any:
+    """``dataset.<name>``, looking through wrappers that keep the wrapped one in ``.dataset``
+    (``torch.utils.data.Subset`` and the like)."""
+    seen = 0
+    while dataset is not None and seen < 8:
+        if hasattr(dataset, name):
+            return getattr(dataset, name)
+        dataset = getattr(dataset, "dataset", None)
+        seen += 1
+    return None
+
+
+class _ImageForm:
+    """The form in which the real dataset returns images, and the conversion of a synthetic
+    uint8 H×W×C record image into it."""
+
+    def __init__(self, sample: Any) -> None:
+        from PIL import Image
+
+        self.kind = "other"
+        self.size: Optional[Tuple[int, int]] = None  # (height, width)
+        self.channels: Optional[int] = None
+        self.mode: Optional[str] = None
+        if isinstance(sample, Image.Image):
+            self.kind, self.mode = "pil", sample.mode
+            self.size = (sample.size[1], sample.size[0])
+            self.channels = 1 if sample.mode in ("L", "1", "I", "F", "I;16") else 3
+        elif isinstance(sample, np.ndarray) and sample.dtype == np.uint8:
+            if sample.ndim == 2:
+                self.kind, self.layout, self.channels, self.size = "numpy", "HW", 1, sample.shape
+            elif sample.ndim == 3 and sample.shape[2] in (1, 3):
+                self.kind, self.layout, self.channels, self.size = "numpy", "HWC", sample.shape[2], sample.shape[:2]
+        elif isinstance(sample, torch.Tensor) and sample.dtype == torch.uint8:
+            if sample.ndim == 2:
+                self.kind, self.layout, self.channels, self.size = "tensor", "HW", 1, tuple(sample.shape)
+            elif sample.ndim == 3 and sample.shape[0] in (1, 3):
+                self.kind, self.layout, self.channels = "tensor", "CHW", int(sample.shape[0])
+                self.size = tuple(sample.shape[1:])
+        if self.size is not None:
+            self.size = (int(self.size[0]), int(self.size[1]))
+        self.description = {
+            "pil": f"PIL images (mode {self.mode!r})",
+            "numpy": f"uint8 numpy arrays ({getattr(self, 'layout', '')})",
+            "tensor": f"uint8 tensors ({getattr(self, 'layout', '')})",
+        }.get(self.kind, f"{type(sample).__name__} objects" + (f" of dtype {sample.dtype}" if hasattr(sample, "dtype") else ""))
+
+    def convert(self, image: np.ndarray) -> Any:
+        """A record image (uint8 H×W×C, C = 1 or 3) in the real dataset's form; a PIL image
+        (mode ``"L"`` or ``"RGB"``) when that form is unknown (``kind == "other"``)."""
+        if self.kind == "pil" or self.kind == "other":
+            from PIL import Image
+
+            pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+            if self.kind == "pil" and pil.mode != self.mode:
+                pil = pil.convert(self.mode)
+            return pil
+        image = _match_channels(image, self.channels)
+        if self.kind == "numpy":
+            return image[:, :, 0] if self.layout == "HW" else image
+        tensor = torch.from_numpy(image)
+        return tensor[:, :, 0] if self.layout == "HW" else tensor.permute(2, 0, 1)
+
+
+def _match_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    if image.shape[2] == channels:
+        return image
+    if channels == 3:
+        return np.repeat(image, 3, axis=2)
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).convert("L"))[:, :, None]
+
+
+class _TargetForm:
+    """The form of the real dataset's targets: single-label (int, numpy integer, 0-d tensor) or
+    multi-hot (1-D tensor / array / list)."""
+
+    def __init__(self, sample: Any) -> None:
+        self.multi_label = False
+        self.width: Optional[int] = None
+        if isinstance(sample, torch.Tensor):
+            if sample.ndim == 0:
+                self.kind, self.dtype = "tensor0", sample.dtype
+            elif sample.ndim == 1:
+                self.kind, self.dtype, self.multi_label, self.width = "tensor", sample.dtype, True, int(sample.shape[0])
+            else:
+                raise ValueError(f"real_dataset targets are {sample.ndim}-D tensors; MixedDataset supports class indices and 1-D multi-hot targets")
+        elif isinstance(sample, np.ndarray):
+            if sample.ndim == 0:
+                self.kind, self.dtype = "numpy0", sample.dtype
+            elif sample.ndim == 1:
+                self.kind, self.dtype, self.multi_label, self.width = "numpy", sample.dtype, True, int(sample.shape[0])
+            else:
+                raise ValueError(f"real_dataset targets are {sample.ndim}-D arrays; MixedDataset supports class indices and 1-D multi-hot targets")
+        elif isinstance(sample, np.integer):
+            self.kind, self.dtype = "npscalar", type(sample)
+        elif isinstance(sample, int) and not isinstance(sample, bool):
+            self.kind, self.dtype = "int", int
+        elif isinstance(sample, (list, tuple)) and sample and all(isinstance(v, (int, float, np.number)) for v in sample):
+            self.kind, self.dtype, self.multi_label, self.width = "list", type(sample[0]), True, len(sample)
+        else:
+            raise ValueError(
+                f"real_dataset returns targets of type {type(sample).__name__} ({sample!r}); MixedDataset maps "
+                "synthetic labels to class indices (int, numpy integer, 0-d tensor) or to multi-hot vectors "
+                "(1-D tensor, array or list). Wrap the real dataset so it returns one of these."
+            )
+
+    def make(self, label: Union[int, Tuple[int, ...]]) -> Any:
+        """The real-dataset form of a mapped label (an int, or a tuple of ints for multi-hot)."""
+        if not self.multi_label:
+            if self.kind == "int":
+                return label
+            if self.kind == "tensor0":
+                return torch.tensor(label, dtype=self.dtype)
+            if self.kind == "numpy0":
+                return np.array(label, dtype=self.dtype)
+            return self.dtype(label)
+        idx = list(label)
+        if self.kind == "tensor":
+            out = torch.zeros(self.width, dtype=self.dtype)
+            out[idx] = 1
+            return out
+        if self.kind == "numpy":
+            out = np.zeros(self.width, dtype=self.dtype)
+            out[idx] = 1
+            return out
+        one = self.dtype(1)
+        zero = self.dtype(0)
+        members = set(idx)
+        return [one if i in members else zero for i in range(self.width)]
+
+
+class MixedDataset(Dataset):
+    """A real dataset and a :class:`~synthaug.cache.store.SyntheticCache` as one map-style dataset.
+
+    Args:
+        real_dataset: a map-style dataset of ``(image, target)`` pairs (torchvision-like). Its
+            images may be PIL images, uint8 numpy arrays (H×W or H×W×C) or uint8 tensors (H×W or
+            C×H×W); its targets class indices (int, numpy integer, 0-d tensor) or multi-hot
+            vectors (1-D tensor/array/list, e.g. ChestX-ray14).
+        cache: the synthetic cache (a :class:`SyntheticCache`, or a path that is opened writable
+            so a sampler can record its cursor).
+        transform: applied to the image of every item, real and synthetic, as the last step.
+        synthetic_transform: applied to synthetic images only, before ``transform``; it receives
+            the image in the real dataset's form (a PIL image, or a uint8 array/tensor laid out as
+            the real ones). Required when the real dataset returns anything else (e.g. float
+            tensors after its own transform): it then receives a PIL image (mode ``"L"`` or
+            ``"RGB"``) and must return what the real dataset returns — typically the real
+            dataset's own transform. Also required when the cache's image size differs from the
+            real images' (e.g. a ``Resize``).
+        target_transform: applied to the target of every item, real and synthetic.
+        on_corrupt: what a synthetic record that fails its CRC or decode, or was evicted between
+            sampling and reading, does: ``"replace"`` (default) serves the nearest readable record
+            with the same label instead (newer first, then older), counts it in :meth:`stats`
+            and warns once per process; ``"raise"`` raises
+            :class:`~synthaug.errors.CorruptRecordError` (or ``KeyError`` for an evicted record).
+
+    Items: ``mixed[i]`` for an ``int`` ``i`` is exactly ``real_dataset[i]`` (then ``transform``
+    and ``target_transform`` if given); ``mixed[SyntheticIndex(seq)]`` is the cache record
+    ``seq`` as ``(image, target)`` in the same form. Synthetic labels are mapped into the real
+    dataset's label space: by class name when the cache has ``label_names`` and the real dataset a
+    ``class_to_idx``, otherwise by index. A multi-label record (a tuple of labels) becomes the
+    real dataset's multi-hot form. ``len(mixed)`` is ``len(real_dataset)``.
+
+    Raises:
+        ValueError: an empty real dataset; items that are not ``(image, target)`` pairs; a cache
+            label outside the real label space (or a label name the real dataset lacks); cache
+            images of another size, or real images of an unknown form, without
+            ``synthetic_transform``; an unknown ``on_corrupt``.
+    """
+
+    def __init__(
+        self,
+        real_dataset: Any,
+        cache: Union[SyntheticCache, str, os.PathLike],
+        *,
+        transform: Optional[Callable] = None,
+        synthetic_transform: Optional[Callable] = None,
+        target_transform: Optional[Callable] = None,
+        on_corrupt: str = "replace",
+    ) -> None:
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+        if not isinstance(cache, SyntheticCache):
+            if isinstance(cache, (str, os.PathLike)):
+                cache = SyntheticCache(cache)
+            else:
+                raise ValueError(f"cache must be a SyntheticCache or a path, got {type(cache).__name__}")
+        try:
+            n = len(real_dataset)
+        except TypeError:
+            raise ValueError(
+                f"real_dataset must be a map-style dataset with a length; {type(real_dataset).__name__} has none"
+            ) from None
+        if n == 0:
+            raise ValueError("real_dataset is empty; MixedDataset needs at least one real item (the epoch is defined by the real data)")
+        self.real_dataset = real_dataset
+        self.cache = cache
+        self.transform = transform
+        self.synthetic_transform = synthetic_transform
+        self.target_transform = target_transform
+        self.on_corrupt = on_corrupt
+
+        sample = real_dataset[0]
+        if not isinstance(sample, (tuple, list)) or len(sample) != 2:
+            raise ValueError(
+                f"real_dataset items must be (image, target) pairs, but item 0 is a {type(sample).__name__}"
+                + (f" of length {len(sample)}" if isinstance(sample, (tuple, list)) else "")
+            )
+        self._image_form = _ImageForm(sample[0])
+        self._target_form = _TargetForm(sample[1])
+        self.multi_label = self._target_form.multi_label
+
+        classes = _find_attr(real_dataset, "classes")
+        self.class_to_idx: Optional[Dict[str, int]] = _find_attr(real_dataset, "class_to_idx")
+        if self.class_to_idx is None and classes is not None:
+            self.class_to_idx = {str(c): i for i, c in enumerate(classes)}
+        if self.multi_label:
+            self.num_classes: Optional[int] = self._target_form.width
+        elif classes is not None:
+            self.num_classes = len(classes)
+        else:
+            targets = _find_attr(real_dataset, "targets")
+            self.num_classes = int(np.asarray(targets).max()) + 1 if targets is not None and len(targets) else None
+
+        cache_stats = cache.stats()
+        self.label_names: Optional[List[str]] = cache_stats.get("label_names")
+        self._by_name = bool(self.label_names) and bool(self.class_to_idx)
+        self._label_cache: Dict[Label, Any] = {}
+        self._check_images(cache_stats.get("image_spec"))
+        self._check_cache_labels()
+
+        # corrupt / missing / replaced counters, shared with DataLoader worker processes (fork or
+        # spawn) through shared memory; one row per process so no increment is lost to a race
+        self._counters = torch.zeros((_COUNTER_SLOTS, len(_COUNTERS)), dtype=torch.int64).share_memory_()
+        self._warned = False
+
+    # ------------------------------------------------------------------ checks
+    def _check_images(self, spec: Optional[Dict[str, int]]) -> None:
+        form = self._image_form
+        if self.synthetic_transform is not None:
+            return
+        if form.kind == "other":
+            raise ValueError(
+                f"real_dataset returns images as {form.description}, a form a synthetic record cannot be "
+                "converted to; pass synthetic_transform, which receives a PIL image (mode 'L' or 'RGB') and "
+                "must return what the real dataset returns (usually the real dataset's own transform)"
+            )
+        if spec is not None and form.size is not None and (spec["height"], spec["width"]) != form.size:
+            raise ValueError(
+                f"cache {self.cache.path} holds {spec['height']}×{spec['width']} images but the real dataset's are "
+                f"{form.size[0]}×{form.size[1]}; pass synthetic_transform (e.g. torchvision.transforms.Resize"
+                f"({form.size[0]})) so synthetic images match, or use a cache of the real size"
+            )
+
+    def _check_cache_labels(self) -> None:
+        start = 0
+        while True:
+            labels, _corrupt = read_labels(self.cache, start, start + 65536)
+            for seq, label in labels.items():
+                self.map_label(label, seq=seq)
+            seqs = self.cache.seqs(start + 65536, limit=1)
+            if not seqs:
+                return
+            start = seqs[0]
+
+    # ------------------------------------------------------------------ labels
+    def resolve_class(self, cls: Union[int, str], *, name: str = "classes") -> int:
+        """A class given by index or by name, as an index of the real label space."""
+        if isinstance(cls, str):
+            if not self.class_to_idx:
+                raise ValueError(f"{name} names class {cls!r}, but the real dataset has no class_to_idx; give class indices")
+            if cls not in self.class_to_idx:
+                raise ValueError(f"{name} names class {cls!r}, which the real dataset lacks; its classes are {list(self.class_to_idx)}")
+            return int(self.class_to_idx[cls])
+        if isinstance(cls, bool) or not isinstance(cls, (int, np.integer)):
+            raise ValueError(f"{name} must hold class indices (int) or class names (str), got {cls!r}")
+        cls = int(cls)
+        if cls < 0 or (self.num_classes is not None and cls >= self.num_classes):
+            space = f"0..{self.num_classes - 1}" if self.num_classes is not None else ">= 0"
+            raise ValueError(f"{name} holds class {cls}, outside the real dataset's label space ({space})")
+        return cls
+
+    def map_label(self, label: Label, *, seq: Optional[int] = None) -> Union[int, Tuple[int, ...]]:
+        """A synthetic record's label in the real label space: an int, or a tuple of ints for a
+        multi-label real dataset.
+
+        Raises:
+            ValueError: the label (or its name) is outside the real label space.
+        """
+        try:
+            return self._label_cache[label]
+        except KeyError:
+            pass
+        raw = label if isinstance(label, tuple) else (label,)
+        mapped = tuple(self._map_one(v, seq, label) for v in raw)
+        if self.multi_label:
+            out: Union[int, Tuple[int, ...]] = mapped
+        else:
+            if len(mapped) != 1:
+                raise ValueError(
+                    f"synthetic record seq={seq} in {self.cache.path} has {len(mapped)} labels {label!r}, but the real "
+                    "dataset is single-label; use a cache generated for single-label classes"
+                )
+            out = mapped[0]
+        self._label_cache[label] = out
+        return out
+
+    def _map_one(self, value: int, seq: Optional[int], label: Label) -> int:
+        where = f"synthetic record seq={seq} in {self.cache.path}" if seq is not None else f"synthetic label {label!r}"
+        if self._by_name:
+            names = self.label_names
+            if not 0 <= value < len(names):
+                raise ValueError(
+                    f"{where} has label {value}, but the cache names only {len(names)} labels ({names}); "
+                    "fix the generator's labels or the cache's label_names"
+                )
+            name = names[value]
+            if name not in self.class_to_idx:
+                raise ValueError(
+                    f"{where} has label {value} ({name!r}), a class the real dataset lacks (its classes: "
+                    f"{list(self.class_to_idx)}); generate only the real dataset's classes"
+                )
+            return int(self.class_to_idx[name])
+        if value < 0 or (self.num_classes is not None and value >= self.num_classes):
+            space = f"0..{self.num_classes - 1}" if self.num_classes is not None else ">= 0"
+            raise ValueError(
+                f"{where} has label {value}, outside the real dataset's label space ({space}); generate with the "
+                "real dataset's class indices, or store label_names in the cache to map labels by name"
+            )
+        return value
+
+    # ------------------------------------------------------------------ items
+    def __len__(self) -> int:
+        return len(self.real_dataset)
+
+    def __getitem__(self, index: Union[int, SyntheticIndex]) -> Any:
+        if type(index) is SyntheticIndex:
+            return self.__getitems__([index])[0]
+        return self._finish_real(self.real_dataset[index])
+
+    def __getitems__(self, indices: Sequence[Union[int, SyntheticIndex]]) -> List[Any]:
+        """The items of one batch, in order; the synthetic ones read in one cache transaction."""
+        out: List[Any] = [None] * len(indices)
+        syn_pos: List[int] = []
+        real_pos: List[int] = []
+        for j, index in enumerate(indices):
+            (syn_pos if type(index) is SyntheticIndex else real_pos).append(j)
+        if real_pos:
+            real_idx = [indices[j] for j in real_pos]
+            getitems = getattr(self.real_dataset, "__getitems__", None)
+            items = getitems(real_idx) if callable(getitems) else [self.real_dataset[i] for i in real_idx]
+            for j, item in zip(real_pos, items):
+                out[j] = self._finish_real(item)
+        if syn_pos:
+            records = self._read([indices[j].seq for j in syn_pos])
+            for j, rec in zip(syn_pos, records):
+                out[j] = self._synthetic_item(rec)
+        return out
+
+    def _finish_real(self, item: Any) -> Any:
+        if self.transform is None and self.target_transform is None:
+            return item
+        image, target = item
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+    def _synthetic_item(self, rec: Record) -> Tuple[Any, Any]:
+        image = self._image_form.convert(rec.image)
+        if self.synthetic_transform is not None:
+            image = self.synthetic_transform(image)
+        if self.transform is not None:
+            image = self.transform(image)
+        target = self._target_form.make(self.map_label(rec.label, seq=rec.seq))
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+    # ------------------------------------------------------------------ reading, bad records
+    def _read(self, seqs: List[int]) -> List[Record]:
+        try:
+            return self.cache.get_many(seqs)
+        except (CorruptRecordError, KeyError):
+            if self.on_corrupt == "raise":
+                raise
+        return [self._read_one(seq) for seq in seqs]
+
+    def _read_one(self, seq: int) -> Record:
+        try:
+            return self.cache.get(seq)
+        except CorruptRecordError:
+            if self.on_corrupt == "raise":
+                raise
+            kind = 0
+        except KeyError:
+            if self.on_corrupt == "raise":
+                raise
+            kind = 1
+        self._count(kind)
+        rec = self._replacement(seq)
+        self._count(2)
+        if not self._warned:
+            self._warned = True
+            what = "is corrupt" if kind == 0 else "was evicted before it was read"
+            warnings.warn(
+                f"synthetic record seq={seq} in {self.cache.path} {what}; served seq={rec.seq} instead "
+                f"(on_corrupt='replace'; warned once per process, counts in MixedDataset.stats(); "
+                f"`synthaug cache verify {self.cache.path}` lists damaged records)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return rec
+
+    def _replacement(self, seq: int) -> Record:
+        """The nearest readable record with ``seq``'s label (any label when that is unreadable):
+        newer records first, then older."""
+        own, _ = read_labels(self.cache, seq, seq + 1)
+        label = own.get(seq)
+        for lo, hi, step in ((seq + 1, seq + 1 + _REPLACE_SEARCH, 1), (max(0, seq - _REPLACE_SEARCH), seq, -1)):
+            starts = range(lo, hi, _SCAN_WINDOW)
+            for start in (starts if step > 0 else reversed(starts)):
+                labels, _ = read_labels(self.cache, start, min(hi, start + _SCAN_WINDOW))
+                candidates = sorted(labels, reverse=step < 0)
+                for cand in candidates:
+                    if label is not None and labels[cand] != label:
+                        continue
+                    try:
+                        return self.cache.get(cand)
+                    except (CorruptRecordError, KeyError):
+                        continue
+        raise CorruptRecordError(
+            seq,
+            f"no readable replacement{' with label ' + repr(label) if label is not None else ''} within "
+            f"{_REPLACE_SEARCH} records of it (on_corrupt='replace')",
+            self.cache.path,
+        )
+
+    def _count(self, column: int) -> None:
+        info = torch.utils.data.get_worker_info()
+        row = 0 if info is None else min(info.id + 1, _COUNTER_SLOTS - 1)
+        self._counters[row, column] += 1
+
+    def stats(self) -> Dict[str, int]:
+        """Bad synthetic records met so far, in this process and its DataLoader workers:
+        ``{"corrupt", "missing", "replaced"}``."""
+        totals = self._counters.sum(dim=0).tolist()
+        return dict(zip(_COUNTERS, (int(v) for v in totals)))
+
+    def __repr__(self) -> str:
+        return f"MixedDataset(real={type(self.real_dataset).__name__}(n={len(self.real_dataset)}), cache={self.cache!r})"
