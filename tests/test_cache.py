@@ -420,3 +420,31 @@ def test_cli_reports_a_damaged_lmdb_file_in_one_line(tmp_path, capsys):
     assert main(["cache", "inspect", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "LMDB" in err[0] and "Traceback" not in err[0], err
+
+
+def test_cursors_of_exited_consumers_do_not_pin_the_fresh_count(tmp_path):
+    path = tmp_path / "c"
+    cache = SyntheticCache(path)
+    cache.append(_images(10), 0)
+    code = f"from synthaug import SyntheticCache; SyntheticCache({str(path)!r}).set_cursor('crashed-run', 2)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    cache.set_cursor("live", 7)
+    assert set(cache.cursors()) == {"live"}
+    assert set(cache.cursors(include_dead=True)) == {"live", "crashed-run"}
+    assert cache.fresh_count() == 3  # from the live consumer only, not pinned at 8 by the dead one
+    cache.remove_cursor("live")
+    assert cache.fresh_count() == 10
+
+
+def test_scan_labels_skips_damaged_records_and_checks_crc(tmp_path):
+    path = tmp_path / "c"
+    cache = SyntheticCache(path)
+    cache.append(_images(6), [0, 1, 2, 3, 4, 5])
+    cache.close()
+    _flip(path, 2, HEADER_SIZE)  # a label byte: only the CRC can tell
+    cache = SyntheticCache(path)
+    labels, corrupt = cache.scan_labels()
+    assert corrupt == [2] and labels == {0: 0, 1: 1, 3: 3, 4: 4, 5: 5}
+    with pytest.raises(CorruptRecordError, match=r"seq=2\b"):
+        cache.labels()
+    assert cache.first_seq() == 0

@@ -421,11 +421,17 @@ def _flip(path, seq, offset):
     env.close()
 
 
+def _flip_elsewhere(path, seq, offset):
+    """Damage a record from another process, while this one has the cache open."""
+    code = f"from tests.test_mixing import _flip; _flip({str(path)!r}, {seq}, {offset})"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
 def test_corrupt_records_are_replaced_counted_and_warned_once(tmp_path, train):
     path = tmp_path / "c"
     build_stand_in_cache(path, 20).close()
-    _flip(path, 5, HEADER_SIZE + 4 + 200)  # inside the image: CRC fails on read
     _flip(path, 9, 0)  # the magic: the sampler cannot read its label
+    _flip(path, 12, HEADER_SIZE + 4 + 200)  # inside the image: the CRC of the label scan fails
     cache = SyntheticCache(path)
     mixed = MixedDataset(Subset(train, range(60)), cache, transform=to_tensor)
     s = RatioBatchSampler(mixed, batch_size=8, synthetic_ratio=0.25, seed=0, max_reuse=0, on_exhausted="reuse", wait_timeout=0.2)
@@ -433,7 +439,10 @@ def test_corrupt_records_are_replaced_counted_and_warned_once(tmp_path, train):
     with pytest.raises(SyntheticExhaustedError):
         for b in s:
             batches.append(b)
-    assert 9 not in {seq for b in batches for seq in split(b)[1]} and s.stats()["corrupt_skipped"] == 1
+    served = {seq for b in batches for seq in split(b)[1]}
+    assert 9 not in served and 12 not in served and s.stats()["corrupt_skipped"] == 2
+    # damaged after it was sampled: the dataset replaces it when the batch is read
+    _flip_elsewhere(path, 5, HEADER_SIZE + 4 + 200)
     bad = next(b for b in batches if 5 in split(b)[1])
     with pytest.warns(RuntimeWarning, match="seq=5 .* is corrupt; served seq=6 instead"):
         items = mixed.__getitems__(bad)

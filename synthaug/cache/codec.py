@@ -282,10 +282,18 @@ def decode_record(buf, seq: Optional[int] = None, *, check_crc: bool = True, pat
     return Record(seq, image, label, meta_bytes)
 
 
-def peek_label(buf, seq: Optional[int] = None, path=None) -> Label:
-    """The label of a record value without decoding its image (no CRC check)."""
+def peek_label(buf, seq: Optional[int] = None, path=None, *, check_crc: bool = True) -> Label:
+    """The label of a record value without decoding its image.
+
+    The CRC is checked by default (a flipped label byte would otherwise route a record to the
+    wrong class); CRC-32C runs at memory speed, so this stays far cheaper than decoding.
+    """
     try:
         fields = read_header(buf)
+        if check_crc:
+            actual = _crc32c(buf[HEADER_SIZE:], _crc32c(buf[:_CRC_OFFSET]))
+            if actual != fields[10]:
+                raise ValueError(f"CRC-32C mismatch (stored {fields[10]:08x}, computed {actual:08x})")
     except ValueError as exc:
         raise CorruptRecordError(seq, str(exc), path) from None
     return _labels_from(buf, fields[7], fields[4])

@@ -62,7 +62,12 @@ class _Gate:
             while self.exclusive:
                 self.cond.wait()
             self.exclusive = True
-            self.cond.wait_for(lambda: self.active == 0)
+            try:
+                self.cond.wait_for(lambda: self.active == 0)
+            except BaseException:  # interrupted (Ctrl-C, a timeout signal): never leave the gate shut
+                self.exclusive = False
+                self.cond.notify_all()
+                raise
         try:
             yield
         finally:
@@ -212,12 +217,14 @@ def acquire_env(
     with _ENVS_LOCK:
         handle = _ENVS.get(key)
         if handle is not None and not readonly and handle.readonly:
-            if handle.refs > 0:
+            if handle.refs > 0 or _GATE.active:
                 raise PermissionError(
                     f"cache {path} is already open read-only in this process; open it writable first "
                     "(or close the read-only SyntheticCache)"
                 )
-            handle.env.close()
+            del _ENVS[key]
+            with _GATE.exclusively():
+                handle.env.close()
             handle = None
         if handle is None:
             try:

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from synthaug.cache import codec
 from synthaug.cache.codec import Encoding, Label, Record
@@ -37,6 +38,7 @@ DEFAULT_ENCODING = "raw"  # chosen from benchmarks/cache.py: see README "Choosin
 _KEY = struct.Struct(">Q")
 _SCAN_CHUNK = 4096
 _CREATION_WAIT_S = 3.0
+_HOST = socket.gethostname()
 
 
 class _NotCreatedYet(Exception):
@@ -279,7 +281,13 @@ class SyntheticCache:
 
     @property
     def label_names(self) -> Optional[List[str]]:
-        return self._label_names
+        """Class names of the label indices, read from the cache (so names another process set
+        after this object opened are seen)."""
+        handle = self._env()
+        with handle.read() as txn:
+            names = _jload(txn.get(b"label_names", db=handle.dbs["meta"]))
+        self._label_names = names
+        return names
 
     # ------------------------------------------------------------------ writing
     def append(self, images, labels, meta=None) -> List[int]:
@@ -373,8 +381,9 @@ class SyntheticCache:
     def set_label_names(self, names: Sequence[str]) -> None:
         """Record the class names of the label indices (refused if different names are stored)."""
         names = [str(n) for n in names]
-        if self._label_names is not None and self._label_names != names:
-            raise ValueError(f"cache {self._path} already has label names {self._label_names}, not {names}")
+        current = self.label_names
+        if current is not None and current != names:
+            raise ValueError(f"cache {self._path} already has label names {current}, not {names}")
         handle = self._env()
         handle.write(lambda txn: txn.put(b"label_names", _jdump(names), db=handle.dbs["meta"]))
         self._label_names = names
@@ -450,14 +459,31 @@ class SyntheticCache:
         return out
 
     def labels(self, start: int = 0, stop: Optional[int] = None) -> Dict[int, Label]:
-        """``{seq: label}`` for records in ``[start, stop)``, read from headers (images not decoded)."""
+        """``{seq: label}`` for records in ``[start, stop)``, images not decoded, CRC checked.
+
+        Raises:
+            CorruptRecordError: at the first damaged record (see :meth:`scan_labels` to skip them).
+        """
         return self._scan(start, stop, codec.peek_label)
+
+    def scan_labels(self, start: int = 0, stop: Optional[int] = None) -> Tuple[Dict[int, Label], List[int]]:
+        """``({seq: label}, corrupt_seqs)`` for records in ``[start, stop)``: damaged records
+        (bad header or CRC) are listed apart instead of stopping the scan."""
+        corrupt: List[int] = []
+        return self._scan(start, stop, codec.peek_label, corrupt=corrupt), corrupt
 
     def metas(self, start: int = 0, stop: Optional[int] = None) -> Dict[int, Dict[str, Any]]:
         """``{seq: provenance dict}`` for records in ``[start, stop)`` (images not decoded)."""
         return self._scan(start, stop, codec.peek_meta)
 
-    def _scan(self, start: int, stop: Optional[int], read) -> Dict[int, Any]:
+    def first_seq(self) -> Optional[int]:
+        """The oldest stored sequence number (``None`` when the cache is empty)."""
+        handle = self._env()
+        with handle.read() as txn:
+            cur = txn.cursor(db=handle.dbs["records"])
+            return _seq(cur.key()) if cur.first() else None
+
+    def _scan(self, start: int, stop: Optional[int], read, corrupt: Optional[List[int]] = None) -> Dict[int, Any]:
         handle = self._env()
         out: Dict[int, Any] = {}
         with handle.read() as txn:
@@ -468,30 +494,43 @@ class SyntheticCache:
                 s = _seq(key)
                 if stop is not None and s >= stop:
                     break
-                out[s] = read(value, s, self._path)
+                try:
+                    out[s] = read(value, s, self._path)
+                except CorruptRecordError:
+                    if corrupt is None:
+                        raise
+                    corrupt.append(s)
         return out
 
     # ------------------------------------------------------------------ consumers and worker
     def set_cursor(self, consumer: str, next_seq: int, **info: Any) -> None:
         """Record that ``consumer`` has been handed every record below ``next_seq``."""
-        value = {"next_seq": int(next_seq), "updated_at": time.time(), "pid": os.getpid(), **info}
+        value = {"next_seq": int(next_seq), "updated_at": time.time(), "pid": os.getpid(), "host": _HOST, **info}
         handle = self._env()
         handle.write(lambda txn: txn.put(consumer.encode(), _jdump(value), db=handle.dbs["cursors"]))
 
-    def cursors(self) -> Dict[str, Dict[str, Any]]:
-        """Every consumer's cursor: ``{name: {"next_seq", "updated_at", "pid", ...}}``."""
+    def cursors(self, *, include_dead: bool = False) -> Dict[str, Dict[str, Any]]:
+        """Consumers' cursors: ``{name: {"next_seq", "updated_at", "pid", "host", ...}}``.
+
+        Cursors of consumers whose process has exited on this host are left out unless
+        ``include_dead``: a crashed or finished run must not pin the fresh count (and stall the
+        generation worker) forever. Cursors written on other hosts are always kept (their
+        liveness cannot be checked; LMDB caches are node-local anyway).
+        """
         handle = self._env()
         with handle.read() as txn:
-            return {bytes(k).decode(): _jload(v) for k, v in txn.cursor(db=handle.dbs["cursors"])}
+            found = {bytes(k).decode(): _jload(v) for k, v in txn.cursor(db=handle.dbs["cursors"])}
+        return found if include_dead else {k: v for k, v in found.items() if _consumer_alive(v)}
 
     def remove_cursor(self, consumer: str) -> bool:
         handle = self._env()
         return bool(handle.write(lambda txn: txn.delete(consumer.encode(), db=handle.dbs["cursors"])))
 
     def fresh_count(self, consumer: Optional[str] = None) -> int:
-        """Records no consumer has been handed yet (``consumer``: that one only).
+        """Records no live consumer has been handed yet (``consumer``: that one only).
 
-        With no cursor recorded, every stored record counts as fresh.
+        With no cursor recorded, every stored record counts as fresh. Cursors of consumers
+        whose process has exited are ignored (see :meth:`cursors`).
         """
         cursors = self.cursors()
         if consumer is not None:
@@ -570,7 +609,7 @@ class SyntheticCache:
         counts: Counter = Counter()
         for lab in self.labels().values():
             counts.update(lab if isinstance(lab, tuple) else (lab,))
-        names = self._label_names
+        names = self.label_names
         return {
             (f"{k} ({names[k]})" if names and 0 <= k < len(names) else str(k)): v for k, v in sorted(counts.items())
         }
@@ -630,6 +669,19 @@ class SyntheticCache:
         except Exception:
             n = "?"
         return f"SyntheticCache({str(self._path)!r}, count={n}, encoding={self.encoding!r})"
+
+
+def _consumer_alive(info: Dict[str, Any]) -> bool:
+    pid, host = info.get("pid"), info.get("host")
+    if not isinstance(pid, int) or host != _HOST:
+        return True  # cannot tell: keep it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _delete_oldest(txn, rec_db, n: int):
