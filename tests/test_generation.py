@@ -428,9 +428,7 @@ class _RealImages:
 
 
 def test_worker_feeds_a_waiting_sampler_through_a_dataloader(tmp_path, tiny_sd_adapter, monkeypatch):
-    RatioBatchSampler = getattr(synthaug, "RatioBatchSampler", None) if "RatioBatchSampler" in synthaug.__all__ else None
-    if RatioBatchSampler is None:
-        pytest.skip("synthaug.RatioBatchSampler is not in this branch yet (mixing, issue 3); runs once it is merged")
+    from synthaug import RatioBatchSampler
     import torch
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -469,6 +467,47 @@ def test_worker_feeds_a_waiting_sampler_through_a_dataloader(tmp_path, tiny_sd_a
     assert cache.verify()["corrupt"] == 0 and cache.heartbeat()["state"] == "stopped"
     seeds = [m["seed"] for m in cache.metas().values()]
     assert seeds == cache.seqs()  # seed 0 + seq, never repeated
+
+
+def test_a_failed_worker_ends_a_waiting_sampler_at_once(tmp_path):
+    """A sampler waiting (through DataLoader workers) for records from a worker that has failed
+    raises the worker's error within seconds, not after wait_timeout; the context manager raises
+    the worker's own error with its traceback."""
+    import torch
+
+    from synthaug import MixedDataset, RatioBatchSampler
+
+    cache = SyntheticCache(tmp_path / "c")
+    mixed = MixedDataset(_RealImages(16), cache)
+    sampler = RatioBatchSampler(mixed, batch_size=4, synthetic_ratio=0.5, on_exhausted="wait", wait_timeout=300, seed=0)
+    loader = torch.utils.data.DataLoader(mixed, batch_sampler=sampler, num_workers=2)
+    gen = FailingGenerator(message="CUDA out of memory (test)", fail_on=2, size=32)
+    t0 = time.monotonic()
+    with pytest.raises(GenerationWorkerError) as info:
+        with GenerationWorker(cache, gen, min_fresh=100, max_items=200, batch_size=2, poll_interval=0.02):
+            for epoch in range(2):  # 2 synthetic per batch: the two records made before the failure run out
+                sampler.set_epoch(epoch)
+                for _ in loader:
+                    pass
+    assert time.monotonic() - t0 < 60  # not the 300 s timeout
+    err = info.value
+    assert err.exc_type == "RuntimeError" and err.message == "CUDA out of memory (test)"
+    assert "stub_generators.py" in err.worker_traceback  # the worker's own report, not only the heartbeat's
+    assert len(cache) == 2 and cache.verify()["corrupt"] == 0
+
+    # a sampler that starts waiting after the failure (no GenerationWorker object in this process)
+    # reads the failure from the heartbeat
+    fresh = RatioBatchSampler(mixed, batch_size=4, synthetic_ratio=1.0, batches_per_epoch=3, on_exhausted="wait", wait_timeout=300, seed=1)
+    t0 = time.monotonic()
+    with pytest.raises(GenerationWorkerError, match=r"CUDA out of memory \(test\).*restart the worker"):
+        list(fresh)
+    assert time.monotonic() - t0 < 30
+    # a failure older than wait_timeout belongs to a past run: the wait runs to its own timeout
+    hb = cache.heartbeat()
+    cache.write_heartbeat({**hb, "time": time.time() - 10})
+    patient = RatioBatchSampler(mixed, batch_size=4, synthetic_ratio=1.0, batches_per_epoch=3, on_exhausted="wait", wait_timeout=2, seed=2)
+    with pytest.raises(synthaug.SyntheticExhaustedError, match="waited"):
+        list(patient)
 
 
 # ---------------------------------------------------------------------------------- CLI

@@ -81,7 +81,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Iterator, Optional, Tuple, Union
 
-from synthaug.errors import GenerationWorkerError
+from synthaug.errors import GenerationWorkerError, SyntheticExhaustedError
 
 __all__ = ["GenerationWorker", "WorkerSettings", "run_worker", "STATES"]
 
@@ -616,8 +616,16 @@ class GenerationWorker:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.stop()
-        if exc_type is None:
+        if exc_type is None or isinstance(exc, GenerationWorkerError):
             self.raise_if_failed()
+        elif isinstance(exc, SyntheticExhaustedError):
+            # A sampler ran out of synthetic records while this worker had failed: the worker's
+            # error is the cause, so raise it, chained to the sampler's. Other exceptions of the
+            # body (the training loop's own) propagate unchanged.
+            try:
+                self.raise_if_failed()
+            except GenerationWorkerError as worker_error:
+                raise worker_error from exc
 
     def __del__(self) -> None:
         try:

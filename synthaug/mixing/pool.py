@@ -11,7 +11,10 @@ of an allowed class, and serves them:
    the batch's seeded RNG; with ``max_serves`` a record leaves the pool once served that many
    times; ``"wait"`` polls the cache for a new record; ``"error"`` raises
    :class:`~synthaug.errors.SyntheticExhaustedError`. Under ``"reuse"``, an empty pool (an empty
-   cache, or every record at its cap) waits like ``"wait"``.
+   cache, or every record at its cap) waits like ``"wait"``. A wait ends at once with
+   :class:`~synthaug.errors.GenerationWorkerError` when the cache's worker heartbeat says
+   ``"failed"`` and that failure is no older than ``wait_timeout`` (an older one belongs to a past
+   run and is ignored, so a trainer may be started before a replacement worker).
 
 The cursor (every record below it handed out or skipped by this consumer) is
 ``min(scan position, oldest unserved scanned record)``.
@@ -28,7 +31,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 
 from synthaug.cache.codec import Label
 from synthaug.cache.store import SyntheticCache
-from synthaug.errors import SyntheticExhaustedError
+from synthaug.errors import GenerationWorkerError, SyntheticExhaustedError
 from synthaug.mixing.scan import first_seq, read_labels
 
 __all__ = ["SyntheticPool", "ON_EXHAUSTED"]
@@ -36,6 +39,7 @@ __all__ = ["SyntheticPool", "ON_EXHAUSTED"]
 ON_EXHAUSTED = ("reuse", "wait", "error")
 _WAIT_MIN_S = 0.02
 _WAIT_MAX_S = 0.5
+_HEARTBEAT_EVERY_S = 1.0
 
 
 class SyntheticPool:
@@ -250,10 +254,15 @@ class SyntheticPool:
         """Block until ``g`` has a fresh record, polling the cache; raise after ``wait_timeout`` s."""
         self.publish()
         t0 = time.monotonic()
+        failed_after = time.time() - self.wait_timeout  # a worker failure since then ends the wait
+        next_beat = t0
         delay = _WAIT_MIN_S
         try:
             while True:
                 elapsed = time.monotonic() - t0
+                if time.monotonic() >= next_beat:
+                    self._raise_if_worker_failed(g, failed_after)
+                    next_beat = time.monotonic() + _HEARTBEAT_EVERY_S
                 if elapsed >= self.wait_timeout:
                     why = (
                         f"every retained record of it has been served max_reuse+1 = {self.max_serves} times"
@@ -275,6 +284,23 @@ class SyntheticPool:
         finally:
             waited = time.monotonic() - t0
             self._bump("waited_s", waited)
+
+    def _raise_if_worker_failed(self, g: int, since: float) -> None:
+        """Raise :class:`GenerationWorkerError` if the cache's worker reports a failure written
+        after ``since`` (wall time): waiting for it would only run into the timeout."""
+        try:
+            hb = self.cache.heartbeat()
+        except Exception:  # the heartbeat is advisory; the wait itself still times out
+            return
+        if not hb or hb.get("state") != "failed" or float(hb.get("time") or 0.0) < since:
+            return
+        when = time.strftime("%H:%M:%S", time.localtime(float(hb["time"])))
+        raise GenerationWorkerError(
+            f"{hb.get('last_error') or 'no error was reported'} (reported at {when} in the heartbeat of cache "
+            f"{self.cache.path}, while {self.describe(g)} waited for a new synthetic record; restart the worker, "
+            "or pre-fill the cache with `synthaug generate`)",
+            pid=hb.get("pid"),
+        )
 
     def _bump(self, name: str, by: float = 1) -> None:
         self.counters[name] += by
