@@ -66,6 +66,28 @@ def test_round_trip(h, w, c, n, encoding, labels, meta, seed):
             assert cache.verify()["corrupt"] == 0
 
 
+@pytest.mark.parametrize("encoding", ["jpeg", "webp"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_lossy_encodings_keep_the_picture(tmp_path, encoding, channels):
+    """JPEG/WebP are lossy, so pixels are compared with a tolerance, on smooth content (noise
+    would be destroyed by any lossy codec): each channel stays in its place and close to the
+    original, and the image is not shifted or flipped (either would put the red square and the
+    gradients far from where they were)."""
+    yy, xx = np.mgrid[0:48, 0:64]
+    rgb = np.stack([xx * 255 // 63, yy * 255 // 47, np.full_like(xx, 200)], axis=-1).astype(np.uint8)
+    rgb[10:20, 30:40] = (250, 10, 10)  # a red square: channel order and position show
+    image = rgb if channels == 3 else rgb[:, :, :1]
+    cache = SyntheticCache(tmp_path / "c", encoding=encoding)
+    seq = cache.append(image[None], 0)[0]
+    got = cache.get(seq).image.astype(int)
+    assert got.shape == image.shape
+    err = np.abs(got - image.astype(int))
+    assert err.mean() < 3.0, err.mean()
+    for ch in range(channels):
+        assert np.abs(got[:, :, ch].mean() - image[:, :, ch].mean()) < 2.0
+    assert err[12:18, 32:38].max() < 40  # inside the square, away from its compressed edges
+
+
 def test_accepts_pil_torch_and_lists(tmp_path):
     import torch
     from PIL import Image
