@@ -1,6 +1,7 @@
 """SyntheticCache: round trips, crash safety with a killed writer, forked readers, corruption,
 eviction, map growth, bad input."""
 
+import json
 import os
 import random
 import signal
@@ -470,3 +471,47 @@ def test_scan_labels_skips_damaged_records_and_checks_crc(tmp_path):
     with pytest.raises(CorruptRecordError, match=r"seq=2\b"):
         cache.labels()
     assert cache.first_seq() == 0
+
+
+def test_cli_inspect_export_grid_and_env(tmp_path, capsys):
+    """The cache commands on a healthy cache: what `inspect` reports, the files `export` and
+    `grid` write (PNG pixels equal to the records), and `synthaug env`'s versions."""
+    from PIL import Image
+
+    from synthaug.cli import main
+
+    path = tmp_path / "c"
+    cache = SyntheticCache(path, label_names=["cat", "dog", "shirt"])
+    images = _images(6, 8, 8, 3, seed=4)
+    metas = [{"model": "builtin:m", "seed": 10 + i, "prompt": "a photo of sks shirt", "num_inference_steps": 4} for i in range(6)]
+    cache.append(images, [2, 2, 2, 2, 0, 1], metas)
+    cache.close()
+
+    assert main(["cache", "inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stats"]["count"] == 6 and report["stats"]["encoding"] == "raw"
+    assert report["label_histogram"] == {"0 (cat)": 1, "1 (dog)": 1, "2 (shirt)": 4}
+    prov = report["provenance"]
+    assert prov["model"]["top"] == [["builtin:m", 6]] and prov["seed"] == {"min": 10, "max": 15, "distinct": 6}
+    assert main(["cache", "inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "records      6" in text and "8×8×3" in text and "shirt" in text
+
+    out = tmp_path / "png"
+    assert main(["cache", "export", str(path), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["seq"] for r in rows] == list(range(6)) and rows[4]["label"] == 0 and rows[0]["meta"]["seed"] == 10
+    for r in rows:
+        np.testing.assert_array_equal(np.asarray(Image.open(out / r["file_name"])), images[r["seq"]])
+    assert main(["cache", "export", str(path), "--out", str(out)]) == 2  # not empty: refused
+    assert "not empty" in capsys.readouterr().err
+
+    grid = tmp_path / "grid.png"
+    assert main(["cache", "grid", str(path), "--out", str(grid), "--n", "4", "--cols", "2"]) == 0
+    im = np.asarray(Image.open(grid))
+    assert im.ndim == 3 and im.shape[0] >= 16 and im.shape[1] >= 16 and im.std() > 10
+
+    assert main(["env"]) == 0
+    env_text = capsys.readouterr().out
+    for name in ("python", "torch", "torchvision", "diffusers", "peft", "lmdb", "cuda", "xformers"):
+        assert name in env_text.lower(), name
