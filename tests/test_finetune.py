@@ -130,7 +130,7 @@ def _cli(capsys, *args):
     return code, err
 
 
-def test_cli_bad_input_gives_one_line_errors(tiny_pixel, shirt_images, tmp_path, capsys):
+def test_cli_bad_input_gives_one_line_errors(tiny_pixel, tiny_sd, shirt_images, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     junk = tmp_path / "junk"
@@ -153,12 +153,21 @@ def test_cli_bad_input_gives_one_line_errors(tiny_pixel, shirt_images, tmp_path,
         ((tiny_pixel, shirt_images[0], notadapter), "not a synthaug adapter"),
     ]
     for (model, images, out), expected in cases:
-        code, err = _cli(capsys, "--model", model, "--images", images, "--out", out, "--steps", 1)
+        code, err = _cli(capsys, "--model", model, "--images", images, "--out", out, "--steps", 1, "--class-name", "shirt")
         assert code != 0, expected
         lines = [line for line in err.strip().splitlines() if line]
         assert len(lines) == 1 and expected in lines[0], (expected, err)
         assert "Traceback" not in err
-    assert not (tmp_path / "o1").exists(), "a refused run left an output folder behind"
+    # label settings that would leave the adapter unusable or mislabelled
+    label_cases = [
+        ((tiny_sd, "--prompt", "a photo of sks shirt"), "pass --label N"),
+        ((tiny_pixel, "--label", "0", "--class-name", "shirt"), "not --class-name 'shirt'"),
+    ]
+    for (model, *extra), expected in label_cases:
+        code, err = _cli(capsys, "--model", model, "--images", shirt_images[0], "--out", tmp_path / "o6", "--steps", 1, *extra)
+        lines = [line for line in err.strip().splitlines() if line]
+        assert code != 0 and len(lines) == 1 and expected in lines[0], (expected, err)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o6").exists(), "a refused run left an output folder behind"
     assert (notadapter / "results.csv").exists(), "a refused run touched the occupied folder"
 
 

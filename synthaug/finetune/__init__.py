@@ -47,6 +47,14 @@ def finetune_lora(
     cfg.check()
     source = resolve_model_source(model)
     train = load_training_images(images, min_images=cfg.min_images)  # checked before `out` is touched
+    if source.backend == "pixel-ddpm":
+        from synthaug.finetune.ddpm import resolve_label
+
+        resolve_label(source, cfg)
+    else:
+        from synthaug.finetune.sd import check_settings
+
+        check_settings(source, cfg)
     out = prepare_output_dir(out, resume=resume, overwrite=overwrite)
     if source.backend == "pixel-ddpm":
         from synthaug.finetune.ddpm import finetune_pixel_ddpm

@@ -29,7 +29,7 @@ from synthaug.finetune.common import (
     write_training_log,
 )
 
-__all__ = ["finetune_pixel_ddpm", "PIXEL_TARGET_MODULES"]
+__all__ = ["finetune_pixel_ddpm", "resolve_label", "PIXEL_TARGET_MODULES"]
 
 PIXEL_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 _DEFAULT_LR = 1e-3
@@ -70,6 +70,36 @@ def _validation_grid(unet, model_dir: Path, label: int, null_class: int, size: i
     save_image_grid(row + list(fake), path, cols=8)
 
 
+def resolve_label(source, cfg) -> Tuple[int, str]:
+    """The class the LoRA learns, ``(label, class_name)``, from ``--label``/``--class-name`` and
+    the model's rare class; checked before anything is written.
+
+    Raises:
+        ValueError: a prompt for this text-free model, an unknown or out-of-range class, or a
+            label and a class name that disagree.
+    """
+    model_cfg = json.loads((Path(source.path) / "synthaug_model.json").read_text())
+    classes: List[str] = list(model_cfg.get("classes") or [])
+    if cfg.prompt or cfg.negative_prompt:
+        raise ValueError(f"{source.ref} is a class-conditional pixel model without text input; use --class-name or --label, not --prompt")
+    label, class_name = cfg.label, cfg.class_name
+    if label is None and class_name is not None:
+        if class_name not in classes:
+            raise ValueError(f"--class-name {class_name!r} is not a class of {source.ref} ({', '.join(classes)})")
+        label = classes.index(class_name)
+    if label is None:
+        label = model_cfg.get("rare_class_index")
+    if label is None:
+        raise ValueError(f"pass --class-name or --label: which class of {source.ref} should the LoRA learn?")
+    label = int(label)
+    if not 0 <= label < len(classes):
+        raise ValueError(f"--label {label} is outside the {len(classes)} classes of {source.ref}")
+    if class_name is not None and class_name != classes[label]:
+        raise ValueError(f"--label {label} is class {classes[label]!r} of {source.ref}, not --class-name {class_name!r}; pass one of them")
+    class_name = class_name or classes[label]
+    return label, class_name
+
+
 def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, cfg: FinetuneConfig, *, resume: bool, progress: bool = True) -> Path:
     """Train the LoRA; write the adapter folder ``out``; return it."""
     import torch
@@ -87,21 +117,7 @@ def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, c
     null_class = int(model_cfg.get("null_class", len(classes)))
     size = int(model_cfg.get("image_size", 32))
     crop = model_cfg.get("crop") or [0, 0, size, size]
-    if cfg.prompt or cfg.negative_prompt:
-        raise ValueError(f"{source.ref} is a class-conditional pixel model without text input; use --class-name or --label, not --prompt")
-    label, class_name = cfg.label, cfg.class_name
-    if label is None and class_name is not None:
-        if class_name not in classes:
-            raise ValueError(f"--class-name {class_name!r} is not a class of {source.ref} ({', '.join(classes)})")
-        label = classes.index(class_name)
-    if label is None:
-        label = model_cfg.get("rare_class_index")
-    if label is None:
-        raise ValueError(f"pass --class-name or --label: which class of {source.ref} should the LoRA learn?")
-    label = int(label)
-    if not 0 <= label < len(classes):
-        raise ValueError(f"--label {label} is outside the {len(classes)} classes of {source.ref}")
-    class_name = class_name or classes[label]
+    label, class_name = resolve_label(source, cfg)
     if cfg.resolution not in (None, crop[2]):
         raise ValueError(f"{source.ref} works at {crop[2]}×{crop[3]} pixels; --resolution {cfg.resolution} is not possible")
     if cfg.mixed_precision != "no":

@@ -72,6 +72,22 @@ def _prepare_images(images: List[np.ndarray], resolution: int):
     return torch.stack(out)
 
 
+def check_settings(source, cfg) -> None:
+    """Refuse settings that would make an unusable adapter, before anything is written.
+
+    Raises:
+        ValueError: no prompt, or no ``label`` (the images need a class index in the
+            classifier's label space, or ``load_generator(out)`` could not label them).
+    """
+    if not cfg.prompt:
+        raise ValueError(f"{source.ref} is a text-conditioned model: pass --prompt (e.g. 'a photo of sks {cfg.class_name or 'object'}')")
+    if cfg.label is None:
+        raise ValueError(
+            f"{source.ref} is a text-conditioned model: pass --label N, the class index its images get in your "
+            "classifier's label space (and --class-name NAME to record the class's name)"
+        )
+
+
 def finetune_stable_diffusion(source: ModelSource, train: TrainingImages, out: Path, cfg: FinetuneConfig, *, resume: bool, progress: bool = True) -> Path:
     """Train the LoRA; write the adapter folder ``out``; return it."""
     import torch
@@ -85,8 +101,7 @@ def finetune_stable_diffusion(source: ModelSource, train: TrainingImages, out: P
     from synthaug.generation.base import default_device
     from synthaug.imaging import save_image_grid
 
-    if not cfg.prompt:
-        raise ValueError(f"{source.ref} is a text-conditioned model: pass --prompt (e.g. 'a photo of sks {cfg.class_name or 'object'}')")
+    check_settings(source, cfg)
     device = default_device(cfg.device)
     if cfg.mixed_precision != "no" and not device.startswith("cuda"):
         raise ValueError(f"--mixed-precision {cfg.mixed_precision} needs a CUDA device; on {device} use --mixed-precision no")
