@@ -22,7 +22,15 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
 fi
 
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+  if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+    echo "error: synthaug needs Python >= 3.10 (torch 2.14); python3 is $(python3 --version 2>&1)" >&2
+    exit 1
+  fi
+  if ! python3 -m venv .venv; then
+    rm -rf .venv
+    echo "error: could not create a virtual environment. On Debian/Ubuntu: sudo apt-get install python3-venv" >&2
+    exit 1
+  fi
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".$extras"
