@@ -59,7 +59,7 @@ def _validation_grid(unet, model_dir: Path, label: int, null_class: int, size: i
 
     was_training = unet.training
     unet.eval()
-    sched = DDIMScheduler.from_pretrained(model_dir / "scheduler", timestep_spacing="trailing")
+    sched = DDIMScheduler.from_pretrained(model_dir / "scheduler")  # the model's own spacing, as the generator
     fake = sample_pixel_ddpm(unet, sched, seeds=list(range(16)), label=label, null_class=null_class, num_inference_steps=steps, image_size=size, crop=crop)
     if was_training:
         unet.train()

@@ -225,10 +225,14 @@ class PixelDDPMGenerator(Generator):
     def _scheduler(self):
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
+        # The model's own timestep spacing ("leading" for the built-in model). Not "trailing": with
+        # the cosine schedule, alpha_bar at t = 999 is ~0, so the x0 estimate of the first step is
+        # divided by ~0; DDIM's clip_sample hides that, but DPM-Solver++ (no clipping) turns it
+        # into saturated noise.
         folder = self.model_dir / "scheduler"
         if self.scheduler_name == "ddim":
-            return DDIMScheduler.from_pretrained(folder, timestep_spacing="trailing")
-        return DPMSolverMultistepScheduler.from_pretrained(folder, timestep_spacing="trailing", algorithm_type="dpmsolver++")
+            return DDIMScheduler.from_pretrained(folder)
+        return DPMSolverMultistepScheduler.from_pretrained(folder, algorithm_type="dpmsolver++")
 
     def _to_canvas(self, images: List[np.ndarray]):
         import torch
