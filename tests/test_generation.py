@@ -336,6 +336,29 @@ def test_worker_sigkill_mid_write_then_new_worker_continues(tmp_path):
     assert [m["seed"] for m in cache.metas().values()] == seqs
 
 
+def test_sd_worker_killed_then_a_new_one_continues(tmp_path, tiny_sd_adapter):
+    """The same with the real Stable-Diffusion generator (tiny pipeline through from_pretrained
+    and load_lora_weights): a worker SIGKILLed while generating and appending leaves a cache that
+    verifies clean, and a new worker continues its seed sequence."""
+    cache = SyntheticCache(tmp_path / "c")
+    w = GenerationWorker(cache, str(tiny_sd_adapter), min_fresh=10_000, max_items=10_000, batch_size=2, seed=0, num_threads=1, poll_interval=0.01)
+    w.start(wait=True, timeout=120)
+    _wait_for(lambda: len(cache) >= 4, timeout=120, what="SD records")
+    os.kill(w.pid, signal.SIGKILL)
+    _wait_for(lambda: not w.is_alive(), what="the killed worker to be reaped")
+    with pytest.raises(GenerationWorkerError, match="killed by signal SIGKILL"):
+        w.raise_if_failed()
+    report = cache.verify()
+    assert report["corrupt"] == 0 and report["ok"] == len(cache) and len(cache) % 2 == 0
+    killed_at = len(cache)
+    with GenerationWorker(cache, str(tiny_sd_adapter), min_fresh=killed_at + 4, max_items=10_000, batch_size=2, seed=0, num_threads=1, poll_interval=0.01):
+        _wait_for(lambda: len(cache) >= killed_at + 4, timeout=120, what="the new worker's records")
+    assert cache.verify()["corrupt"] == 0
+    metas = cache.metas()
+    assert [m["seed"] for m in metas.values()] == cache.seqs() == list(range(len(cache)))  # no seed repeated or skipped
+    assert all(m["adapter_hash"] == metas[0]["adapter_hash"] and m["backend"] == "stable-diffusion" for m in metas.values())
+
+
 def test_stop_abandons_generation_and_exits_cleanly(tmp_path):
     cache = SyntheticCache(tmp_path / "c")
     w = GenerationWorker(cache, PatternGenerator(delay=30.0), min_fresh=4, max_items=10, batch_size=4)
