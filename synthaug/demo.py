@@ -51,8 +51,8 @@ class DemoConfig:
     batch_size: int = 64
     generation_steps: int = 20
     scheduler: str = "dpm++"
-    guidance_scale: float = 1.0
-    min_fresh: int = 512
+    guidance_scale: float = 2.0
+    min_fresh: int = 10000  # more than the synthetic arm draws: the worker's core never idles
     max_items: int = 20000
     test_size: Optional[int] = None
     overwrite: bool = False
@@ -60,6 +60,8 @@ class DemoConfig:
     def check(self) -> None:
         if not 0 <= self.ratio < 1:
             raise ValueError(f"--ratio must be in [0, 1), got {self.ratio}")
+        if self.max_items < self.min_fresh:
+            raise ValueError(f"--max-items ({self.max_items}) must be >= --min-fresh ({self.min_fresh})")
         for name in ("shots", "per_class", "lora_steps", "train_steps", "batch_size", "generation_steps", "min_fresh", "max_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from synthaug.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
 
-__all__ = ["PretrainConfig", "UNET_CONFIG", "SCHEDULER_CONFIG", "build_unet", "pretrain"]
+__all__ = ["PretrainConfig", "UNET_CONFIG", "SCHEDULER_CONFIG", "GENERATION_DEFAULTS", "build_unet", "pretrain"]
 
 # The architecture of the shipped model: 1.06 M parameters, 32×32×1, attention only in the
 # 8×8 middle block, class-conditional through an embedding table of 10 classes + 1 null slot.
@@ -50,6 +50,12 @@ UNET_CONFIG = dict(
     num_class_embeds=len(FASHION_MNIST_CLASSES) + 1,
 )
 NULL_CLASS = len(FASHION_MNIST_CLASSES)
+
+# How the exported model samples by default (``synthaug_model.json`` "generation"): measured on
+# the step-3,000 export, a reference CNN recognised 48% of DPM++ images at guidance 1, 81% at
+# guidance 2 and 88% at guidance 3 (DDIM with eta=1 at 40 steps: 79%); guidance 2 keeps more
+# variety than 3 for the same cost.
+GENERATION_DEFAULTS = {"scheduler": "dpm++", "num_inference_steps": 20, "guidance_scale": 2.0}
 
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
@@ -159,6 +165,7 @@ def _export(ema, cfg: PretrainConfig, step: int, out: Path, classes_seen: List[i
         "crop": [2, 2, 28, 28],
         "channels": 1,
         "train_steps": step,
+        "generation": dict(GENERATION_DEFAULTS),
         "pretrain": asdict(cfg),
     }
     (tmp / "synthaug_model.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -51,16 +51,32 @@ def _canvas(images: List[np.ndarray], size: int, crop) -> "torch.Tensor":
     return out
 
 
-def _validation_grid(unet, model_dir: Path, label: int, null_class: int, size: int, crop, real: List[np.ndarray], steps: int, path: Path) -> None:
-    from diffusers import DDIMScheduler
+def generation_defaults(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The generation settings an adapter of this model records: the model's own
+    (``synthaug_model.json`` ``generation``), else the generator's defaults."""
+    from synthaug.generation.ddpm import _DEFAULTS
+
+    out = {k: _DEFAULTS[k] for k in ("num_inference_steps", "guidance_scale", "scheduler")}
+    out.update({k: v for k, v in (model_cfg.get("generation") or {}).items() if k in out})
+    return out
+
+
+def _validation_grid(unet, model_dir: Path, label: int, null_class: int, size: int, crop, real: List[np.ndarray], steps: int, path: Path,
+                     generation: Dict[str, Any]) -> None:
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     from synthaug.generation.ddpm import sample_pixel_ddpm
     from synthaug.imaging import save_image_grid
 
     was_training = unet.training
     unet.eval()
-    sched = DDIMScheduler.from_pretrained(model_dir / "scheduler")  # the model's own spacing, as the generator
-    fake = sample_pixel_ddpm(unet, sched, seeds=list(range(16)), label=label, null_class=null_class, num_inference_steps=steps, image_size=size, crop=crop)
+    # the sampler, guidance and spacing the generator will use (only the step count may differ)
+    if generation["scheduler"] == "dpm++":
+        sched = DPMSolverMultistepScheduler.from_pretrained(model_dir / "scheduler", algorithm_type="dpmsolver++")
+    else:
+        sched = DDIMScheduler.from_pretrained(model_dir / "scheduler")
+    fake = sample_pixel_ddpm(unet, sched, seeds=list(range(16)), label=label, null_class=null_class, num_inference_steps=steps,
+                             guidance_scale=float(generation["guidance_scale"]), image_size=size, crop=crop)
     if was_training:
         unet.train()
     from PIL import Image
@@ -160,7 +176,8 @@ def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, c
             raise ValueError(f"{out} already trained {step} steps; pass a larger --steps to continue")
     validation_every = cfg.validation_every or max(1, cfg.steps // 4)
     checkpoint_every = cfg.checkpoint_every or validation_every
-    val_steps = cfg.validation_steps or 40
+    generation = generation_defaults(model_cfg)
+    val_steps = cfg.validation_steps or int(generation["num_inference_steps"])
     (out / "validation").mkdir(exist_ok=True)
 
     t0 = time.time()
@@ -186,7 +203,7 @@ def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, c
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean([v for _, v in losses[-20:]]):.4f}")
         if step % validation_every == 0 or step == cfg.steps:
-            _validation_grid(unet, model_dir, label, null_class, size, crop, train.images, val_steps, out / "validation" / f"step-{step:06d}.png")
+            _validation_grid(unet, model_dir, label, null_class, size, crop, train.images, val_steps, out / "validation" / f"step-{step:06d}.png", generation)
         if step % checkpoint_every == 0 or step == cfg.steps:
             ckpts.save(
                 step,
@@ -242,7 +259,7 @@ def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, c
             },
             "train_images": train.records,
             "skipped_files": train.skipped,
-            "generation": {"num_inference_steps": 40, "guidance_scale": 1.0, "scheduler": "ddim"},
+            "generation": generation,
         },
     )
     return out
