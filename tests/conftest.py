@@ -28,3 +28,16 @@ def tiny_ddpm_dir(tmp_path_factory):
     from tests.helpers.tiny_sd import write_tiny_pixel_ddpm
 
     return write_tiny_pixel_ddpm(tmp_path_factory.mktemp("tiny-ddpm") / "model")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a test module (``pytestmark = pytest.mark.usefixtures(...)``): on
+    a small shared machine, OpenMP threads of two busy processes spin against each other and make
+    every operator ~100× slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
