@@ -52,29 +52,23 @@ def _canvas(images: List[np.ndarray], size: int, crop) -> "torch.Tensor":
 
 
 def generation_defaults(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """The generation settings an adapter of this model records: the model's own
-    (``synthaug_model.json`` ``generation``), else the generator's defaults."""
-    from synthaug.generation.ddpm import _DEFAULTS
+    """The generation settings an adapter of this model records: sampler, steps and guidance as
+    the generator would use them for the bare model."""
+    from synthaug.generation.ddpm import model_generation_settings
 
-    out = {k: _DEFAULTS[k] for k in ("num_inference_steps", "guidance_scale", "scheduler")}
-    out.update({k: v for k, v in (model_cfg.get("generation") or {}).items() if k in out})
-    return out
+    settings = model_generation_settings(model_cfg)
+    return {k: settings[k] for k in ("num_inference_steps", "guidance_scale", "scheduler")}
 
 
 def _validation_grid(unet, model_dir: Path, label: int, null_class: int, size: int, crop, real: List[np.ndarray], steps: int, path: Path,
                      generation: Dict[str, Any]) -> None:
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-    from synthaug.generation.ddpm import sample_pixel_ddpm
+    from synthaug.generation.ddpm import make_scheduler, sample_pixel_ddpm
     from synthaug.imaging import save_image_grid
 
     was_training = unet.training
     unet.eval()
     # the sampler, guidance and spacing the generator will use (only the step count may differ)
-    if generation["scheduler"] == "dpm++":
-        sched = DPMSolverMultistepScheduler.from_pretrained(model_dir / "scheduler", algorithm_type="dpmsolver++")
-    else:
-        sched = DDIMScheduler.from_pretrained(model_dir / "scheduler")
+    sched = make_scheduler(model_dir, generation["scheduler"])
     fake = sample_pixel_ddpm(unet, sched, seeds=list(range(16)), label=label, null_class=null_class, num_inference_steps=steps,
                              guidance_scale=float(generation["guidance_scale"]), image_size=size, crop=crop)
     if was_training:

@@ -18,7 +18,7 @@ import numpy as np
 
 from synthaug.generation.base import GeneratedBatch, Generator, default_device, default_dtype, dtype_kwargs, per_image_seeds
 
-__all__ = ["PixelDDPMGenerator", "SCHEDULERS", "load_lora_into_unet", "sample_pixel_ddpm", "MODEL_CONFIG"]
+__all__ = ["PixelDDPMGenerator", "SCHEDULERS", "load_lora_into_unet", "make_scheduler", "model_generation_settings", "sample_pixel_ddpm", "MODEL_CONFIG"]
 
 MODEL_CONFIG = "synthaug_model.json"
 SCHEDULERS = ("ddim", "dpm++")
@@ -53,6 +53,32 @@ def load_lora_into_unet(unet, adapter_dir: Union[str, Path], config: Dict[str, A
         for module in unet.modules():
             if isinstance(module, BaseTunerLayer):
                 module.merge()
+
+
+def model_generation_settings(model_config: Dict[str, Any]) -> Dict[str, Any]:
+    """Generation settings of a pixel-DDPM model folder: the generator's defaults, overridden by
+    the model's own (``synthaug_model.json`` ``"generation"``). Keys as ``_DEFAULTS``."""
+    settings = dict(_DEFAULTS)
+    settings.update(model_config.get("generation") or {})
+    return settings
+
+
+def make_scheduler(model_dir: Union[str, Path], name: str):
+    """The sampler ``name`` (one of :data:`SCHEDULERS`) built from the model's ``scheduler/``.
+
+    It keeps the model's own timestep spacing ("leading" for the built-in model). Not
+    "trailing": with the cosine schedule, alpha_bar at t = 999 is ~0, so the x0 estimate of the
+    first step is divided by ~0; DDIM's clip_sample hides that, but DPM-Solver++ (no clipping)
+    turns it into saturated noise.
+    """
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    folder = Path(model_dir) / "scheduler"
+    if name == "ddim":
+        return DDIMScheduler.from_pretrained(folder)
+    if name == "dpm++":
+        return DPMSolverMultistepScheduler.from_pretrained(folder, algorithm_type="dpmsolver++")
+    raise ValueError(f"unknown scheduler {name!r} for the pixel DDPM; choose one of {SCHEDULERS}")
 
 
 class PixelDDPMGenerator(Generator):
@@ -122,8 +148,7 @@ class PixelDDPMGenerator(Generator):
                 "choose the class with label= instead of prompt="
             )
         self.label_names = list(self.model_config.get("classes") or []) or None
-        settings = dict(_DEFAULTS)
-        settings.update(self.model_config.get("generation") or {})
+        settings = model_generation_settings(self.model_config)
         settings.update(self.adapter_config.get("generation") or {})
         given = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler": scheduler, "eta": eta}
         settings.update({k: v for k, v in given.items() if v is not None})
@@ -223,16 +248,7 @@ class PixelDDPMGenerator(Generator):
         return arrays, [image_sha256(a) for a in arrays]
 
     def _scheduler(self):
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-        # The model's own timestep spacing ("leading" for the built-in model). Not "trailing": with
-        # the cosine schedule, alpha_bar at t = 999 is ~0, so the x0 estimate of the first step is
-        # divided by ~0; DDIM's clip_sample hides that, but DPM-Solver++ (no clipping) turns it
-        # into saturated noise.
-        folder = self.model_dir / "scheduler"
-        if self.scheduler_name == "ddim":
-            return DDIMScheduler.from_pretrained(folder)
-        return DPMSolverMultistepScheduler.from_pretrained(folder, algorithm_type="dpmsolver++")
+        return make_scheduler(self.model_dir, self.scheduler_name)
 
     def _to_canvas(self, images: List[np.ndarray]):
         import torch
