@@ -147,25 +147,29 @@ def train_and_evaluate(
     device: str = "cpu",
     sampler=None,
     progress: bool = True,
+    multilabel: bool = False,
 ) -> ArmResult:
     """Train a fresh classifier (init seeded by ``seed``) for ``steps`` steps on ``loader``,
-    counting rare-class draws, and evaluate it on ``test_loader``."""
+    counting rare-class draws, and evaluate it on ``test_loader``.
+
+    ``multilabel``: targets are multi-hot vectors (``num_classes`` labels, BCE loss) and ``rare``
+    is the finding's label index; the metrics are :func:`multilabel_rare_metrics`."""
     import torch
 
     from synthaug.evaluation.classifier import build_classifier, predict, train_classifier
-    from synthaug.evaluation.metrics import rare_class_metrics
+    from synthaug.evaluation.metrics import multilabel_rare_metrics, rare_class_metrics
 
     torch.manual_seed(seed)
     net = build_classifier(model, in_channels=in_channels, num_classes=num_classes)
     rare_draws = [0]
 
     def count(step, x, y):
-        rare_draws[0] += int((y == rare).sum())
+        rare_draws[0] += int((y[:, rare] > 0).sum()) if multilabel else int((y == rare).sum())
 
     t0 = time.time()
-    training = train_classifier(net, loader, steps=steps, lr=lr, device=device, progress=progress, desc=name, on_step=count)
-    y, pred, scores = predict(net, test_loader, device=device)
-    metrics = rare_class_metrics(y, pred, rare, scores)
+    training = train_classifier(net, loader, steps=steps, lr=lr, device=device, progress=progress, desc=name, on_step=count, multilabel=multilabel)
+    y, pred, scores = predict(net, test_loader, device=device, multilabel=multilabel)
+    metrics = multilabel_rare_metrics(y, scores, rare) if multilabel else rare_class_metrics(y, pred, rare, scores)
     training["wall_s_with_eval"] = time.time() - t0
     stats = sampler.stats() if sampler is not None and hasattr(sampler, "stats") else {}
     return ArmResult(name, metrics, training, _jsonable(stats), rare_draws[0])
