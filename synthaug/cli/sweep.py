@@ -1,0 +1,89 @@
+"""``synthaug sweep``: the paper's study — ratio sweep, real-only and matched-cardinality
+oversampling controls, several seeds, paired statistics and plots."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register"]
+
+
+def _floats(text: str):
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str):
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _seeds(text: str):
+    values = _ints(text)
+    return values[0] if "," not in text and len(values) == 1 else values
+
+
+def run(args: argparse.Namespace) -> int:
+    from synthaug.evaluation.sweep import SweepConfig, run_sweep
+
+    given = {k: v for k, v in vars(args).items() if k in SweepConfig.__dataclass_fields__ and v is not None}
+    if args.overwrite is False:
+        given.pop("overwrite", None)
+    if args.worker is False:
+        given.pop("worker", None)
+    cfg = SweepConfig.from_yaml(args.config, **given) if args.config else SweepConfig.from_dict(given, source="command line")
+    run_sweep(cfg, progress=not args.no_progress)
+    return 0
+
+
+def register(sub) -> None:
+    from synthaug.evaluation.sweep import ARM_KINDS, SweepConfig
+
+    d = SweepConfig()
+    p = sub.add_parser(
+        "sweep",
+        help="the paper's study: ratio sweep with real-only and oversampling controls, seeds, statistics, plots",
+        description=__doc__ + " Settings come from --config (YAML, keys = the long flag names with '_' for '-'), "
+        "then the flags given here, then the defaults shown. An interrupted sweep resumes when run again with the same settings and --out.",
+    )
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (e.g. examples/sweep_fashion_mnist.yaml)")
+    p.add_argument("--dataset", help=f"fashion-mnist, imagefolder:DIR (DIR/train/<class>/, DIR/test/<class>/) or csv:FILE (multi-label, ChestX-ray14 style) (default: {d.dataset})")
+    p.add_argument("--data", help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
+    p.add_argument("--rare-class", help=f"the rare class (a CSV dataset: the rare finding) (default: {d.rare_class})")
+    p.add_argument("--shots", type=int, help=f"real training images of the rare class (default: {d.shots})")
+    p.add_argument("--per-class", type=int, help=f"real training images of every other class (default: {d.per_class})")
+    p.add_argument("--ratios", type=_floats, help=f"synthetic ratios, comma-separated (default: {','.join(f'{r:g}' for r in d.ratios)})")
+    p.add_argument("--seeds", type=_seeds, help=f"number of seeds (0..N-1) or a comma-separated list (default: {d.seeds})")
+    p.add_argument("--epochs", type=float, help=f"training length in passes over the real training set, the same step count for every arm (default: {d.epochs:g})")
+    p.add_argument("--steps", type=int, help="training steps per arm (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, help=f"classifier batch size (default: {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"classifier learning rate, Adam (default: {d.lr:g})")
+    p.add_argument("--model", choices=["small-cnn", "resnet18"], help=f"classifier (default: {d.model})")
+    p.add_argument("--arms", help=f"comma-separated arm kinds out of {','.join(ARM_KINDS)} (default: {','.join(d.arms)})")
+    p.add_argument("--adapter", help="LoRA adapter folder used for every seed (default: train one per seed on its shots)")
+    p.add_argument("--cache", help="an existing synthetic cache to mix from (default: generate --synthetic-images per seed)")
+    p.add_argument("--base-model", help=f"base model of the per-seed LoRA (default: {d.base_model})")
+    p.add_argument("--prompt", help="prompt of a Stable-Diffusion base model's LoRA")
+    p.add_argument("--lora-steps", type=int, help=f"LoRA training steps (default: {d.lora_steps})")
+    p.add_argument("--lora-rank", type=int, help=f"LoRA rank (default: {d.lora_rank})")
+    p.add_argument("--synthetic-images", type=int, help=f"synthetic images generated per seed before training (default: {d.synthetic_images})")
+    p.add_argument("--set-sizes", type=_ints, help=f"smaller synthetic pools for the set-size plot, comma-separated; '' for none (default: {','.join(map(str, d.set_sizes))})")
+    p.add_argument("--set-size-ratio", type=float, help=f"ratio of the set-size arms (default: {d.set_size_ratio:g})")
+    p.add_argument("--generation-steps", type=int, help="denoising steps (default: the adapter's)")
+    p.add_argument("--scheduler", help="sampler: ddim, dpm++, ... (default: the adapter's)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the adapter's)")
+    p.add_argument("--worker", action="store_true", default=None, help="keep a GenerationWorker topping up the pool while the arms train (default: pre-fill only)")
+    p.add_argument("--image-size", type=int, help=f"image side for imagefolder/csv datasets (default: {d.image_size})")
+    p.add_argument("--channels", type=int, choices=[1, 3], help="1 (gray) or 3 (RGB) for imagefolder/csv (default: 3 for imagefolder, 1 for csv)")
+    p.add_argument("--test-size", type=int, help="evaluate on a fixed random subset of the test set (default: all of it)")
+    p.add_argument("--num-workers", type=int, help=f"DataLoader workers (default: {d.num_workers})")
+    p.add_argument("--device", help=f"cpu, cuda, cuda:N or auto (default: {d.device})")
+    p.add_argument("--bootstrap", type=int, help=f"bootstrap resamples of each CI (default: {d.bootstrap})")
+    p.add_argument("--out", help=f"report folder (default: {d.out})")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace --out when it holds other results (default: refuse; same settings: resume)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    p.set_defaults(func=run)

@@ -1,0 +1,862 @@
+"""``synthaug sweep``: the paper's study, with the control its reviewer asked for.
+
+For every seed (one few-shot split, one adapter, one classifier initialisation):
+
+1. The imbalanced training set: ``shots`` real images of the rare class, ``per_class`` of every
+   other class (multi-label CSVs: ``shots`` images with the finding, at most
+   ``per_class × (labels − 1)`` without it).
+2. The adapter: ``adapter`` if given (the same for every seed), else a LoRA trained on this
+   seed's ``shots`` images (``base_model``, ``lora_steps``). The leakage guard refuses a test set
+   holding any of the adapter's training images.
+3. The synthetic pool: ``cache`` if given, else ``synthetic_images`` images generated into this
+   seed's cache before training (``worker: true`` also keeps a GenerationWorker topping it up
+   while the arms train).
+4. The arms, each the same classifier trained the same number of steps with the same batch size
+   and evaluated on the real test set only:
+
+   * ``real_only``;
+   * ``oversampled@r``: the real rare images repeated, mixed by the same RatioBatchSampler at the
+     same ratio r as ``synthetic@r`` — the same count of rare-class draws (matched cardinality);
+   * ``classic_aug@r``: ``oversampled@r`` with standard torchvision augmentation of the repeats;
+   * ``synthetic@r``: the synthetic pool mixed at ratio r;
+   * ``synthetic+classic_aug@r`` (optional): the same with the augmentation on synthetic images;
+   * ``synthetic@r/n=N``: the pool cut to its first N images (the synthetic-set-size effect).
+
+Outputs in ``out``: ``results.json`` (one row per arm × seed, written as each finishes, so an
+interrupted sweep resumes where it stopped), ``summary.json`` and ``summary.md`` (mean ± std per
+arm; every synthetic arm against ``real_only`` and its matched ``oversampled@r``: paired mean
+difference, 95% bootstrap CI, sign-flip and t-test p-values), ``ratio_curves.png`` and
+``set_size.png``, and ``sweep.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = ["SweepConfig", "StudyData", "load_study_data", "run_sweep", "summarize_results", "ARM_KINDS"]
+
+ARM_KINDS = ("real_only", "oversampled", "classic_aug", "synthetic", "synthetic+classic_aug")
+COMPARED_METRICS = ("rare_recall", "rare_f1", "rare_precision", "rare_average_precision", "accuracy")
+_RESULTS_VERSION = 1
+
+
+@dataclass
+class SweepConfig:
+    """Settings of ``synthaug sweep`` (YAML keys = these field names; see ``synthaug sweep --help``)."""
+
+    dataset: str = "fashion-mnist"
+    data: Optional[str] = None
+    rare_class: Optional[str] = "Shirt"
+    shots: int = 30
+    per_class: Optional[int] = 1000
+    ratios: List[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75])
+    seeds: Union[int, List[int]] = 5
+    epochs: float = 4.0
+    steps: Optional[int] = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    model: str = "small-cnn"
+    arms: List[str] = field(default_factory=lambda: ["real_only", "oversampled", "classic_aug", "synthetic"])
+    adapter: Optional[str] = None
+    cache: Optional[str] = None
+    base_model: str = "builtin:fashion-mnist-ddpm"
+    prompt: Optional[str] = None
+    lora_steps: int = 400
+    lora_rank: int = 8
+    synthetic_images: int = 1000
+    set_sizes: List[int] = field(default_factory=lambda: [30, 100, 300])
+    set_size_ratio: float = 0.25
+    generation_steps: Optional[int] = None
+    scheduler: Optional[str] = None
+    guidance_scale: Optional[float] = None
+    worker: bool = False
+    image_size: int = 64
+    channels: Optional[int] = None
+    test_size: Optional[int] = None
+    num_workers: int = 0
+    device: str = "auto"
+    bootstrap: int = 10_000
+    out: str = "sweep-report"
+    overwrite: bool = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any], *, source: str = "config") -> "SweepConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+        return cls(**{k: v for k, v in values.items()})
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, os.PathLike], **overrides: Any) -> "SweepConfig":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"sweep config {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a mapping of settings, not a {type(values).__name__}")
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(values, source=str(path))
+
+    @property
+    def seed_list(self) -> List[int]:
+        if isinstance(self.seeds, int):
+            return list(range(self.seeds))
+        return [int(s) for s in self.seeds]
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first bad setting."""
+        self.ratios = [float(r) for r in (self.ratios or [])]
+        self.set_sizes = [int(n) for n in (self.set_sizes or [])]
+        if isinstance(self.arms, str):
+            self.arms = [a.strip() for a in self.arms.split(",") if a.strip()]
+        bad = [a for a in self.arms if a not in ARM_KINDS]
+        if bad:
+            raise ValueError(f"unknown arm(s) {bad}; choose from {list(ARM_KINDS)}")
+        if not self.arms:
+            raise ValueError("no arms to train")
+        needs_ratio = any(a != "real_only" for a in self.arms)
+        if needs_ratio and not self.ratios:
+            raise ValueError("give at least one ratio (--ratios)")
+        for r in self.ratios + ([self.set_size_ratio] if self.set_sizes else []):
+            if not 0 < r < 1:
+                raise ValueError(f"ratios must be in (0, 1), got {r}")
+        if len(set(self.ratios)) != len(self.ratios):
+            raise ValueError(f"--ratios holds duplicates: {self.ratios}")
+        seeds = self.seed_list
+        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ValueError(f"--seeds must be a positive count or distinct non-negative seeds, got {self.seeds!r}")
+        for name in ("shots", "batch_size", "lora_steps", "lora_rank", "synthetic_images", "image_size", "bootstrap"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.per_class is not None and self.per_class < 1:
+            raise ValueError(f"--per-class must be >= 1, got {self.per_class}")
+        if self.steps is None and not self.epochs > 0:
+            raise ValueError(f"--epochs must be > 0, got {self.epochs}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if any(n < 1 for n in self.set_sizes):
+            raise ValueError(f"--set-sizes must be >= 1, got {self.set_sizes}")
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"--channels must be 1 or 3, got {self.channels}")
+        if self.adapter and self.cache and self.worker:
+            raise ValueError("--worker fills a cache from the adapter; with --cache given, run `synthaug worker` on it instead")
+        from synthaug.evaluation.classifier import CLASSIFIERS
+
+        if self.model not in CLASSIFIERS:
+            raise ValueError(f"--model must be one of {CLASSIFIERS}, got {self.model!r}")
+        self.dataset_kind()
+
+    def dataset_kind(self):
+        kind, _, arg = self.dataset.partition(":")
+        if kind == "fashion-mnist" and not arg:
+            return kind, self.data
+        if kind in ("imagefolder", "csv") and arg:
+            return kind, arg
+        raise ValueError(f"--dataset must be fashion-mnist, imagefolder:DIR or csv:FILE, got {self.dataset!r}")
+
+    def arm_plan(self) -> List[Dict[str, Any]]:
+        """The arms each seed trains, in order: ``[{"arm", "kind", "ratio", "pool"}]``."""
+        plan: List[Dict[str, Any]] = []
+        if "real_only" in self.arms:
+            plan.append({"arm": "real_only", "kind": "real_only", "ratio": 0.0, "pool": None})
+        ratios = sorted(self.ratios)
+        for r in ratios:
+            for kind in ARM_KINDS[1:]:
+                if kind in self.arms:
+                    plan.append({"arm": f"{kind}@{r:g}", "kind": kind, "ratio": r, "pool": None})
+        if "synthetic" in self.arms:
+            for n in sorted(set(self.set_sizes)):
+                if self.cache is None and n >= self.synthetic_images:
+                    continue
+                plan.append({"arm": f"synthetic@{self.set_size_ratio:g}/n={n}", "kind": "synthetic", "ratio": self.set_size_ratio, "pool": n})
+            if self.set_sizes and self.set_size_ratio not in ratios:
+                r = self.set_size_ratio
+                plan.append({"arm": f"synthetic@{r:g}", "kind": "synthetic", "ratio": r, "pool": None})
+                if "oversampled" in self.arms:
+                    plan.append({"arm": f"oversampled@{r:g}", "kind": "oversampled", "ratio": r, "pool": None})
+        return plan
+
+    def identity(self) -> Dict[str, Any]:
+        """The settings that decide the results (not where they go, nor how they are displayed)."""
+        d = asdict(self)
+        for k in ("out", "overwrite", "num_workers", "bootstrap", "device"):
+            d.pop(k)
+        d["seeds"] = self.seed_list
+        return d
+
+
+# ---------------------------------------------------------------------------------- data
+class _Resized:
+    """Images of ``dataset`` as PIL images of ``mode`` resized to ``size``×``size`` (targets kept)."""
+
+    def __init__(self, dataset, size: int, mode: str) -> None:
+        self.dataset, self.size, self.mode = dataset, size, mode
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return _resize(x, self.size, self.mode), y
+
+
+def _resize(image, size: int, mode: str):
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        from synthaug.imaging import to_hwc_uint8
+
+        arr = to_hwc_uint8(image)
+        image = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    image = image.convert(mode)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    return image
+
+
+class PILResize:
+    """Picklable transform: a PIL image (or uint8 array) → ``mode`` at ``size``×``size``."""
+
+    def __init__(self, size: int, mode: str) -> None:
+        self.size, self.mode = size, mode
+
+    def __call__(self, image):
+        return _resize(image, self.size, self.mode)
+
+
+@dataclass
+class StudyData:
+    """A dataset ready for the study: the full training pool and the test set.
+
+    ``train``/``test`` return ``(PIL image, target)``; ``targets`` are the training pool's class
+    indices (N) or multi-hot rows (N×L); ``prepare`` (PIL → PIL at the study's size, or ``None``)
+    is applied to real images when the split is made and to synthetic images by the mixer;
+    ``transform`` (PIL → normalized tensor) to every image after that.
+    """
+
+    name: str
+    train: Any
+    test: Any
+    classes: List[str]
+    rare: int
+    multilabel: bool
+    channels: int
+    size: int
+    targets: np.ndarray
+    transform: Callable
+    prepare: Optional[Callable] = None
+
+    def split(self, *, shots: int, per_class: Optional[int], seed: int):
+        """``(train_indices, rare_indices)`` of this seed's imbalanced training set."""
+        if not self.multilabel:
+            from synthaug.data.splits import few_shot_split
+
+            s = few_shot_split(self.train, self.rare, shots=shots, per_class=per_class, seed=seed)
+            return s.train, s.rare
+        rng = np.random.default_rng(seed)
+        has = np.nonzero(self.targets[:, self.rare] > 0)[0]
+        without = np.nonzero(self.targets[:, self.rare] == 0)[0]
+        if shots > len(has):
+            raise ValueError(f"finding {self.classes[self.rare]!r} has {len(has)} training images; cannot draw {shots} shots")
+        rare_idx = np.sort(rng.choice(has, size=shots, replace=False))
+        cap = None if per_class is None else per_class * max(1, len(self.classes) - 1)
+        others = without if cap is None or cap >= len(without) else rng.choice(without, size=cap, replace=False)
+        return np.sort(np.concatenate([rare_idx, others])), rare_idx
+
+    def real_subset(self, indices):
+        import torch
+
+        subset = torch.utils.data.Subset(self.train, [int(i) for i in indices])
+        return subset if self.prepare is None else _Resized(subset, self.size, "L" if self.channels == 1 else "RGB")
+
+    def image(self, index: int):
+        x = self.train[int(index)][0]
+        return x if self.prepare is None else self.prepare(x)
+
+
+def _normalize(channels: int):
+    from torchvision import transforms as T
+
+    return T.Compose([T.ToTensor(), T.Normalize((0.5,) * channels, (0.5,) * channels)])
+
+
+def load_study_data(cfg: SweepConfig) -> StudyData:
+    """The training pool and test set named by ``cfg.dataset``, and the rare class's index.
+
+    Raises:
+        FileNotFoundError / ValueError: a missing folder or file, an unknown rare class, a folder
+            without ``train/`` and ``test/``, or test classes that differ from the training ones.
+    """
+    from synthaug.data.splits import class_index
+
+    kind, arg = cfg.dataset_kind()
+    if kind == "fashion-mnist":
+        from synthaug.data.fashion_mnist import FashionMNIST
+        from synthaug.evaluation.arms import fashion_mnist_transform
+
+        train, test = FashionMNIST(arg, train=True), FashionMNIST(arg, train=False)
+        rare = class_index(train, cfg.rare_class if cfg.rare_class is not None else "Shirt")
+        return StudyData("fashion-mnist", train, test, list(train.classes), rare, False, 1, 28, np.asarray(train.targets), fashion_mnist_transform())
+    if kind == "imagefolder":
+        from torchvision.datasets import ImageFolder
+
+        root = Path(arg)
+        if not (root / "train").is_dir() or not (root / "test").is_dir():
+            raise FileNotFoundError(f"imagefolder:{root} needs {root}/train/<class>/ and {root}/test/<class>/ folders")
+        channels = cfg.channels or 3
+        mode = "L" if channels == 1 else "RGB"
+        train, test = ImageFolder(str(root / "train")), ImageFolder(str(root / "test"))
+        if train.classes != test.classes:
+            raise ValueError(f"{root}: train classes {train.classes} differ from test classes {test.classes}")
+        if cfg.rare_class is None:
+            raise ValueError("--rare-class is required for an imagefolder dataset")
+        rare = class_index(train, cfg.rare_class)
+        prep = PILResize(cfg.image_size, mode)
+        return StudyData(f"imagefolder:{root}", train, _Resized(test, cfg.image_size, mode), list(train.classes), rare, False, channels,
+                         cfg.image_size, np.asarray(train.targets), _normalize(channels), prep)
+    from synthaug.data.csv_images import CsvImageDataset
+
+    channels = cfg.channels or 1
+    mode = "L" if channels == 1 else "RGB"
+    train, test = CsvImageDataset(arg, "train", mode=mode), CsvImageDataset(arg, "test", mode=mode)
+    if cfg.rare_class is None:
+        raise ValueError(f"--rare-class is required for a CSV dataset (one of its findings: {', '.join(train.classes)})")
+    if cfg.rare_class not in train.class_to_idx:
+        raise ValueError(f"finding {cfg.rare_class!r} is not a label of {arg}; its labels are {', '.join(train.classes)}")
+    if train.classes != test.classes:
+        missing = sorted(set(train.classes) ^ set(test.classes))
+        raise ValueError(f"{arg}: labels {missing} occur on only one side of the train/test split; the label spaces must agree")
+    rare = train.class_to_idx[cfg.rare_class]
+    prep = PILResize(cfg.image_size, mode)
+    return StudyData(f"csv:{arg}", train, _Resized(test, cfg.image_size, mode), list(train.classes), rare, True, channels, cfg.image_size,
+                     train.targets, _normalize(channels), prep)
+
+
+# ---------------------------------------------------------------------------------- running
+class _Log:
+    def __init__(self, out: Path) -> None:
+        self.path = out / "sweep.log"
+
+    def __call__(self, message: str) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message)
+        with open(self.path, "a") as f:
+            f.write(time.strftime("%H:%M:%S ") + message + "\n")
+
+
+def _prepare_out(out: Path, cfg: SweepConfig) -> List[Dict[str, Any]]:
+    """Create ``out``; return the rows of an interrupted sweep with the same settings (resume)."""
+    config_path = out / "sweep_config.json"
+    if out.exists() and any(out.iterdir()):
+        if config_path.is_file():
+            earlier = json.loads(config_path.read_text())
+            if earlier == _plain(cfg.identity()) and not cfg.overwrite:
+                results = out / "results.json"
+                return json.loads(results.read_text())["rows"] if results.is_file() else []
+            if not cfg.overwrite:
+                raise FileExistsError(f"{out} holds a sweep with other settings; choose another --out or pass --overwrite to replace it")
+        elif not cfg.overwrite:
+            raise FileExistsError(f"{out} is not empty and holds no sweep; choose another --out or pass --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(_plain(cfg.identity()), indent=2) + "\n")
+    return []
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_plain(obj), indent=2, allow_nan=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _plain(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _training_steps(cfg: SweepConfig, n_real: int) -> int:
+    return int(cfg.steps) if cfg.steps is not None else max(1, math.ceil(cfg.epochs * n_real / cfg.batch_size))
+
+
+def run_sweep(config: SweepConfig, *, progress: bool = True) -> Dict[str, Any]:
+    """Run the sweep; returns the summary (also in ``OUT/summary.json``)."""
+    import torch
+
+    cfg = config
+    cfg.check()
+    out = Path(cfg.out)
+    done_rows = _prepare_out(out, cfg)
+    log = _Log(out)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    data = load_study_data(cfg)
+    test = _TransformedTest(data)
+    if cfg.test_size:
+        test = torch.utils.data.Subset(test, np.sort(np.random.default_rng(12345).choice(len(data.test), cfg.test_size, replace=False)).tolist())
+    test_loader = torch.utils.data.DataLoader(test, batch_size=500, num_workers=cfg.num_workers)
+    test_hashes = _test_hashes(data, test, progress)
+    plan = cfg.arm_plan()
+    seeds = cfg.seed_list
+    done = {(r["arm"], r["seed"]) for r in done_rows}
+    rows = list(done_rows)
+    meta: Dict[str, Any] = {"dataset": data.name, "classes": data.classes, "rare_class": {"index": data.rare, "name": data.classes[data.rare]},
+                            "multilabel": data.multilabel, "test_images": len(test), "device": device, "leakage": {}, "seeds": {}}
+    if done:
+        log(f"resuming: {len(done)} of {len(plan) * len(seeds)} arm runs already in {out}/results.json")
+    log(f"sweep: {data.name}, rare class '{data.classes[data.rare]}', {len(seeds)} seeds x {len(plan)} arms, classifier {cfg.model} on {device}")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan) * len(seeds), initial=len(done), desc="sweep", unit="arm", dynamic_ncols=True)
+    t_start = time.time()
+    for seed in seeds:
+        todo = [p for p in plan if (p["arm"], seed) not in done]
+        seed_meta = _run_seed(cfg, data, seed, todo, test_loader, test_hashes, rows, out, log, device, bar, progress)
+        meta["seeds"][str(seed)] = seed_meta
+        meta["leakage"][str(seed)] = seed_meta.get("leakage")
+        _write_json(out / "results.json", {"version": _RESULTS_VERSION, "config": cfg.identity(), "rows": rows})
+        summarize_results(rows, out, cfg, meta=meta)
+    if bar is not None:
+        bar.close()
+    meta["wall_s"] = time.time() - t_start
+    summary = summarize_results(rows, out, cfg, meta=meta)
+    log((out / "summary.md").read_text())
+    log(f"sweep done in {meta['wall_s'] / 60:.1f} min: {out}/results.json, summary.json, summary.md, ratio_curves.png, set_size.png")
+    return summary
+
+
+class _TransformedTest:
+    def __init__(self, data: StudyData) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data.test)
+
+    def __getitem__(self, i):
+        x, y = self.data.test[i]
+        return self.data.transform(x), y
+
+
+def _test_hashes(data: StudyData, test, progress: bool) -> List[str]:
+    from synthaug.evaluation.leakage import dataset_image_hashes
+
+    # hash the images as the test set stores them (before resizing), as finetune hashed its inputs
+    raw = data.test.dataset if isinstance(data.test, _Resized) else data.test
+    if hasattr(test, "indices"):
+        import torch
+
+        raw = torch.utils.data.Subset(raw, test.indices)
+    return dataset_image_hashes(raw, progress=progress)
+
+
+def _run_seed(cfg, data: StudyData, seed: int, todo, test_loader, test_hashes, rows, out: Path, log, device, bar, progress) -> Dict[str, Any]:
+    import torch
+
+    from synthaug.cache.store import SyntheticCache
+    from synthaug.evaluation.arms import classic_augmentation, mixed_arm_loader, real_only_loader, train_and_evaluate
+    from synthaug.evaluation.leakage import check_no_leakage
+
+    seed_dir = out / "seeds" / f"seed-{seed}"
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    train_idx, rare_idx = data.split(shots=cfg.shots, per_class=cfg.per_class, seed=seed)
+    real_train = data.real_subset(train_idx)
+    steps = _training_steps(cfg, len(real_train))
+    info: Dict[str, Any] = {"train_images": len(real_train), "rare_train_images": len(rare_idx), "steps": steps}
+    needs_synthetic = any(p["kind"].startswith("synthetic") for p in todo)
+
+    # adapter, leakage guard, synthetic pool
+    adapter = None
+    cache = None
+    if any(p["kind"].startswith("synthetic") for p in cfg.arm_plan()):
+        adapter = Path(cfg.adapter) if cfg.adapter else None
+        if adapter is None and cfg.cache is None:
+            adapter = _seed_adapter(cfg, data, seed, rare_idx, seed_dir, log, progress) if needs_synthetic or not (seed_dir / "adapter").is_dir() else seed_dir / "adapter"
+        adapters = [adapter] if adapter is not None else _cache_adapters(cfg.cache)
+        if adapters:
+            info["leakage"] = check_no_leakage(adapters, test_hashes, test_name=f"the test set of {data.name}")
+            log(f"seed {seed}: leakage check passed ({info['leakage']['train_images']} adapter training images, {len(test_hashes)} test images, none shared)")
+        else:
+            info["leakage"] = {"shared": None, "checked": False, "why": f"cache {cfg.cache} names no adapter folder that exists here; the test set was not checked"}
+            log(f"seed {seed}: WARNING: {info['leakage']['why']}")
+        if needs_synthetic:
+            cache = SyntheticCache(cfg.cache) if cfg.cache else _prefill(cfg, data, seed, adapter, seed_dir, log, progress)
+            info["synthetic_pool"] = len(cache)
+    if not todo:
+        return info
+
+    rare_images = [np.asarray(data.image(i)) for i in rare_idx]
+    rare_labels = [np.nonzero(data.targets[i])[0].tolist() for i in rare_idx] if data.multilabel else data.rare
+    real_cache = SyntheticCache(seed_dir / "real_rare.lmdb", label_names=data.classes)
+    if len(real_cache) == 0:
+        real_cache.append(rare_images, rare_labels, [{"source": "real", "kind": "oversampled-real", "index": int(i)} for i in rare_idx])
+    tf = data.transform
+    aug = classic_augmentation(None, size=data.size)
+    if data.prepare is not None:
+        from torchvision import transforms as T
+
+        aug_syn = T.Compose([data.prepare, aug])
+    else:
+        aug_syn = aug
+    common = dict(rare=data.rare, steps=steps, seed=seed, model=cfg.model, in_channels=data.channels, num_classes=len(data.classes),
+                  lr=cfg.lr, device=device, progress=progress, multilabel=data.multilabel)
+    worker = None
+    threads = torch.get_num_threads()
+    if cfg.worker and cache is not None and adapter is not None:
+        from synthaug.generation.worker import GenerationWorker
+
+        torch.set_num_threads(max(1, threads - 1))  # the worker gets one core of its own
+        worker = GenerationWorker(cache, {"source": str(adapter), "overrides": _gen_overrides(cfg)}, min_fresh=cfg.synthetic_images,
+                                  max_items=max(cfg.synthetic_images * 20, 10_000), seed=seed * 1_000_000 + 500_000, num_threads=1)
+        worker.start()
+    try:
+        for p in todo:
+            kind, r = p["kind"], p["ratio"]
+            consumer = f"sweep-{p['arm']}-seed{seed}"
+            if kind == "real_only":
+                loader, sampler = real_only_loader(real_train, batch_size=cfg.batch_size, seed=seed, transform=tf, num_workers=cfg.num_workers), None
+            else:
+                if kind in ("oversampled", "classic_aug"):
+                    pool = real_cache
+                elif p["pool"] is not None:
+                    pool = _pool_subset(cache, p["pool"], seed_dir / f"synthetic-n{p['pool']}.lmdb", data.classes)
+                else:
+                    pool = cache
+                syn_tf = aug_syn if kind in ("classic_aug", "synthetic+classic_aug") else data.prepare
+                loader, sampler = mixed_arm_loader(real_train, pool, ratio=r, batch_size=cfg.batch_size, seed=seed, transform=tf,
+                                                   synthetic_transform=syn_tf, consumer=consumer, num_workers=cfg.num_workers)
+            result = train_and_evaluate(p["arm"], loader, test_loader, sampler=sampler, **common).to_dict()
+            row = {"arm": p["arm"], "kind": kind, "ratio": r, "pool": p["pool"] if p["pool"] is not None else (len(cache) if kind.startswith("synthetic") and cache is not None else None),
+                   "seed": seed, **{k: result[k] for k in ("metrics", "training", "sampler", "rare_draws")}}
+            rows.append(_plain(row))
+            _write_json(out / "results.json", {"version": _RESULTS_VERSION, "config": cfg.identity(), "rows": rows})
+            m = row["metrics"]
+            log(f"seed {seed} {p['arm']:<28} recall {m['rare_recall']:.3f}  precision {m['rare_precision']:.3f}  F1 {m['rare_f1']:.3f}  "
+                f"AP {m.get('rare_average_precision', float('nan')):.3f}  accuracy {m['accuracy']:.3f}  ({row['training']['wall_s']:.0f} s, {row['rare_draws']} rare draws)")
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if worker is not None:
+            info["worker"] = _plain(worker.stop())
+            torch.set_num_threads(threads)
+    return info
+
+
+def _gen_overrides(cfg: SweepConfig) -> Dict[str, Any]:
+    o = {"num_inference_steps": cfg.generation_steps, "scheduler": cfg.scheduler, "guidance_scale": cfg.guidance_scale}
+    return {k: v for k, v in o.items() if v is not None}
+
+
+def _seed_adapter(cfg: SweepConfig, data: StudyData, seed: int, rare_idx, seed_dir: Path, log, progress: bool) -> Path:
+    """This seed's LoRA on its ``shots`` rare images (reused when an earlier run finished it)."""
+    from synthaug.adapter import is_adapter_dir, read_adapter_config
+    from synthaug.finetune import finetune_lora
+    from synthaug.imaging import to_hwc_uint8
+
+    adapter = seed_dir / "adapter"
+    if is_adapter_dir(adapter):
+        try:
+            read_adapter_config(adapter)
+            return adapter
+        except (FileNotFoundError, ValueError):
+            pass
+    images = seed_dir / "train_images"
+    if images.exists():
+        shutil.rmtree(images)
+    images.mkdir(parents=True)
+    from PIL import Image
+
+    name = data.classes[data.rare]
+    for i in rare_idx:
+        # the images as stored (not resized), so the adapter's hashes match the leakage guard's
+        arr = to_hwc_uint8(data.train[int(i)][0])
+        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(images / f"{name.replace('/', '-').lower()}_{int(i):06d}.png")
+    kwargs: Dict[str, Any] = {}
+    if cfg.prompt:
+        kwargs.update(prompt=cfg.prompt, label=data.rare, class_name=name)
+    elif data.name == "fashion-mnist":
+        kwargs.update(class_name=name)
+    t0 = time.time()
+    path = finetune_lora(cfg.base_model, images, adapter, steps=cfg.lora_steps, rank=cfg.lora_rank, seed=seed, progress=progress,
+                         overwrite=True, min_images=min(5, len(rare_idx)), **kwargs)
+    log(f"seed {seed}: LoRA ({cfg.lora_steps} steps, rank {cfg.lora_rank}) on {len(rare_idx)} '{name}' images in {time.time() - t0:.0f} s")
+    return path
+
+
+def _prefill(cfg: SweepConfig, data: StudyData, seed: int, adapter: Path, seed_dir: Path, log, progress: bool):
+    """This seed's synthetic pool: ``synthetic_images`` images from ``adapter``, labelled as the rare class."""
+    from tqdm.auto import tqdm
+
+    from synthaug.cache.store import SyntheticCache
+    from synthaug.generation.base import load_generator
+
+    cache = SyntheticCache(seed_dir / "synthetic.lmdb", label_names=data.classes)
+    missing = cfg.synthetic_images - len(cache)
+    if missing <= 0:
+        return cache
+    t0 = time.time()
+    base_seed = seed * 1_000_000
+    with load_generator(adapter, **_gen_overrides(cfg)) as gen:
+        with tqdm(total=cfg.synthetic_images, initial=len(cache), desc=f"generate seed {seed}", unit="img", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+            while len(cache) < cfg.synthetic_images:
+                k = min(32, cfg.synthetic_images - len(cache))
+                next_seq = cache.stats()["next_seq"]
+                batch = gen.generate(k, base_seed + next_seq)
+                images = batch.images
+                if data.prepare is not None or np.asarray(images[0]).shape[:2] != (data.size, data.size):
+                    images = [np.asarray(_resize(im, data.size, "L" if data.channels == 1 else "RGB")) for im in images]
+                cache.append(images, data.rare, batch.meta)
+                bar.update(k)
+    log(f"seed {seed}: generated {missing} synthetic '{data.classes[data.rare]}' images in {time.time() - t0:.0f} s ({missing / max(time.time() - t0, 1e-9):.1f} images/s)")
+    return cache
+
+
+def _pool_subset(cache, n: int, path: Path, label_names):
+    """A cache holding the first ``n`` records of ``cache`` (the synthetic-set-size arms)."""
+    from synthaug.cache.store import SyntheticCache
+
+    sub = SyntheticCache(path, label_names=label_names)
+    if len(sub) < n:
+        seqs = cache.seqs(limit=n)
+        have = len(sub)
+        records = cache.get_many(seqs[have:n])
+        if records:
+            sub.append([r.image for r in records], [r.label for r in records], [dict(r.meta, source_seq=int(s)) for r, s in zip(records, seqs[have:n])])
+    if len(sub) < n:
+        raise ValueError(f"the synthetic pool holds {len(sub)} images; the set-size arm needs {n}")
+    return sub
+
+
+def _cache_adapters(cache_path) -> List[Path]:
+    """Adapter folders named by a cache's records that exist here (for the leakage guard)."""
+    from synthaug.adapter import is_adapter_dir
+    from synthaug.cache.store import SyntheticCache
+
+    cache = SyntheticCache(cache_path, readonly=True)
+    names = set()
+    for seq in cache.seqs()[:: max(1, len(cache) // 256)]:
+        try:
+            adapter = cache.get(seq).meta.get("adapter")
+        except Exception:  # a damaged record: the cache's own verify reports it
+            continue
+        if adapter:
+            names.add(adapter)
+    cache.close()
+    return [Path(a) for a in sorted(names) if is_adapter_dir(a)]
+
+
+# ---------------------------------------------------------------------------------- summary
+def summarize_results(rows: Sequence[Dict[str, Any]], out: Optional[Path] = None, cfg: Optional[SweepConfig] = None, *,
+                      meta: Optional[Dict[str, Any]] = None, n_boot: Optional[int] = None) -> Dict[str, Any]:
+    """Per-arm statistics and paired comparisons from ``results.json`` rows; with ``out``, also
+    write ``summary.json``, ``summary.md``, ``ratio_curves.png`` and ``set_size.png`` there."""
+    from synthaug.evaluation.stats import describe, paired_comparison
+
+    n_boot = n_boot or (cfg.bootstrap if cfg is not None else 10_000)
+    by_arm: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    info: Dict[str, Dict[str, Any]] = {}
+    for r in rows:
+        by_arm.setdefault(r["arm"], {})[int(r["seed"])] = r
+        info.setdefault(r["arm"], {"kind": r["kind"], "ratio": r["ratio"], "pool": r.get("pool")})
+    arms = {}
+    for arm, per_seed in by_arm.items():
+        seeds = sorted(per_seed)
+        metric_names = sorted({k for r in per_seed.values() for k, v in r["metrics"].items() if isinstance(v, (int, float))})
+        arms[arm] = {**info[arm], "seeds": seeds,
+                     "metrics": {k: {**describe([per_seed[s]["metrics"].get(k, float("nan")) for s in seeds]),
+                                     "values": [per_seed[s]["metrics"].get(k) for s in seeds]} for k in metric_names},
+                     "rare_draws": describe([per_seed[s]["rare_draws"] for s in seeds]),
+                     "fresh_share": _fresh_share(per_seed.values())}
+    comparisons = []
+    for arm, per_seed in by_arm.items():
+        kind, r = info[arm]["kind"], info[arm]["ratio"]
+        if not kind.startswith("synthetic"):
+            continue
+        baselines = ["real_only", f"oversampled@{r:g}"]
+        if kind == "synthetic+classic_aug":
+            baselines.append(f"classic_aug@{r:g}")
+        for base in baselines:
+            if base not in by_arm:
+                continue
+            seeds = sorted(set(per_seed) & set(by_arm[base]))
+            if not seeds:
+                continue
+            for metric in COMPARED_METRICS:
+                a = [per_seed[s]["metrics"].get(metric, float("nan")) for s in seeds]
+                b = [by_arm[base][s]["metrics"].get(metric, float("nan")) for s in seeds]
+                comparisons.append({"arm": arm, "baseline": base, "metric": metric, "seeds": seeds, **paired_comparison(a, b, n_boot=n_boot)})
+    summary = {"arms": arms, "comparisons": comparisons, "meta": meta or {}, "config": cfg.identity() if cfg is not None else None}
+    if out is not None:
+        out = Path(out)
+        _write_json(out / "summary.json", summary)
+        (out / "summary.md").write_text(markdown_summary(summary))
+        plot_ratio_curves(summary, out / "ratio_curves.png")
+        plot_set_size(summary, out / "set_size.png")
+    return summary
+
+
+def _fresh_share(rows) -> Optional[float]:
+    served = sum(int((r.get("sampler") or {}).get("served", 0) or 0) for r in rows)
+    fresh = sum(int((r.get("sampler") or {}).get("fresh", 0) or 0) for r in rows)
+    return fresh / served if served else None
+
+
+def _arm_order(summary) -> List[str]:
+    def key(arm):
+        a = summary["arms"][arm]
+        order = {"real_only": 0, "oversampled": 1, "classic_aug": 2, "synthetic": 3, "synthetic+classic_aug": 4}[a["kind"]]
+        return (a["pool"] is not None and a["kind"] == "synthetic" and "/n=" in arm, a["ratio"], order, a["pool"] or 0)
+
+    return sorted(summary["arms"], key=key)
+
+
+def markdown_summary(summary: Dict[str, Any]) -> str:
+    """The arm table (mean ± std over seeds) and the paired-comparison table, in markdown."""
+    from synthaug.evaluation.stats import format_mean_std
+
+    lines = ["## Arms (mean ± std over seeds; real test set)", "",
+             "| arm | seeds | rare recall | rare precision | rare F1 | rare AP | accuracy | rare draws/run |", "|---|---|---|---|---|---|---|---|"]
+    for arm in _arm_order(summary):
+        a = summary["arms"][arm]
+        m = a["metrics"]
+        lines.append(f"| {arm} | {len(a['seeds'])} | " + " | ".join(format_mean_std(m.get(k, {})) for k in
+                     ("rare_recall", "rare_precision", "rare_f1", "rare_average_precision", "accuracy")) + f" | {a['rare_draws']['mean']:.0f} |")
+    comps = [c for c in summary["comparisons"] if c["metric"] in ("rare_recall", "rare_f1")]
+    n_seeds = max((c["n"] for c in comps), default=0)
+    if comps:
+        lines += ["", "## Synthetic arms against the controls (paired over seeds)", "",
+                  "Δ = arm − baseline, mean over seeds, with its 95% bootstrap CI; p: two-sided sign-flip permutation test "
+                  f"(exact; with {n_seeds} seeds its smallest possible value is {2 / 2 ** n_seeds:.4g}) and paired t-test; "
+                  "W/L: seeds where the arm is better/worse.", "",
+                  "| arm | baseline | Δ recall [95% CI] | p (perm / t) | W/L | Δ F1 [95% CI] | p (perm / t) | W/L |", "|---|---|---|---|---|---|---|---|"]
+        pairs: Dict[tuple, Dict[str, Any]] = {}
+        for c in comps:
+            pairs.setdefault((c["arm"], c["baseline"]), {})[c["metric"]] = c
+        order = {a: i for i, a in enumerate(_arm_order(summary))}
+        for (arm, base), cs in sorted(pairs.items(), key=lambda kv: (order.get(kv[0][0], 0), kv[0][1] != "real_only")):
+            cells = []
+            for metric in ("rare_recall", "rare_f1"):
+                c = cs.get(metric)
+                if c is None:
+                    cells += ["–", "–", "–"]
+                    continue
+                cells += [f"{c['mean_diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]", f"{c['p_sign_flip']:.3f} / {_fmt_p(c['p_ttest'])}",
+                          f"{c['wins']}/{c['losses']}"]
+            lines.append(f"| {arm} | {base} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt_p(p: float) -> str:
+    return "–" if p is None or (isinstance(p, float) and math.isnan(p)) else f"{p:.3f}"
+
+
+def _curve(summary, kind: str, metric: str, *, pooled: bool = False):
+    pts = []
+    for arm, a in summary["arms"].items():
+        if a["kind"] != kind or ("/n=" in arm) != pooled or metric not in a["metrics"]:
+            continue
+        m = a["metrics"][metric]
+        pts.append((a["pool"] if pooled else a["ratio"], m["mean"], m["std"]))
+    pts.sort()
+    return [np.array(v) for v in zip(*pts)] if pts else None
+
+
+def plot_ratio_curves(summary: Dict[str, Any], path: Path) -> Optional[Path]:
+    """Synthetic ratio → rare-class recall and F1 (mean ± std over seeds) with the controls as
+    bands: ``real_only`` (flat), ``oversampled@r`` and ``classic_aug@r`` (per ratio)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not summary["arms"]:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    ratios = sorted({a["ratio"] for a in summary["arms"].values() if a["kind"] != "real_only"}) or [0.0, 1.0]
+    x_lo, x_hi = min(ratios) - 0.03, max(ratios) + 0.03
+    for ax, (metric, label) in zip(axes, (("rare_recall", "rare-class recall"), ("rare_f1", "rare-class F1"))):
+        ro = summary["arms"].get("real_only", {}).get("metrics", {}).get(metric)
+        if ro:
+            ax.axhspan(ro["mean"] - ro["std"], ro["mean"] + ro["std"], xmin=0, xmax=1, color="0.6", alpha=0.25)
+            ax.axhline(ro["mean"], color="0.35", lw=1.2, ls="--", label="real_only (mean ± std)")
+        for kind, color in (("oversampled", "tab:orange"), ("classic_aug", "tab:green")):
+            c = _curve(summary, kind, metric)
+            if c is not None:
+                x, mu, sd = c
+                ax.fill_between(x, mu - sd, mu + sd, color=color, alpha=0.18, lw=0)
+                ax.plot(x, mu, color=color, lw=1.3, ls="--", marker=".", label=f"{kind}@r (matched draws, ± std)")
+        for kind, color in (("synthetic", "tab:blue"), ("synthetic+classic_aug", "tab:purple")):
+            c = _curve(summary, kind, metric)
+            if c is not None:
+                x, mu, sd = c
+                ax.errorbar(x, mu, yerr=sd, color=color, lw=2, marker="o", capsize=4, label=f"{kind}@r (± std)")
+        n = max((len(a["seeds"]) for a in summary["arms"].values()), default=0)
+        ax.set_xlim(x_lo, x_hi)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("synthetic (or repeated-real) share of every batch, r")
+        ax.set_ylabel(f"{label}, real test set")
+        ax.set_title(f"{label} vs ratio ({n} seeds)", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7.5, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_set_size(summary: Dict[str, Any], path: Path) -> Optional[Path]:
+    """Synthetic-set size → rare-class recall and F1 at one ratio (the paper's Figure 2), with
+    that ratio's ``oversampled`` control and ``real_only`` as bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    sized = {arm: a for arm, a in summary["arms"].items() if "/n=" in arm}
+    if not sized:
+        return None
+    r = next(iter(sized.values()))["ratio"]
+    full = summary["arms"].get(f"synthetic@{r:g}")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for ax, (metric, label) in zip(axes, (("rare_recall", "rare-class recall"), ("rare_f1", "rare-class F1"))):
+        pts = sorted((a["pool"], a["metrics"][metric]["mean"], a["metrics"][metric]["std"]) for a in sized.values() if metric in a["metrics"])
+        if full and metric in full["metrics"] and full.get("pool"):
+            pts.append((full["pool"], full["metrics"][metric]["mean"], full["metrics"][metric]["std"]))
+        pts.sort()
+        x, mu, sd = (np.array(v) for v in zip(*pts))
+        for base, color, text in (("real_only", "0.5", "real_only"), (f"oversampled@{r:g}", "tab:orange", f"oversampled@{r:g} (real shots repeated)")):
+            b = summary["arms"].get(base, {}).get("metrics", {}).get(metric)
+            if b:
+                ax.axhspan(b["mean"] - b["std"], b["mean"] + b["std"], color=color, alpha=0.2)
+                ax.axhline(b["mean"], color=color, ls="--", lw=1.2, label=f"{text} (mean ± std)")
+        ax.errorbar(x, mu, yerr=sd, color="tab:blue", lw=2, marker="o", capsize=4, label=f"synthetic@{r:g} (± std)")
+        ax.set_xscale("log")
+        ax.set_xticks(x, [str(int(v)) for v in x])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("distinct synthetic images in the pool")
+        ax.set_ylabel(f"{label}, real test set")
+        ax.set_title(f"{label} vs synthetic-set size (ratio {r:g})", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7.5, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,263 @@
+"""``synthaug sweep``: a reduced real sweep (per-seed LoRA on the built-in model, generation,
+every arm, statistics, plots), resume, the leakage guard, multi-label CSV and image-folder
+datasets, the CSV reader, and bad input."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synthaug.data.fashion_mnist import find_fashion_mnist
+from synthaug.evaluation.sweep import SweepConfig, run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+needs_fmnist = pytest.mark.skipif(find_fashion_mnist() is None, reason="Fashion-MNIST is not installed (scripts/bootstrap.sh installs it as root)")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _is_png(path: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.format == "PNG" and im.size[0] > 300
+
+
+@needs_fmnist
+def test_reduced_fashion_mnist_sweep_writes_results_summary_and_plots(tmp_path, capsys):
+    cfg = SweepConfig(ratios=[0.25, 0.5], seeds=2, per_class=60, shots=12, steps=25, batch_size=32, lora_steps=3,
+                      synthetic_images=24, set_sizes=[8], test_size=400, bootstrap=2000, out=str(tmp_path / "sweep"))
+    summary = run_sweep(cfg, progress=False)
+    out = tmp_path / "sweep"
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    arms = ["real_only", "oversampled@0.25", "classic_aug@0.25", "synthetic@0.25", "oversampled@0.5", "classic_aug@0.5",
+            "synthetic@0.5", "synthetic@0.25/n=8"]
+    # one row per arm x seed, each with the real-test metrics and the same number of steps
+    assert sorted((r["arm"], r["seed"]) for r in rows) == sorted((a, s) for a in arms for s in (0, 1))
+    assert {r["training"]["steps"] for r in rows} == {25}
+    for r in rows:
+        assert 0 <= r["metrics"]["rare_recall"] <= 1 and r["metrics"]["rare_support"] > 0
+    by = {(r["arm"], r["seed"]): r for r in rows}
+    for s in (0, 1):
+        # matched cardinality: the oversampled control draws the rare class exactly as often as the synthetic arm
+        assert by[("oversampled@0.5", s)]["rare_draws"] == by[("synthetic@0.5", s)]["rare_draws"]
+        assert by[("synthetic@0.5", s)]["sampler"]["served"] == by[("oversampled@0.5", s)]["sampler"]["served"] > 0
+        assert by[("synthetic@0.25", s)]["pool"] == 24 and by[("synthetic@0.25/n=8", s)]["pool"] == 8
+        assert by[("real_only", s)]["rare_draws"] < by[("oversampled@0.25", s)]["rare_draws"]
+    # per seed: a LoRA on that seed's shots, a pool of generated images, the leakage check
+    for s in (0, 1):
+        meta = json.loads((out / "seeds" / f"seed-{s}" / "adapter" / "synthaug.json").read_text())
+        assert len(meta["train_images"]) == 12 and meta["class_name"] == "Shirt"
+    assert summary["meta"]["leakage"]["0"]["shared"] == 0 and summary["meta"]["leakage"]["0"]["test_images"] == 400
+    # statistics: per arm over both seeds, comparisons against real_only and the matched control
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["arms"]["synthetic@0.5"]["metrics"]["rare_f1"]["n"] == 2
+    pairs = {(c["arm"], c["baseline"], c["metric"]) for c in on_disk["comparisons"]}
+    assert ("synthetic@0.5", "oversampled@0.5", "rare_recall") in pairs and ("synthetic@0.25/n=8", "real_only", "rare_f1") in pairs
+    c = next(c for c in on_disk["comparisons"] if c["arm"] == "synthetic@0.5" and c["baseline"] == "real_only" and c["metric"] == "rare_f1")
+    f1 = lambda arm: np.array(on_disk["arms"][arm]["metrics"]["rare_f1"]["values"])  # noqa: E731
+    assert c["mean_diff"] == pytest.approx(np.mean(f1("synthetic@0.5") - f1("real_only")))
+    md = (out / "summary.md").read_text()
+    assert "| synthetic@0.5 | oversampled@0.5 |" in md and "| real_only | 2 |" in md
+    assert _is_png(out / "ratio_curves.png") and _is_png(out / "set_size.png")
+
+    # resume: the same settings again train nothing; a lost row is trained again, alone
+    before = (out / "results.json").read_text()
+    run_sweep(SweepConfig(**{**cfg.__dict__}), progress=False)
+    assert json.loads((out / "results.json").read_text())["rows"] == json.loads(before)["rows"]
+    kept = json.loads(before)
+    lost = kept["rows"].pop()
+    (out / "results.json").write_text(json.dumps(kept))
+    capsys.readouterr()
+    run_sweep(SweepConfig(**{**cfg.__dict__}), progress=False)
+    again = json.loads((out / "results.json").read_text())["rows"]
+    assert len(again) == len(rows) and (again[-1]["arm"], again[-1]["seed"]) == (lost["arm"], lost["seed"])
+    assert f"resuming: {len(rows) - 1} of {len(rows)}" in capsys.readouterr().out
+    # other settings in the same folder are refused, not mixed in
+    with pytest.raises(FileExistsError, match="other settings"):
+        run_sweep(SweepConfig(**{**cfg.__dict__, "steps": 26}), progress=False)
+
+
+@needs_fmnist
+def test_sweep_refuses_an_adapter_trained_on_test_images(tmp_path, tiny_ddpm_dir):
+    """An adapter whose training images include Fashion-MNIST test images: the sweep stops before
+    generating anything, naming the shared image."""
+    from PIL import Image
+
+    from synthaug.data.fashion_mnist import FashionMNIST
+    from synthaug.evaluation.leakage import DataLeakageError
+    from synthaug.finetune import finetune_lora
+
+    test = FashionMNIST(train=False)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in (3, 17, 40, 41, 99):
+        test[i][0].save(images / f"test_{i}.png")
+    adapter = finetune_lora(tiny_ddpm_dir, images, tmp_path / "adapter", steps=2, class_name="a", progress=False, min_images=5)
+    cfg = SweepConfig(ratios=[0.5], seeds=1, per_class=20, shots=5, steps=5, arms=["real_only", "synthetic"], set_sizes=[],
+                      adapter=str(adapter), out=str(tmp_path / "sweep"))
+    with pytest.raises(DataLeakageError, match=r"shares 5 image\(s\) with the training images of adapter .*test_17.png = test image 17"):
+        run_sweep(cfg, progress=False)
+    assert not (tmp_path / "sweep" / "seeds" / "seed-0" / "synthetic.lmdb").exists()
+    # a subset of the test set without those images passes the guard
+    from synthaug.evaluation.leakage import check_no_leakage, dataset_image_hashes
+
+    import torch
+
+    clean = torch.utils.data.Subset(test, [0, 1, 2, 4, 5])
+    assert check_no_leakage([adapter], dataset_image_hashes(clean))["shared"] == 0
+
+
+def _digits_images(tmp_path):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.kron(d.images, np.ones((2, 2))) / 16.0 * 255
+    return images.astype(np.uint8), d.target
+
+
+def _write_digit_csv(tmp_path, n_train=900):
+    """A ChestX-ray14-shaped CSV: 16×16 gray images, '|'-separated findings, 'No Finding', a split
+    column. Findings: Even (even digit), Round (0, 6, 8, 9), Seven (the rare finding)."""
+    from PIL import Image
+
+    images, target = _digits_images(tmp_path)
+    root = tmp_path / "xray"
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i, (im, t) in enumerate(zip(images, target)):
+        name = f"{i:05d}.png"
+        Image.fromarray(im).save(root / "images" / name)
+        findings = [f for f, on in (("Even", t % 2 == 0), ("Round", t in (0, 6, 8, 9)), ("Seven", t == 7)) if on]
+        rows.append({"Image Index": name, "Finding Labels": "|".join(findings) or "No Finding", "split": "train" if i < n_train else "test"})
+    with open(root / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["Image Index", "Finding Labels", "split"])
+        w.writeheader()
+        w.writerows(rows)
+    return root / "labels.csv", images, target
+
+
+def test_multilabel_csv_sweep_with_a_given_cache(tmp_path):
+    from synthaug.cache.store import SyntheticCache
+
+    csv_path, images, target = _write_digit_csv(tmp_path)
+    # a pool of 'Seven' images (test fixture: real training-side digits, mirrored, standing in for generated ones)
+    sevens = images[:900][target[:900] == 7][:20, :, ::-1]
+    cache = SyntheticCache(tmp_path / "pool.lmdb", label_names=["Even", "Round", "Seven"])
+    cache.append(sevens, 2, {"source": "test-fixture"})
+    cache.close()
+    cfg = SweepConfig(dataset=f"csv:{csv_path}", rare_class="Seven", shots=6, per_class=150, ratios=[0.25], seeds=2, steps=15,
+                      batch_size=16, arms=["real_only", "oversampled", "synthetic"], cache=str(tmp_path / "pool.lmdb"), set_sizes=[10],
+                      image_size=16, bootstrap=500, out=str(tmp_path / "sweep"))
+    summary = run_sweep(cfg, progress=False)
+    rows = json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
+    assert sorted({r["arm"] for r in rows}) == ["oversampled@0.25", "real_only", "synthetic@0.25", "synthetic@0.25/n=10"]
+    assert len(rows) == 8
+    for r in rows:
+        m = r["metrics"]
+        assert m["rare_support"] == int(np.sum(target[900:] == 7)) and "rare_auroc" in m and 0 <= m["rare_f1"] <= 1
+    by = {(r["arm"], r["seed"]): r for r in rows}
+    assert by[("synthetic@0.25", 0)]["rare_draws"] == by[("oversampled@0.25", 0)]["rare_draws"] > by[("real_only", 0)]["rare_draws"]
+    assert summary["meta"]["multilabel"] is True
+    # the cache names no adapter: the leakage check could not run, and the summary says so
+    assert summary["meta"]["leakage"]["0"]["checked"] is False
+    assert "WARNING" in (tmp_path / "sweep" / "sweep.log").read_text()
+
+
+def test_imagefolder_sweep_controls_only(tmp_path):
+    from PIL import Image
+
+    images, target = _digits_images(tmp_path)
+    for i, (im, t) in enumerate(zip(images, target)):
+        folder = tmp_path / "digits" / ("train" if i < 1000 else "test") / f"d{t}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.stack([im, im // 2, 255 - im], axis=2)).save(folder / f"{i}.png")
+    cfg = SweepConfig(dataset=f"imagefolder:{tmp_path / 'digits'}", rare_class="d3", shots=5, per_class=40, ratios=[0.5], seeds=[7],
+                      steps=10, batch_size=16, arms=["real_only", "oversampled", "classic_aug"], set_sizes=[], image_size=20,
+                      out=str(tmp_path / "sweep"))
+    summary = run_sweep(cfg, progress=False)
+    assert sorted(summary["arms"]) == ["classic_aug@0.5", "oversampled@0.5", "real_only"]
+    assert summary["arms"]["real_only"]["seeds"] == [7] and summary["comparisons"] == []
+    assert summary["meta"]["test_images"] == len(images) - 1000
+
+
+def test_read_image_csv_forms_and_patient_split(tmp_path):
+    from PIL import Image
+
+    from synthaug.data.csv_images import CsvImageDataset, read_image_csv
+
+    for i in range(10):
+        Image.fromarray(np.full((4, 4), i * 20, np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "onehot.csv").write_text("path,Patient ID,cat,dog\n" + "".join(f"{i}.png,p{i // 2},{i % 2},{int(i > 6)}\n" for i in range(10)))
+    rows, col, labels, targets = read_image_csv(tmp_path / "onehot.csv")
+    assert col == "path" and labels == ["cat", "dog"] and targets.sum(0).tolist() == [5, 3]
+    train, test = CsvImageDataset(tmp_path / "onehot.csv", "train"), CsvImageDataset(tmp_path / "onehot.csv", "test")
+    assert len(train) + len(test) == 10 and len(test) == 2  # one patient of five, both of their images
+    assert not {f.name for f in train.files} & {f.name for f in test.files}
+    image, y = test[0]
+    assert image.mode == "L" and y.dtype.is_floating_point and y.shape == (2,)
+    (tmp_path / "bad.csv").write_text("path,cat\n0.png,maybe\n")
+    with pytest.raises(ValueError, match="must hold 0 or 1"):
+        read_image_csv(tmp_path / "bad.csv")
+    (tmp_path / "nocol.csv").write_text("name,cat\n0.png,1\n")
+    with pytest.raises(ValueError, match="no image column"):
+        read_image_csv(tmp_path / "nocol.csv")
+    (tmp_path / "missing.csv").write_text("path,cat,split\nnope.png,1,train\n0.png,1,test\n")
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        CsvImageDataset(tmp_path / "missing.csv", "train")
+    with pytest.raises(ValueError, match="the train side of the split is empty"):
+        CsvImageDataset(tmp_path / "onehot.csv", "train", test_fraction=1.0)
+
+
+def test_example_config_is_the_default_study():
+    cfg = SweepConfig.from_yaml(REPO / "examples" / "sweep_fashion_mnist.yaml")
+    cfg.check()
+    assert cfg.seed_list == [0, 1, 2, 3, 4] and cfg.ratios == [0.1, 0.25, 0.5, 0.75]
+    plan = [p["arm"] for p in cfg.arm_plan()]
+    assert plan[0] == "real_only" and len(plan) == 1 + 3 * 4 + 3 and "synthetic@0.25/n=30" in plan
+    assert SweepConfig.from_yaml(REPO / "examples" / "sweep_fashion_mnist.yaml", seeds=2).seed_list == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ratios", "0.2,1.5"], "ratios must be in (0, 1)"),
+        (["--arms", "real_only,mixup"], "unknown arm(s) ['mixup']"),
+        (["--dataset", "mnist"], "--dataset must be fashion-mnist, imagefolder:DIR or csv:FILE"),
+        (["--seeds", "0,0"], "--seeds must be"),
+        (["--model", "small-cnn", "--shots", "0"], "--shots must be >= 1"),
+        (["--config", "nope.yaml"], "sweep config nope.yaml does not exist"),
+    ],
+)
+def test_cli_bad_input_fails_in_one_line(args, message, tmp_path, capsys, monkeypatch):
+    from synthaug.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "--out", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("synthaug sweep: error:") and message in err and "\n" not in err
+
+
+def test_cli_unknown_yaml_key_and_non_sweep_folder(tmp_path, capsys):
+    from synthaug.cli import main
+
+    (tmp_path / "c.yaml").write_text("ratios: [0.5]\nratio_typo: 3\n")
+    assert main(["sweep", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "unknown key(s) ['ratio_typo']" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    assert main(["sweep", "--out", str(tmp_path / "busy"), "--seeds", "1"]) == 2
+    assert "is not empty and holds no sweep" in capsys.readouterr().err
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_cli_help_lists_the_study_settings(capsys):
+    from synthaug.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for flag in ("--config", "--dataset", "--rare-class", "--shots", "--ratios", "--seeds", "--epochs", "--model", "--adapter", "--out",
+                 "default: 0.1,0.25,0.5,0.75", "default: 5"):
+        assert flag in out
