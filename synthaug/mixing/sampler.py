@@ -480,6 +480,35 @@ class RatioBatchSampler(Sampler):
             out[prefix + "synthetic_share"] = c[prefix + "served"] / total if total else 0.0
         return out
 
+    def freshness(self) -> Dict[str, Any]:
+        """How fresh the synthetic items this sampler handed out were (all epochs so far).
+
+        Keys: ``served``, ``fresh`` (first serves; also ``distinct_served``, the distinct records
+        served), ``reused``, ``fresh_share`` (fresh / served), ``mean_serves_per_image`` (served /
+        distinct), ``serve_histogram`` (``{times served: records}`` over the records this sampler
+        may still reuse; records that reached ``max_reuse`` or were evicted are not in it),
+        ``max_reuse`` and ``waited_s``. A fresh share below what you want means the generator is
+        slower than the trainer's synthetic draws: see the README's freshness rule.
+        """
+        c = self._counters
+        served, fresh = int(c["served"]), int(c["fresh"])
+        hist: Dict[int, int] = {}
+        for buckets in self._pool.buckets:
+            for count, seqs in buckets.items():
+                if seqs:
+                    hist[int(count)] = hist.get(int(count), 0) + len(seqs)
+        return {
+            "served": served,
+            "fresh": fresh,
+            "reused": int(c["reused"]),
+            "distinct_served": fresh,
+            "fresh_share": fresh / served if served else None,
+            "mean_serves_per_image": served / fresh if fresh else None,
+            "serve_histogram": dict(sorted(hist.items())),
+            "max_reuse": self.max_reuse,
+            "waited_s": float(c["waited_s"]),
+        }
+
     def _config(self) -> Dict[str, Any]:
         return {
             "batch_size": self.batch_size,

@@ -1,0 +1,45 @@
+"""``synthaug bench``: run one of the benchmarks (the scripts in ``benchmarks/``), print its table
+and write its JSON, with the device and library versions, to ``benchmarks/results/``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+__all__ = ["register", "BENCHMARKS"]
+
+BENCHMARKS = {
+    "loader": "samples/s of a plain DataLoader vs one mixing the cache at r = 0.1/0.25/0.5",
+    "cache": "append and read records/s per encoding, against a bare py-lmdb loop",
+    "generate": "generator images/s: the pixel DDPM on CPU; SD-1.5 at 512 px, diffusers' default vs ours, on CUDA",
+    "overlap": "real-only vs pre-generate-then-train vs on-the-fly training: wall time, fresh share, waiting",
+    "ratio": "per-batch synthetic share: our sampler vs per-sample coin flip vs WeightedRandomSampler, per DDP rank",
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    module = importlib.import_module(f"synthaug.benchmarks.{args.benchmark}")
+    argv0 = sys.argv[0] if sys.argv else ""
+    try:
+        if sys.argv:
+            sys.argv[0] = f"synthaug bench {args.benchmark}"  # the benchmark's parser names itself after it
+        module.main(list(args.args))
+    finally:
+        if sys.argv:
+            sys.argv[0] = argv0
+    return 0
+
+
+def register(sub) -> None:
+    listing = "; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items())
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark (loader, cache, generate, overlap, ratio); --quick for a short run",
+        description=__doc__ + f" Benchmarks: {listing}. Flags after the name go to the benchmark: "
+        "`synthaug bench overlap --help` lists them; every benchmark has --quick (a smoke test, not figures) and --out DIR.",
+    )
+    p.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="its flags, e.g. --quick --out DIR")
+    p.set_defaults(func=run)
