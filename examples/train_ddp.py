@@ -8,6 +8,17 @@ Each rank reads its own shard of the real data and only the synthetic records wi
 gloo backend (nccl when CUDA is available). ``--cache`` is a cache filled by ``synthaug
 generate``; ``--max-batches`` fixes the batches per epoch for a quick run. Rank 0 prints the
 realized synthetic share over all ranks.
+
+Generating while training, one node-local cache and one worker per node::
+
+    torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=HOST0:29500 \
+        examples/train_ddp.py --cache /local/scratch/shirt.lmdb --worker cache/adapters/shirt --ratio 0.25
+
+``--worker SOURCE`` (an adapter folder or model, as for ``synthaug worker``): the process with
+``LOCAL_RANK`` 0 on each node starts a GenerationWorker on that node's ``--cache`` (a path on
+node-local disk: LMDB must not live on NFS), with a seed range of its own node, and the node's
+ranks split that cache's records among themselves (``cache_shard="local"``). The real data is
+still sharded over the whole world. ``--worker-device`` puts the generator on its own GPU.
 """
 
 from __future__ import annotations
@@ -31,7 +42,11 @@ from train_plain import TRANSFORM, open_cache, parse_classes, share_line, small_
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache", required=True, help="synthetic cache folder, filled by `synthaug generate`")
+    p.add_argument("--cache", required=True, help="synthetic cache folder, filled by `synthaug generate` (or by --worker)")
+    p.add_argument("--worker", default=None, metavar="SOURCE", help="generate while training: one GenerationWorker per node on a node-local --cache")
+    p.add_argument("--worker-device", default=None, help="device of each node's worker (default: the generator's)")
+    p.add_argument("--worker-threads", type=int, default=1, help="torch CPU threads of each node's worker (default 1)")
+    p.add_argument("--worker-label", type=int, default=None, help="class the worker generates, for a model without adapter (e.g. builtin:fashion-mnist-ddpm)")
     p.add_argument("--ratio", type=float, default=0.25)
     p.add_argument("--classes", nargs="*", default=None)
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
@@ -51,7 +66,21 @@ def main(argv=None) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if backend == "nccl" else torch.device("cpu")
     torch.manual_seed(args.seed)  # same initial weights on every rank
-    cache = open_cache(args.cache)
+    worker = None
+    if args.worker:
+        local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        node = rank // local_world
+        if local_rank == 0:  # one worker per node, on the node's own cache; seeds never overlap between nodes
+            cache = synthaug.SyntheticCache(args.cache, label_names=list(FashionMNIST.classes))
+            spec = {"source": args.worker, "overrides": {} if args.worker_label is None else {"label": args.worker_label}}
+            worker = synthaug.GenerationWorker(cache, spec, min_fresh=1024, max_items=50_000, seed=node * 10**9,
+                                               device=args.worker_device, num_threads=args.worker_threads).start()
+        dist.barrier()  # the cache exists before the node's other ranks open it
+        cache = synthaug.SyntheticCache(args.cache)
+        shard = {"cache_shard": "local"}
+    else:
+        cache = open_cache(args.cache)
+        shard = {}
     real = FashionMNIST(args.data_root, train=True)
     loader = synthaug.mixed_loader(
         real,
@@ -63,6 +92,7 @@ def main(argv=None) -> None:
         seed=args.seed,  # the same on every rank: the real shuffle is global, then sharded
         batches_per_epoch=args.max_batches,
         num_workers=args.workers,
+        **shard,
     )
     sampler = loader.batch_sampler
     model = DistributedDataParallel(small_cnn().to(device))
@@ -91,6 +121,10 @@ def main(argv=None) -> None:
                  "waited_s": s["waited_s"], "synthetic_share": served / max(served + real_items, 1)}
         print(f"batches in the last epoch per rank: {batches}")
         print(share_line(total, float(sampler.ratio())) + f" over {world} ranks")
+    if worker is not None:
+        status = worker.stop()
+        print(f"node {rank // int(os.environ.get('LOCAL_WORLD_SIZE', 1))}: worker made {status['generated']} images "
+              f"({status['images_per_s']:.2f} images/s)", flush=True)
     dist.destroy_process_group()
 
 

@@ -734,3 +734,61 @@ def test_loader_benchmark_smoke(tmp_path):
     result = run(quick=True, repeats=1, batches=3, configs=[("28x28 gray", 28, 1)], ratios=(0.25,), workers=(0,), n_real=256)
     assert result["mixed_over_plain"] > 0 and result["rows"]
     assert {r["loader"] for r in result["rows"]} == {"plain", "mixed r=0.25", "synthetic only"}
+
+
+def test_example_train_ddp_two_nodes_with_a_worker_and_a_cache_per_node(tmp_path):
+    """The multi-node recipe on one machine: two torchrun 'nodes' (c10d rendezvous on localhost),
+    one rank each; each node's LOCAL_RANK 0 runs a GenerationWorker on its own cache, and the
+    node's rank reads only that cache (cache_shard='local'); seeds never overlap between nodes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=synthaug-two-nodes", "examples/train_ddp.py",
+               "--cache", str(tmp_path / f"node{node}.lmdb"), "--worker", "builtin:fashion-mnist-ddpm", "--worker-label", "0",
+               "--max-batches", "3", "--batch-size", "16", "--workers", "0"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    text = outs[0][0] + outs[1][0]
+    assert "batches in the last epoch per rank: [3, 3]" in text
+    assert "realized synthetic share: 0.2500 (target 0.2500; 24 synthetic of 96 items" in text
+    assert "node 0: worker made" in text and "node 1: worker made" in text
+    seeds = {}
+    for node in (0, 1):
+        cache = SyntheticCache(tmp_path / f"node{node}.lmdb", readonly=True)
+        assert len(cache) >= 1  # the node's rank drew its 3 x 4 synthetic items from these (reusing when none was fresh)
+        seeds[node] = {r.meta["seed"] for r in cache.get_many(cache.seqs())}
+        assert set(cache.cursors(include_dead=True)) == {f"mixing-rank{node}"}  # only this node's rank read it
+        cache.close()
+    assert max(seeds[0]) < 10**9 <= min(seeds[1])
+
+
+def test_cache_shard_splits_a_node_local_cache_among_the_nodes_ranks(tmp_path, train, monkeypatch):
+    """World 4 on two nodes: global ranks 2 and 3 (node 1) share node 1's cache, half each, while
+    their real shards are the world's; a bad cache_shard fails in one line."""
+    cache = build_stand_in_cache(tmp_path / "node1", 40)
+    mixed = MixedDataset(Subset(train, range(64)), cache)
+    taken = {}
+    for rank, local in ((2, 0), (3, 1)):
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        s = RatioBatchSampler(mixed, batch_size=8, synthetic_ratio=0.5, num_replicas=4, rank=rank, cache_shard="local", consumer=f"r{rank}")
+        batches = list(s)
+        taken[rank] = {i.seq for b in batches for i in b if is_synthetic(i)}
+        real = [i for b in batches for i in b if not is_synthetic(i)]
+        assert len(real) == 16  # 64 real items over 4 ranks
+        assert s.state_dict()["config"]["cache_shard"] == [local, 2]
+    assert {q % 2 for q in taken[2]} == {0} and {q % 2 for q in taken[3]} == {1}
+    assert len(taken[2]) == len(taken[3]) == 16  # every record of the node's cache is read by one of its ranks
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    with pytest.raises(ValueError, match="reads LOCAL_WORLD_SIZE from the environment"):
+        RatioBatchSampler(mixed, batch_size=8, synthetic_ratio=0.5, cache_shard="local")
+    with pytest.raises(ValueError, match=r"needs 0 <= index < count"):
+        RatioBatchSampler(mixed, batch_size=8, synthetic_ratio=0.5, cache_shard=(2, 2))

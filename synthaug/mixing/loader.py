@@ -20,6 +20,7 @@ SAMPLER_KWARGS = (
     "drop_last",
     "num_replicas",
     "rank",
+    "cache_shard",
     "classes",
     "on_exhausted",
     "max_reuse",
@@ -46,7 +47,8 @@ def mixed_loader(
     Keyword arguments are routed by name: ``transform``, ``synthetic_transform``,
     ``target_transform``, ``on_corrupt`` go to :class:`MixedDataset`; ``shuffle``, ``seed``,
     ``drop_last``, ``num_replicas``, ``rank``, ``classes``, ``on_exhausted``, ``max_reuse``,
-    ``wait_timeout``, ``batches_per_epoch``, ``consumer``, ``cursor_interval``, ``history`` to
+    ``wait_timeout``, ``batches_per_epoch``, ``consumer``, ``cursor_interval``, ``history``,
+    ``cache_shard`` to
     :class:`RatioBatchSampler`; everything else (``num_workers``, ``pin_memory``,
     ``persistent_workers``, ``collate_fn``, ``prefetch_factor``, ...) to the DataLoader.
 

@@ -8,6 +8,7 @@ synthetic records.
 from __future__ import annotations
 
 import numbers
+import os
 import random
 import time
 import warnings
@@ -42,6 +43,22 @@ def _dist_defaults() -> Tuple[int, int]:
     return 1, 0
 
 
+def _cache_shard(value: Any, rank: int, world: int) -> Tuple[int, int]:
+    if value is None:
+        return rank, world
+    if value == "local":
+        missing = [k for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE") if k not in os.environ]
+        if missing:
+            raise ValueError(f"cache_shard='local' reads {' and '.join(missing)} from the environment (set by torchrun); they are not set")
+        value = (int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]))
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):
+        raise ValueError(f"cache_shard must be None, 'local' or (index, count), got {value!r}")
+    index, count = int(value[0]), int(value[1])
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"cache_shard (index, count) needs 0 <= index < count, got {value!r}")
+    return index, count
+
+
 def _int_arg(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -72,6 +89,11 @@ class RatioBatchSampler(Sampler):
             ``num_replicas`` instead of padding it (as ``DistributedSampler`` does).
         num_replicas, rank: DDP world size and this process's global rank; by default from
             ``torch.distributed`` when it is initialized, else 1 and 0.
+        cache_shard: which of the cache's records this rank takes, ``(index, count)``: those with
+            ``seq % count == index``. Default ``(rank, num_replicas)``: one cache shared by every
+            rank. ``"local"``: ``(LOCAL_RANK, LOCAL_WORLD_SIZE)`` from torchrun's environment, for
+            one node-local cache (and one worker) per node, shared by that node's ranks only; with
+            it the real data is still sharded over the whole world.
         classes: class indices or names of the real dataset; synthetic records of other
             classes are skipped. Not together with a dict ``synthetic_ratio``.
         on_exhausted: what to do when no fresh synthetic record is left: ``"reuse"`` (serve
@@ -148,6 +170,7 @@ class RatioBatchSampler(Sampler):
         consumer: Optional[str] = None,
         cursor_interval: float = 0.5,
         history: int = 1024,
+        cache_shard: Optional[Union[str, Tuple[int, int]]] = None,
     ) -> None:
         if not isinstance(mixed, MixedDataset):
             raise ValueError(
@@ -180,6 +203,7 @@ class RatioBatchSampler(Sampler):
         self.rank = me if rank is None else _int_arg(rank, "rank", 0)
         if self.rank >= self.num_replicas:
             raise ValueError(f"rank must be in 0..num_replicas-1 = 0..{self.num_replicas - 1}, got {self.rank}")
+        self.cache_shard = _cache_shard(cache_shard, self.rank, self.num_replicas)
         self.consumer = (consumer if consumer is not None else "mixing-rank{rank}").replace("{rank}", str(self.rank))
         if not self.consumer:
             raise ValueError("consumer must be a non-empty name")
@@ -201,8 +225,8 @@ class RatioBatchSampler(Sampler):
         self._counters["waited_s"] = self._counters["epoch_waited_s"] = 0.0
         self._pool = SyntheticPool(
             mixed.cache,
-            rank=self.rank,
-            world=self.num_replicas,
+            rank=self.cache_shard[0],
+            world=self.cache_shard[1],
             n_groups=len(self._groups),
             max_serves=None if max_reuse is None else 1 + max_reuse,
             on_exhausted=on_exhausted,
@@ -517,6 +541,7 @@ class RatioBatchSampler(Sampler):
             "drop_last": self.drop_last,
             "num_replicas": self.num_replicas,
             "rank": self.rank,
+            "cache_shard": list(self.cache_shard),
             "real_len": len(self.mixed.real_dataset),
             "groups": [list(g) for g in self._groups],
             "batches_per_epoch": self.batches_per_epoch,
@@ -588,6 +613,8 @@ class RatioBatchSampler(Sampler):
         for key, value in mine.items():
             if key == "ratio" and (value is None or theirs.get(key) is None):
                 continue
+            if key == "cache_shard" and key not in theirs:  # saved before cache_shard existed: the default
+                theirs = {**theirs, key: [theirs.get("rank"), theirs.get("num_replicas")]}
             if theirs.get(key) != value:
                 raise ValueError(
                     f"the state was saved by a sampler with {key}={theirs.get(key)!r}, this one has {key}={value!r}; "
