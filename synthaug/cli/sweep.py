@@ -8,18 +8,18 @@ import argparse
 __all__ = ["register"]
 
 
-def _floats(text: str):
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+def _list_of(cast, what: str):
+    def parse(text: str):
+        try:
+            return [cast(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+    return parse
 
 
-def _ints(text: str):
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+_floats = _list_of(float, "numbers")
+_ints = _list_of(int, "integers")
 
 
 def _seeds(text: str):

@@ -808,11 +808,21 @@ def plot_ratio_curves(summary: Dict[str, Any], path: Path) -> Optional[Path]:
                 ax.errorbar(x, mu, yerr=sd, color=color, lw=2, marker="o", capsize=4, label=f"{kind}@r (± std)")
         n = max((len(a["seeds"]) for a in summary["arms"].values()), default=0)
         ax.set_xlim(x_lo, x_hi)
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("synthetic (or repeated-real) share of every batch, r")
-        ax.set_ylabel(f"{label}, real test set")
-        ax.set_title(f"{label} vs ratio ({n} seeds)", fontsize=10)
-        ax.grid(alpha=0.3)
+        _label_axes(ax, "synthetic (or repeated-real) share of every batch, r", label, f"{label} vs ratio ({n} seeds)")
+    return _save(fig, axes, path)
+
+
+def _label_axes(ax, xlabel: str, metric_label: str, title: str) -> None:
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{metric_label}, real test set")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, axes, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     axes[0].legend(fontsize=7.5, loc="best")
     fig.tight_layout()
     fig.savefig(path)
@@ -850,13 +860,5 @@ def plot_set_size(summary: Dict[str, Any], path: Path) -> Optional[Path]:
         ax.set_xscale("log")
         ax.set_xticks(x, [str(int(v)) for v in x])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("distinct synthetic images in the pool")
-        ax.set_ylabel(f"{label}, real test set")
-        ax.set_title(f"{label} vs synthetic-set size (ratio {r:g})", fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7.5, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+        _label_axes(ax, "distinct synthetic images in the pool", label, f"{label} vs synthetic-set size (ratio {r:g})")
+    return _save(fig, axes, path)
