@@ -29,9 +29,9 @@ def test_ratio_benchmark_our_sampler_is_exact_on_every_rank(tmp_path, capsys):
     ours = [r for r in rows if r["method"] == "ratio_batch_sampler"]
     assert {(r["ratio"], r["rank"]) for r in ours} == {(q, k) for q in (0.1, 0.25, 0.5) for k in (0, 1)}
     for r in ours:
-        # rule 2: every batch within one item of r times its size, and the epoch's total (one epoch
-        # here) off by at most one item: floor(q·n) synthetic items after n batches
-        assert r["within_one_item"] == 1.0 and abs(r["total_error_items"]) <= 1 + 1e-9
+        # rule 2: every batch within one item of r times its size; over the epoch (one here) floor(q·n)
+        # synthetic items after n batches, and the short last batch rounds once more: under 2 items off
+        assert r["within_one_item"] == 1.0 and abs(r["total_error_items"]) < 2
     for method in ("coin_flip", "weighted_random_sampler"):
         spread = [r["std_share"] for r in rows if r["method"] == method and r["ratio"] == 0.25]
         assert min(spread) > 0.02  # Binomial(64, 0.25): sd 0.054 of a batch
@@ -49,7 +49,8 @@ def test_overlap_benchmark_quick(tmp_path, capsys):
     for name in ("pregenerate", "on_the_fly"):
         r = runs[name]
         assert r["synthetic_draws"] == 20 * 16  # 20 steps x 0.25 x 64
-        assert 0 < r["fresh_share"] <= 1 and r["mean_serves"] == pytest.approx(1 / r["fresh_share"])
+        # every distinct image served was generated in that run's cache (16 pre-generated, or what the worker made)
+        assert 1 <= r["distinct_synthetic"] <= r["generated"] and r["synthetic_draws"] >= r["distinct_synthetic"]
     assert runs["on_the_fly"]["waited_s"] > 0  # the cache starts empty: the first batch waits for the worker
     assert result["rule"]["max_reuse_for_no_wait"] >= 0
 

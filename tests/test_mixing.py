@@ -786,7 +786,7 @@ def test_cache_shard_splits_a_node_local_cache_among_the_nodes_ranks(tmp_path, t
         assert len(real) == 16  # 64 real items over 4 ranks
         assert s.state_dict()["config"]["cache_shard"] == [local, 2]
     assert {q % 2 for q in taken[2]} == {0} and {q % 2 for q in taken[3]} == {1}
-    assert len(taken[2]) == len(taken[3]) == 16  # every record of the node's cache is read by one of its ranks
+    assert len(taken[2]) == len(taken[3]) == 16  # 16 draws each, all fresh: no record is read by both ranks
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     with pytest.raises(ValueError, match="reads LOCAL_WORLD_SIZE from the environment"):
         RatioBatchSampler(mixed, batch_size=8, synthetic_ratio=0.5, cache_shard="local")

@@ -75,7 +75,7 @@ def test_reduced_fashion_mnist_sweep_writes_results_summary_and_plots(tmp_path, 
     assert len(again) == len(rows) and (again[-1]["arm"], again[-1]["seed"]) == (lost["arm"], lost["seed"])
     assert f"resuming: {len(rows) - 1} of {len(rows)}" in capsys.readouterr().out
     # other settings in the same folder are refused, not mixed in
-    with pytest.raises(FileExistsError, match="other settings"):
+    with pytest.raises(FileExistsError, match=r"other settings or inputs \(steps\)"):
         run_sweep(SweepConfig(**{**cfg.__dict__, "steps": 26}), progress=False)
 
 
@@ -143,13 +143,18 @@ def test_multilabel_csv_sweep_with_a_given_cache(tmp_path):
 
     csv_path, images, target = _write_digit_csv(tmp_path)
     # a pool of 'Seven' images (test fixture: real training-side digits, mirrored, standing in for generated ones)
+    # its label space is its own (one name, index 0): labels must map by name, in the set-size subsets too
     sevens = images[:900][target[:900] == 7][:20, :, ::-1]
-    cache = SyntheticCache(tmp_path / "pool.lmdb", label_names=["Even", "Round", "Seven"])
-    cache.append(sevens, 2, {"source": "test-fixture"})
+    cache = SyntheticCache(tmp_path / "pool.lmdb", label_names=["Seven"])
+    cache.append(sevens, 0, {"source": "test-fixture"})
     cache.close()
     cfg = SweepConfig(dataset=f"csv:{csv_path}", rare_class="Seven", shots=6, per_class=150, ratios=[0.25], seeds=2, steps=15,
                       batch_size=16, arms=["real_only", "oversampled", "synthetic"], cache=str(tmp_path / "pool.lmdb"), set_sizes=[10],
                       image_size=16, bootstrap=500, out=str(tmp_path / "sweep"))
+    # the records name no adapter: the leakage check cannot run, and the sweep says so instead of passing
+    with pytest.raises(ValueError, match=r"cannot check the test set for leakage: 20 record\(s\) of cache .* name no adapter"):
+        run_sweep(cfg, progress=False)
+    cfg = SweepConfig(**{**cfg.__dict__, "leakage_check": False, "overwrite": True})
     summary = run_sweep(cfg, progress=False)
     rows = json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
     assert sorted({r["arm"] for r in rows}) == ["oversampled@0.25", "real_only", "synthetic@0.25", "synthetic@0.25/n=10"]
@@ -158,11 +163,15 @@ def test_multilabel_csv_sweep_with_a_given_cache(tmp_path):
         m = r["metrics"]
         assert m["rare_support"] == int(np.sum(target[900:] == 7)) and "rare_auroc" in m and 0 <= m["rare_f1"] <= 1
     by = {(r["arm"], r["seed"]): r for r in rows}
-    assert by[("synthetic@0.25", 0)]["rare_draws"] == by[("oversampled@0.25", 0)]["rare_draws"] > by[("real_only", 0)]["rare_draws"]
+    for arm in ("synthetic@0.25", "synthetic@0.25/n=10"):
+        assert by[(arm, 0)]["rare_draws"] == by[("oversampled@0.25", 0)]["rare_draws"] > by[("real_only", 0)]["rare_draws"]
+        assert by[(arm, 0)]["sampler"]["served"] == 15 * 4
     assert summary["meta"]["multilabel"] is True
-    # the cache names no adapter: the leakage check could not run, and the summary says so
     assert summary["meta"]["leakage"]["0"]["checked"] is False
-    assert "WARNING" in (tmp_path / "sweep" / "sweep.log").read_text()
+    assert "Leakage check skipped" in (tmp_path / "sweep" / "summary.md").read_text()
+    assert "WARNING: leakage check skipped" in (tmp_path / "sweep" / "sweep.log").read_text()
+    # finished arms leave no cursor behind (a worker topping up the pool would otherwise idle)
+    assert SyntheticCache(tmp_path / "pool.lmdb", readonly=True).cursors(include_dead=True) == {}
 
 
 def test_imagefolder_sweep_controls_only(tmp_path):
@@ -180,6 +189,32 @@ def test_imagefolder_sweep_controls_only(tmp_path):
     assert sorted(summary["arms"]) == ["classic_aug@0.5", "oversampled@0.5", "real_only"]
     assert summary["arms"]["real_only"]["seeds"] == [7] and summary["comparisons"] == []
     assert summary["meta"]["test_images"] == len(images) - 1000
+
+
+def test_imagefolder_leakage_check_sees_gray_files_as_finetune_does(tmp_path, tiny_ddpm_dir):
+    """ImageFolder loads every file as RGB; finetune hashed the gray files as gray. The guard hashes
+    the test files the way finetune does, so a gray test image among the adapter's is caught."""
+    import shutil
+
+    from PIL import Image
+
+    from synthaug.evaluation.leakage import DataLeakageError
+    from synthaug.finetune import finetune_lora
+
+    images, target = _digits_images(tmp_path)
+    for i, (im, t) in enumerate(zip(images[:400], target[:400])):
+        folder = tmp_path / "digits" / ("train" if i < 300 else "test") / f"d{t}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(folder / f"{i}.png")
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    for f in sorted((tmp_path / "digits" / "test" / "d3").iterdir())[:5]:
+        shutil.copy(f, shots / f.name)
+    adapter = finetune_lora(tiny_ddpm_dir, shots, tmp_path / "adapter", steps=1, class_name="a", progress=False, min_images=5)
+    cfg = SweepConfig(dataset=f"imagefolder:{tmp_path / 'digits'}", rare_class="d3", shots=5, per_class=10, ratios=[0.5], seeds=1, steps=2,
+                      arms=["real_only", "synthetic"], set_sizes=[], adapter=str(adapter), image_size=16, out=str(tmp_path / "sweep"))
+    with pytest.raises(DataLeakageError, match=r"shares 5 image\(s\)"):
+        run_sweep(cfg, progress=False)
 
 
 def test_read_image_csv_forms_and_patient_split(tmp_path):
@@ -228,6 +263,7 @@ def test_example_config_is_the_default_study():
         (["--seeds", "0,0"], "--seeds must be"),
         (["--model", "small-cnn", "--shots", "0"], "--shots must be >= 1"),
         (["--config", "nope.yaml"], "sweep config nope.yaml does not exist"),
+        (["--cache", "pool.lmdb", "--worker"], "with --cache given, run `synthaug worker` on that cache instead"),
     ],
 )
 def test_cli_bad_input_fails_in_one_line(args, message, tmp_path, capsys, monkeypatch):
@@ -245,9 +281,16 @@ def test_cli_unknown_yaml_key_and_non_sweep_folder(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("ratios: [0.5]\nratio_typo: 3\n")
     assert main(["sweep", "--config", str(tmp_path / "c.yaml")]) == 2
     assert "unknown key(s) ['ratio_typo']" in capsys.readouterr().err
+    # YAML reads 1e-3 as a string: values are converted to the setting's type, or refused at once
+    (tmp_path / "t.yaml").write_text("lr: 1e-3\nseeds: [3, 4]\nepochs: 2\n")
+    cfg = SweepConfig.from_yaml(tmp_path / "t.yaml")
+    assert cfg.lr == 0.001 and cfg.seed_list == [3, 4] and isinstance(cfg.epochs, float)
+    (tmp_path / "bad.yaml").write_text("steps: many\n")
+    assert main(["sweep", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "steps must be an integer, got 'many'" in capsys.readouterr().err
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    assert main(["sweep", "--out", str(tmp_path / "busy"), "--seeds", "1"]) == 2
+    assert main(["sweep", "--out", str(tmp_path / "busy"), "--seeds", "1", "--overwrite"]) == 2  # never deletes a non-sweep folder
     assert "is not empty and holds no sweep" in capsys.readouterr().err
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 

@@ -11,8 +11,9 @@ demo settings (DPM-Solver++, 20 steps, guidance 2, batch 16). The trainer and th
 Runs, in order:
 
 1. ``generate``: the worker alone fills an empty cache with ``--prefill`` images: the
-   generator's own rate (images/s after its first append, so model loading is excluded) and the
-   pre-generation time (including loading).
+   generator's own rate (images/s after its first append, so model loading is excluded; with
+   ``--quick`` the prefill is one append, and the rate includes loading) and the pre-generation
+   time (including loading).
 2. ``real_only``: training on the real data alone.
 3. ``pregenerate``: training mixed at the ratio from that pre-filled cache (reusing its images);
    its wall time is the pre-generation time plus the training time.
@@ -117,6 +118,7 @@ def run(quick: bool = False, *, steps: Optional[int] = None, ratio: float = 0.25
     steps = steps or (20 if quick else 600)
     prefill = prefill or (16 if quick else 256)
     source = adapter or "builtin:fashion-mnist-ddpm"
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     real, rare, classes = _data(per_class if not quick else 200, shots)
     tf = fashion_mnist_transform()
@@ -157,6 +159,7 @@ def run(quick: bool = False, *, steps: Optional[int] = None, ratio: float = 0.25
             rows.append(on_the_fly("on_the_fly_capped", k))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        torch.set_num_threads(threads_before)
     columns = ["run", "wall_s", "train_samples_per_s", "generator_images_per_s", "generated", "synthetic_draws", "fresh_share",
                "mean_serves", "waited_s", "max_reuse", "wall_vs_max_alone"]
     print(f"overlap: {steps} steps, batch {batch_size}, ratio {ratio}, {threads} torch thread(s) each for trainer and worker, "

@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
         given.pop("overwrite", None)
     if args.worker is False:
         given.pop("worker", None)
+    if args.no_leakage_check:
+        given["leakage_check"] = False
     cfg = SweepConfig.from_yaml(args.config, **given) if args.config else SweepConfig.from_dict(given, source="command line")
     run_sweep(cfg, progress=not args.no_progress)
     return 0
@@ -83,7 +85,9 @@ def register(sub) -> None:
     p.add_argument("--num-workers", type=int, help=f"DataLoader workers (default: {d.num_workers})")
     p.add_argument("--device", help=f"cpu, cuda, cuda:N or auto (default: {d.device})")
     p.add_argument("--bootstrap", type=int, help=f"bootstrap resamples of each CI (default: {d.bootstrap})")
+    p.add_argument("--no-leakage-check", action="store_true", help="skip the check that no test image is among the adapter's training "
+                   "images (only when the adapter that made --cache is not at hand; the summary then says the check was skipped)")
     p.add_argument("--out", help=f"report folder (default: {d.out})")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace --out when it holds other results (default: refuse; same settings: resume)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace --out when it holds an earlier sweep with other settings (default: refuse; same settings: resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     p.set_defaults(func=run)

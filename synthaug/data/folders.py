@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
-__all__ = ["IMAGE_EXTENSIONS", "LoadedImages", "list_image_files", "load_image_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "LoadedImages", "list_image_files", "load_image_folder", "read_image"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".pgm", ".ppm")
 
@@ -38,6 +38,19 @@ def list_image_files(folder: Union[str, os.PathLike]) -> List[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def read_image(path: Union[str, os.PathLike], *, channels: Optional[int] = None) -> np.ndarray:
+    """One image file as uint8 H×W×C: C as requested (1 gray, 3 RGB), or ``None`` to keep gray
+    images gray (modes L, 1, I;16, I, F, LA) and make everything else RGB. The decoding every
+    synthaug reader of real images shares, so that their pixel hashes agree."""
+    from PIL import Image
+
+    with Image.open(path) as pil:
+        pil.load()
+        mode = {1: "L", 3: "RGB"}.get(channels) or ("L" if pil.mode in ("L", "1", "I;16", "I", "F", "LA") else "RGB")
+        arr = np.asarray(pil.convert(mode))
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
 def load_image_folder(folder: Union[str, os.PathLike], *, channels: Optional[int] = None) -> LoadedImages:
     """Decode every image file in ``folder``.
 
@@ -49,7 +62,7 @@ def load_image_folder(folder: Union[str, os.PathLike], *, channels: Optional[int
         ValueError: the folder holds no files, or none that decode as images (the reasons of
             the first few are given).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -63,15 +76,12 @@ def load_image_folder(folder: Union[str, os.PathLike], *, channels: Optional[int
             out.skipped[path.name] = f"not an image file extension ({path.suffix or 'none'})"
             continue
         try:
-            with Image.open(path) as pil:
-                pil.load()
-                mode = {1: "L", 3: "RGB"}.get(channels) or ("L" if pil.mode in ("L", "1", "I;16", "I", "F", "LA") else "RGB")
-                arr = np.asarray(pil.convert(mode))
+            arr = read_image(path, channels=channels)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             out.skipped[path.name] = f"cannot be decoded ({type(exc).__name__}: {exc})"
             continue
         out.files.append(path)
-        out.images.append(arr[:, :, None] if arr.ndim == 2 else arr)
+        out.images.append(arr)
     if not out.images:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(out.skipped.items())[:3])
         raise ValueError(f"no readable images in {folder} ({len(out.skipped)} files skipped: {reasons})")

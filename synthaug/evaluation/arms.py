@@ -98,8 +98,10 @@ def mixed_arm_loader(
     max_reuse: Optional[int] = None,
     consumer: Optional[str] = None,
     num_workers: int = 0,
+    classes: Optional[Sequence] = None,
 ):
-    """``(DataLoader, RatioBatchSampler)`` mixing ``cache`` into ``real`` at ``ratio``."""
+    """``(DataLoader, RatioBatchSampler)`` mixing ``cache`` into ``real`` at ``ratio``
+    (``classes``: draw only records of these classes)."""
     import torch
 
     from synthaug.mixing import MixedDataset, RatioBatchSampler
@@ -114,6 +116,7 @@ def mixed_arm_loader(
         wait_timeout=wait_timeout,
         max_reuse=max_reuse,
         consumer=consumer,
+        classes=classes,
     )
     return torch.utils.data.DataLoader(mixed, batch_sampler=sampler, num_workers=num_workers), sampler
 

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from synthaug.errors import SynthaugError
 
-__all__ = ["DataLeakageError", "adapter_image_hashes", "check_no_leakage", "dataset_image_hashes"]
+__all__ = ["DataLeakageError", "adapter_image_hashes", "check_no_leakage", "dataset_image_hashes", "file_image_hashes"]
 
 
 class DataLeakageError(SynthaugError):
@@ -46,6 +46,19 @@ def dataset_image_hashes(dataset, *, progress: bool = False, desc: str = "hash t
     from synthaug.adapter import image_sha256
 
     return [image_sha256(dataset[i][0]) for i in tqdm(range(len(dataset)), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)]
+
+
+def file_image_hashes(paths, *, progress: bool = False, desc: str = "hash test images") -> List[str]:
+    """The pixel hashes of image files decoded as ``synthaug finetune`` decodes its training
+    images (:func:`synthaug.data.folders.read_image`: gray stays gray), so a test image and the
+    same picture among an adapter's training images hash alike whatever the dataset's loader
+    converts them to."""
+    from tqdm.auto import tqdm
+
+    from synthaug.adapter import image_sha256
+    from synthaug.data.folders import read_image
+
+    return [image_sha256(read_image(p)) for p in tqdm(list(paths), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)]
 
 
 def check_no_leakage(adapters: Iterable[Union[str, os.PathLike]], test_hashes: Sequence[str], *, test_name: str = "the test set") -> Dict[str, Any]:

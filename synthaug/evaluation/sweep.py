@@ -84,6 +84,7 @@ class SweepConfig:
     test_size: Optional[int] = None
     num_workers: int = 0
     device: str = "auto"
+    leakage_check: bool = True
     bootstrap: int = 10_000
     out: str = "sweep-report"
     overwrite: bool = False
@@ -95,7 +96,7 @@ class SweepConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-        return cls(**{k: v for k, v in values.items()})
+        return cls(**{k: _coerce(k, v, source) for k, v in values.items()})
 
     @classmethod
     def from_yaml(cls, path: Union[str, os.PathLike], **overrides: Any) -> "SweepConfig":
@@ -155,8 +156,8 @@ class SweepConfig:
             raise ValueError(f"--set-sizes must be >= 1, got {self.set_sizes}")
         if self.channels not in (None, 1, 3):
             raise ValueError(f"--channels must be 1 or 3, got {self.channels}")
-        if self.adapter and self.cache and self.worker:
-            raise ValueError("--worker fills a cache from the adapter; with --cache given, run `synthaug worker` on it instead")
+        if self.cache and self.worker:
+            raise ValueError("--worker fills the sweep's own pool from the adapter; with --cache given, run `synthaug worker` on that cache instead")
         from synthaug.evaluation.classifier import CLASSIFIERS
 
         if self.model not in CLASSIFIERS:
@@ -196,10 +197,54 @@ class SweepConfig:
     def identity(self) -> Dict[str, Any]:
         """The settings that decide the results (not where they go, nor how they are displayed)."""
         d = asdict(self)
-        for k in ("out", "overwrite", "num_workers", "bootstrap", "device"):
+        for k in ("out", "overwrite", "bootstrap"):
             d.pop(k)
         d["seeds"] = self.seed_list
         return d
+
+
+_FLOAT_FIELDS = ("epochs", "lr", "set_size_ratio", "guidance_scale")
+_INT_FIELDS = ("shots", "per_class", "steps", "batch_size", "lora_steps", "lora_rank", "synthetic_images", "generation_steps",
+               "image_size", "channels", "test_size", "num_workers", "bootstrap")
+_BOOL_FIELDS = ("worker", "overwrite", "leakage_check")
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """A config value of the field's type (YAML reads ``1e-3`` as a string, ``5`` as an int)."""
+    if value is None:
+        return None
+
+    def bad(kind: str):
+        return ValueError(f"{source}: {key} must be {kind}, got {value!r}")
+
+    try:
+        if key in _FLOAT_FIELDS:
+            if isinstance(value, bool):
+                raise bad("a number")
+            return float(value)
+        if key in _INT_FIELDS:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise bad("an integer")
+            return int(value)
+        if key in ("ratios", "set_sizes"):
+            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+            return [float(v) if key == "ratios" else int(v) for v in items]
+        if key == "seeds":
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, int):
+                return value
+            if isinstance(value, str):
+                return int(value) if "," not in value else [int(v) for v in value.split(",") if v.strip()]
+            return [int(v) for v in value]
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith(f"{source}: "):
+            raise
+        raise bad({"ratios": "a list of numbers", "set_sizes": "a list of integers", "seeds": "a count or a list of seeds"}.get(
+            key, "a number" if key in _FLOAT_FIELDS else "an integer")) from None
+    if key in _BOOL_FIELDS and not isinstance(value, bool):
+        raise bad("true or false")
+    return value
 
 
 # ---------------------------------------------------------------------------------- data
@@ -262,6 +307,8 @@ class StudyData:
     targets: np.ndarray
     transform: Callable
     prepare: Optional[Callable] = None
+    train_files: Optional[List[Path]] = None
+    test_files: Optional[List[Path]] = None
 
     def split(self, *, shots: int, per_class: Optional[int], seed: int):
         """``(train_indices, rare_indices)`` of this seed's imbalanced training set."""
@@ -330,7 +377,8 @@ def load_study_data(cfg: SweepConfig) -> StudyData:
         rare = class_index(train, cfg.rare_class)
         prep = PILResize(cfg.image_size, mode)
         return StudyData(f"imagefolder:{root}", train, _Resized(test, cfg.image_size, mode), list(train.classes), rare, False, channels,
-                         cfg.image_size, np.asarray(train.targets), _normalize(channels), prep)
+                         cfg.image_size, np.asarray(train.targets), _normalize(channels), prep,
+                         [Path(p) for p, _ in train.samples], [Path(p) for p, _ in test.samples])
     from synthaug.data.csv_images import CsvImageDataset
 
     channels = cfg.channels or 1
@@ -346,7 +394,7 @@ def load_study_data(cfg: SweepConfig) -> StudyData:
     rare = train.class_to_idx[cfg.rare_class]
     prep = PILResize(cfg.image_size, mode)
     return StudyData(f"csv:{arg}", train, _Resized(test, cfg.image_size, mode), list(train.classes), rare, True, channels, cfg.image_size,
-                     train.targets, _normalize(channels), prep)
+                     train.targets, _normalize(channels), prep, list(train.files), list(test.files))
 
 
 # ---------------------------------------------------------------------------------- running
@@ -362,23 +410,51 @@ class _Log:
             f.write(time.strftime("%H:%M:%S ") + message + "\n")
 
 
-def _prepare_out(out: Path, cfg: SweepConfig) -> List[Dict[str, Any]]:
-    """Create ``out``; return the rows of an interrupted sweep with the same settings (resume)."""
+def _prepare_out(out: Path, cfg: SweepConfig, inputs: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Create ``out``; return the rows of an interrupted sweep with the same settings and inputs
+    (resume). ``--overwrite`` replaces an earlier sweep's folder, never any other folder."""
     config_path = out / "sweep_config.json"
+    identity = _plain({**cfg.identity(), "inputs": inputs})
     if out.exists() and any(out.iterdir()):
-        if config_path.is_file():
-            earlier = json.loads(config_path.read_text())
-            if earlier == _plain(cfg.identity()) and not cfg.overwrite:
-                results = out / "results.json"
-                return json.loads(results.read_text())["rows"] if results.is_file() else []
-            if not cfg.overwrite:
-                raise FileExistsError(f"{out} holds a sweep with other settings; choose another --out or pass --overwrite to replace it")
-        elif not cfg.overwrite:
-            raise FileExistsError(f"{out} is not empty and holds no sweep; choose another --out or pass --overwrite")
+        if not config_path.is_file():
+            raise FileExistsError(f"{out} is not empty and holds no sweep; choose another --out (an empty or new folder)")
+        earlier = json.loads(config_path.read_text())
+        if earlier == identity and not cfg.overwrite:
+            results = out / "results.json"
+            return json.loads(results.read_text())["rows"] if results.is_file() else []
+        if not cfg.overwrite:
+            changed = sorted(k for k in set(earlier) | set(identity) if earlier.get(k) != identity.get(k))
+            raise FileExistsError(f"{out} holds a sweep with other settings or inputs ({', '.join(changed)}); choose another --out or "
+                                  "pass --overwrite to replace it")
+        for given in (cfg.cache, cfg.adapter):
+            if given and Path(given).resolve().is_relative_to(out.resolve()):
+                raise FileExistsError(f"--overwrite would delete {given}, which is inside {out}; choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(_plain(cfg.identity()), indent=2) + "\n")
+    config_path.write_text(json.dumps(identity, indent=2) + "\n")
     return []
+
+
+def _inputs(cfg: SweepConfig) -> Dict[str, Any]:
+    """What the sweep reads besides its settings, so a resume notices when it changed: the given
+    adapter's weights hash and the given cache's record range."""
+    out: Dict[str, Any] = {}
+    if cfg.adapter:
+        from synthaug.adapter import read_adapter_config
+
+        out["adapter_hash"] = read_adapter_config(cfg.adapter).get("adapter_hash")
+    if cfg.cache:
+        from synthaug.cache.store import SyntheticCache
+
+        if not Path(cfg.cache).is_dir():
+            raise FileNotFoundError(f"--cache {cfg.cache} does not exist")
+        cache = SyntheticCache(cfg.cache, readonly=True)
+        try:
+            seqs = cache.seqs()
+            out["cache"] = {"records": len(seqs), "first_seq": seqs[0] if seqs else None, "last_seq": seqs[-1] if seqs else None}
+        finally:
+            cache.close()
+    return out
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -402,7 +478,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> Dict[str, Any]:
     cfg = config
     cfg.check()
     out = Path(cfg.out)
-    done_rows = _prepare_out(out, cfg)
+    done_rows = _prepare_out(out, cfg, _inputs(cfg))
     log = _Log(out)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     data = load_study_data(cfg)
@@ -455,14 +531,19 @@ class _TransformedTest:
 
 
 def _test_hashes(data: StudyData, test, progress: bool) -> List[str]:
-    from synthaug.evaluation.leakage import dataset_image_hashes
+    """Pixel hashes of the test images as stored (files decoded as finetune decodes its inputs;
+    Fashion-MNIST's arrays as they are), the ones a leakage check compares."""
+    from synthaug.evaluation.leakage import dataset_image_hashes, file_image_hashes
 
-    # hash the images as the test set stores them (before resizing), as finetune hashed its inputs
-    raw = data.test.dataset if isinstance(data.test, _Resized) else data.test
-    if hasattr(test, "indices"):
+    indices = getattr(test, "indices", None)
+    if data.test_files is not None:
+        files = data.test_files if indices is None else [data.test_files[i] for i in indices]
+        return file_image_hashes(files, progress=progress)
+    raw = data.test
+    if indices is not None:
         import torch
 
-        raw = torch.utils.data.Subset(raw, test.indices)
+        raw = torch.utils.data.Subset(raw, indices)
     return dataset_image_hashes(raw, progress=progress)
 
 
@@ -470,8 +551,6 @@ def _run_seed(cfg, data: StudyData, seed: int, todo, test_loader, test_hashes, r
     import torch
 
     from synthaug.cache.store import SyntheticCache
-    from synthaug.evaluation.arms import classic_augmentation, mixed_arm_loader, real_only_loader, train_and_evaluate
-    from synthaug.evaluation.leakage import check_no_leakage
 
     seed_dir = out / "seeds" / f"seed-{seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)
@@ -480,6 +559,7 @@ def _run_seed(cfg, data: StudyData, seed: int, todo, test_loader, test_hashes, r
     steps = _training_steps(cfg, len(real_train))
     info: Dict[str, Any] = {"train_images": len(real_train), "rare_train_images": len(rare_idx), "steps": steps}
     needs_synthetic = any(p["kind"].startswith("synthetic") for p in todo)
+    caches: List[Any] = []  # closed when the seed is done
 
     # adapter, leakage guard, synthetic pool
     adapter = None
@@ -487,63 +567,51 @@ def _run_seed(cfg, data: StudyData, seed: int, todo, test_loader, test_hashes, r
     if any(p["kind"].startswith("synthetic") for p in cfg.arm_plan()):
         adapter = Path(cfg.adapter) if cfg.adapter else None
         if adapter is None and cfg.cache is None:
-            adapter = _seed_adapter(cfg, data, seed, rare_idx, seed_dir, log, progress) if needs_synthetic or not (seed_dir / "adapter").is_dir() else seed_dir / "adapter"
-        adapters = [adapter] if adapter is not None else _cache_adapters(cfg.cache)
-        if adapters:
-            info["leakage"] = check_no_leakage(adapters, test_hashes, test_name=f"the test set of {data.name}")
+            done_adapter = seed_dir / "adapter"
+            adapter = _seed_adapter(cfg, data, seed, rare_idx, seed_dir, log, progress) if needs_synthetic or not done_adapter.is_dir() else done_adapter
+        info["leakage"] = _leakage(cfg, adapter, data, test_hashes)
+        if info["leakage"]["checked"]:
             log(f"seed {seed}: leakage check passed ({info['leakage']['train_images']} adapter training images, {len(test_hashes)} test images, none shared)")
         else:
-            info["leakage"] = {"shared": None, "checked": False, "why": f"cache {cfg.cache} names no adapter folder that exists here; the test set was not checked"}
-            log(f"seed {seed}: WARNING: {info['leakage']['why']}")
+            log(f"seed {seed}: WARNING: leakage check skipped: {info['leakage']['why']}")
         if needs_synthetic:
             cache = SyntheticCache(cfg.cache) if cfg.cache else _prefill(cfg, data, seed, adapter, seed_dir, log, progress)
+            caches.append(cache)
             info["synthetic_pool"] = len(cache)
+            if cfg.worker:
+                _check_worker_labels(adapter, data)
     if not todo:
+        for c in caches:
+            c.close()
         return info
 
     rare_images = [np.asarray(data.image(i)) for i in rare_idx]
     rare_labels = [np.nonzero(data.targets[i])[0].tolist() for i in rare_idx] if data.multilabel else data.rare
     real_cache = SyntheticCache(seed_dir / "real_rare.lmdb", label_names=data.classes)
+    caches.append(real_cache)
     if len(real_cache) == 0:
         real_cache.append(rare_images, rare_labels, [{"source": "real", "kind": "oversampled-real", "index": int(i)} for i in rare_idx])
-    tf = data.transform
-    aug = classic_augmentation(None, size=data.size)
-    if data.prepare is not None:
-        from torchvision import transforms as T
-
-        aug_syn = T.Compose([data.prepare, aug])
-    else:
-        aug_syn = aug
-    common = dict(rare=data.rare, steps=steps, seed=seed, model=cfg.model, in_channels=data.channels, num_classes=len(data.classes),
-                  lr=cfg.lr, device=device, progress=progress, multilabel=data.multilabel)
     worker = None
     threads = torch.get_num_threads()
-    if cfg.worker and cache is not None and adapter is not None:
-        from synthaug.generation.worker import GenerationWorker
-
-        torch.set_num_threads(max(1, threads - 1))  # the worker gets one core of its own
-        worker = GenerationWorker(cache, {"source": str(adapter), "overrides": _gen_overrides(cfg)}, min_fresh=cfg.synthetic_images,
-                                  max_items=max(cfg.synthetic_images * 20, 10_000), seed=seed * 1_000_000 + 500_000, num_threads=1)
-        worker.start()
     try:
+        if cfg.worker and cache is not None:
+            from synthaug.generation.worker import GenerationWorker
+
+            torch.set_num_threads(max(1, threads - 1))  # the worker gets one core of its own
+            worker = GenerationWorker(cache, {"source": str(adapter), "overrides": _gen_overrides(cfg)}, min_fresh=cfg.synthetic_images,
+                                      max_items=max(cfg.synthetic_images * 20, 10_000), seed=seed * 1_000_000 + 500_000, num_threads=1)
+            worker.start()
         for p in todo:
-            kind, r = p["kind"], p["ratio"]
-            consumer = f"sweep-{p['arm']}-seed{seed}"
-            if kind == "real_only":
-                loader, sampler = real_only_loader(real_train, batch_size=cfg.batch_size, seed=seed, transform=tf, num_workers=cfg.num_workers), None
-            else:
-                if kind in ("oversampled", "classic_aug"):
-                    pool = real_cache
-                elif p["pool"] is not None:
-                    pool = _pool_subset(cache, p["pool"], seed_dir / f"synthetic-n{p['pool']}.lmdb", data.classes)
-                else:
-                    pool = cache
-                syn_tf = aug_syn if kind in ("classic_aug", "synthetic+classic_aug") else data.prepare
-                loader, sampler = mixed_arm_loader(real_train, pool, ratio=r, batch_size=cfg.batch_size, seed=seed, transform=tf,
-                                                   synthetic_transform=syn_tf, consumer=consumer, num_workers=cfg.num_workers)
-            result = train_and_evaluate(p["arm"], loader, test_loader, sampler=sampler, **common).to_dict()
-            row = {"arm": p["arm"], "kind": kind, "ratio": r, "pool": p["pool"] if p["pool"] is not None else (len(cache) if kind.startswith("synthetic") and cache is not None else None),
-                   "seed": seed, **{k: result[k] for k in ("metrics", "training", "sampler", "rare_draws")}}
+            pool = None
+            if p["kind"] in ("oversampled", "classic_aug"):
+                pool = real_cache
+            elif p["kind"] != "real_only":
+                pool = cache if p["pool"] is None else _pool_subset(cache, p["pool"], seed_dir / f"synthetic-n{p['pool']}.lmdb")
+                if pool is not cache:
+                    caches.append(pool)
+            row = _run_arm(cfg, data, p, seed, steps, real_train, pool, test_loader, device, progress)
+            if p["kind"].startswith("synthetic") and p["pool"] is None:
+                row["pool"] = len(cache)
             rows.append(_plain(row))
             _write_json(out / "results.json", {"version": _RESULTS_VERSION, "config": cfg.identity(), "rows": rows})
             m = row["metrics"]
@@ -554,8 +622,77 @@ def _run_seed(cfg, data: StudyData, seed: int, todo, test_loader, test_hashes, r
     finally:
         if worker is not None:
             info["worker"] = _plain(worker.stop())
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
+        for c in caches:
+            c.close()
     return info
+
+
+def _run_arm(cfg, data: StudyData, p: Dict[str, Any], seed: int, steps: int, real_train, pool, test_loader, device, progress) -> Dict[str, Any]:
+    """Train and evaluate one arm; its row for ``results.json``."""
+    from synthaug.evaluation.arms import classic_augmentation, mixed_arm_loader, real_only_loader, train_and_evaluate
+
+    kind, r = p["kind"], p["ratio"]
+    if kind == "real_only":
+        loader, sampler = real_only_loader(real_train, batch_size=cfg.batch_size, seed=seed, transform=data.transform, num_workers=cfg.num_workers), None
+    else:
+        syn_tf = data.prepare
+        if kind in ("classic_aug", "synthetic+classic_aug"):
+            aug = classic_augmentation(None, size=data.size)
+            if data.prepare is not None:
+                from torchvision import transforms as T
+
+                aug = T.Compose([data.prepare, aug])
+            syn_tf = aug
+        # classes=[rare]: only rare-class records are drawn, so each synthetic arm and its
+        # oversampled control draw the rare class equally often even from a mixed cache
+        loader, sampler = mixed_arm_loader(real_train, pool, ratio=r, batch_size=cfg.batch_size, seed=seed, transform=data.transform,
+                                           synthetic_transform=syn_tf, consumer=f"sweep-{p['arm']}-seed{seed}", num_workers=cfg.num_workers,
+                                           classes=[data.rare])
+    try:
+        result = train_and_evaluate(p["arm"], loader, test_loader, sampler=sampler, rare=data.rare, steps=steps, seed=seed, model=cfg.model,
+                                    in_channels=data.channels, num_classes=len(data.classes), lr=cfg.lr, device=device, progress=progress,
+                                    multilabel=data.multilabel).to_dict()
+    finally:
+        if sampler is not None:
+            # a finished arm's cursor must not pin the pool's fresh count (a worker would idle)
+            pool.remove_cursor(sampler.consumer)
+    return {"arm": p["arm"], "kind": kind, "ratio": r, "pool": p["pool"], "seed": seed,
+            **{k: result[k] for k in ("metrics", "training", "sampler", "rare_draws")}}
+
+
+def _leakage(cfg: SweepConfig, adapter: Optional[Path], data: StudyData, test_hashes: List[str]) -> Dict[str, Any]:
+    """Check the test set against every adapter behind the synthetic images: ``--adapter`` (or
+    this seed's LoRA) and each adapter a ``--cache``'s records name. Refuses when one of those
+    is not here to read, unless ``leakage_check`` is off (then the summary says it was skipped)."""
+    from synthaug.evaluation.leakage import check_no_leakage
+
+    if not cfg.leakage_check:
+        return {"checked": False, "shared": None, "why": "turned off (leakage_check: false)"}
+    adapters = [adapter] if adapter is not None else []
+    if cfg.cache:
+        named, unnamed = _cache_adapters(cfg.cache)
+        missing = sorted(a for a in named if not Path(a).is_dir())
+        if missing or (unnamed and adapter is None):
+            why = (f"cache {cfg.cache} was made by adapter(s) {missing} that are not here" if missing
+                   else f"{unnamed} record(s) of cache {cfg.cache} name no adapter")
+            raise ValueError(f"cannot check the test set for leakage: {why}. Pass --adapter with the adapter folder that made the "
+                             "cache, or set leakage_check: false (--no-leakage-check) if you know the test images are not among its training images")
+        adapters += [Path(a) for a in sorted(named) if adapter is None or Path(a).resolve() != adapter.resolve()]
+    result = check_no_leakage(adapters, test_hashes, test_name=f"the test set of {data.name}")
+    return {"checked": True, **result}
+
+
+def _check_worker_labels(adapter: Path, data: StudyData) -> None:
+    """A worker labels its records with the adapter's own label; the sweep's pool must carry the
+    rare class's label of the dataset, so the two must agree."""
+    from synthaug.adapter import read_adapter_config
+
+    a = read_adapter_config(adapter)
+    if a.get("label") != data.rare or (a.get("class_name") not in (None, data.classes[data.rare])):
+        raise ValueError(f"--worker: adapter {adapter} makes label {a.get('label')} ({a.get('class_name')!r}), but the rare class is "
+                         f"{data.rare} ({data.classes[data.rare]!r}) in {data.name}; the worker would label its images wrongly. "
+                         "Pre-fill only (drop --worker), which labels the pool with the rare class")
 
 
 def _gen_overrides(cfg: SweepConfig) -> Dict[str, Any]:
@@ -584,7 +721,12 @@ def _seed_adapter(cfg: SweepConfig, data: StudyData, seed: int, rare_idx, seed_d
 
     name = data.classes[data.rare]
     for i in rare_idx:
-        # the images as stored (not resized), so the adapter's hashes match the leakage guard's
+        # the images as stored (files copied, arrays as they are, never resized), so the adapter's
+        # hashes are taken as the leakage guard takes the test set's
+        if data.train_files is not None:
+            src = data.train_files[int(i)]
+            shutil.copy(src, images / f"{int(i):06d}_{src.name}")
+            continue
         arr = to_hwc_uint8(data.train[int(i)][0])
         Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(images / f"{name.replace('/', '-').lower()}_{int(i):06d}.png")
     kwargs: Dict[str, Any] = {}
@@ -627,11 +769,12 @@ def _prefill(cfg: SweepConfig, data: StudyData, seed: int, adapter: Path, seed_d
     return cache
 
 
-def _pool_subset(cache, n: int, path: Path, label_names):
-    """A cache holding the first ``n`` records of ``cache`` (the synthetic-set-size arms)."""
+def _pool_subset(cache, n: int, path: Path):
+    """A cache holding the first ``n`` records of ``cache`` (the synthetic-set-size arms), with
+    the source's label names, so its labels map as the full pool's do."""
     from synthaug.cache.store import SyntheticCache
 
-    sub = SyntheticCache(path, label_names=label_names)
+    sub = SyntheticCache(path, label_names=cache.label_names)
     if len(sub) < n:
         seqs = cache.seqs(limit=n)
         have = len(sub)
@@ -639,26 +782,29 @@ def _pool_subset(cache, n: int, path: Path, label_names):
         if records:
             sub.append([r.image for r in records], [r.label for r in records], [dict(r.meta, source_seq=int(s)) for r, s in zip(records, seqs[have:n])])
     if len(sub) < n:
+        sub.close()
         raise ValueError(f"the synthetic pool holds {len(sub)} images; the set-size arm needs {n}")
     return sub
 
 
-def _cache_adapters(cache_path) -> List[Path]:
-    """Adapter folders named by a cache's records that exist here (for the leakage guard)."""
-    from synthaug.adapter import is_adapter_dir
+def _cache_adapters(cache_path):
+    """``(adapter paths named by the cache's records, number of records naming none)``."""
     from synthaug.cache.store import SyntheticCache
 
     cache = SyntheticCache(cache_path, readonly=True)
-    names = set()
-    for seq in cache.seqs()[:: max(1, len(cache) // 256)]:
-        try:
-            adapter = cache.get(seq).meta.get("adapter")
-        except Exception:  # a damaged record: the cache's own verify reports it
-            continue
-        if adapter:
-            names.add(adapter)
-    cache.close()
-    return [Path(a) for a in sorted(names) if is_adapter_dir(a)]
+    names, unnamed = set(), 0
+    try:
+        seqs = cache.seqs()
+        for i in range(0, len(seqs), 256):
+            for record in cache.get_many(seqs[i:i + 256]):
+                adapter = record.meta.get("adapter")
+                if adapter:
+                    names.add(adapter)
+                else:
+                    unnamed += 1
+    finally:
+        cache.close()
+    return names, unnamed
 
 
 # ---------------------------------------------------------------------------------- summary
@@ -730,7 +876,15 @@ def markdown_summary(summary: Dict[str, Any]) -> str:
     """The arm table (mean ± std over seeds) and the paired-comparison table, in markdown."""
     from synthaug.evaluation.stats import format_mean_std
 
-    lines = ["## Arms (mean ± std over seeds; real test set)", "",
+    lines = []
+    leak = [v for v in (summary.get("meta") or {}).get("leakage", {}).values() if v]
+    if leak:
+        if all(v.get("checked") for v in leak):
+            lines += [f"Leakage check passed for every seed: none of the {leak[0]['test_images']} test images is among the adapters' "
+                      f"training images ({', '.join(str(v['train_images']) for v in leak)} per seed).", ""]
+        else:
+            lines += [f"**Leakage check skipped**: {next(v['why'] for v in leak if not v.get('checked'))}.", ""]
+    lines += ["## Arms (mean ± std over seeds; real test set)", "",
              "| arm | seeds | rare recall | rare precision | rare F1 | rare AP | accuracy | rare draws/run |", "|---|---|---|---|---|---|---|---|"]
     for arm in _arm_order(summary):
         a = summary["arms"][arm]
@@ -742,7 +896,8 @@ def markdown_summary(summary: Dict[str, Any]) -> str:
     if comps:
         lines += ["", "## Synthetic arms against the controls (paired over seeds)", "",
                   "Δ = arm − baseline, mean over seeds, with its 95% bootstrap CI; p: two-sided sign-flip permutation test "
-                  f"(exact; with {n_seeds} seeds its smallest possible value is {2 / 2 ** n_seeds:.4g}) and paired t-test; "
+                  + (f"(exact; with {n_seeds} seeds its smallest possible value is {2 / 2 ** n_seeds:.4g})" if n_seeds <= 16 else "(Monte Carlo)")
+                  + " and paired t-test; "
                   "W/L: seeds where the arm is better/worse.", "",
                   "| arm | baseline | Δ recall [95% CI] | p (perm / t) | W/L | Δ F1 [95% CI] | p (perm / t) | W/L |", "|---|---|---|---|---|---|---|---|"]
         pairs: Dict[tuple, Dict[str, Any]] = {}

@@ -510,7 +510,8 @@ class RatioBatchSampler(Sampler):
         Keys: ``served``, ``fresh`` (first serves; also ``distinct_served``, the distinct records
         served), ``reused``, ``fresh_share`` (fresh / served), ``mean_serves_per_image`` (served /
         distinct), ``serve_histogram`` (``{times served: records}`` over the records this sampler
-        may still reuse; records that reached ``max_reuse`` or were evicted are not in it),
+        may still reuse; records that reached ``max_reuse`` are not in it, evicted ones until
+        the sampler next tries to reuse them),
         ``max_reuse`` and ``waited_s``. A fresh share below what you want means the generator is
         slower than the trainer's synthetic draws: see the README's freshness rule.
         """
