@@ -80,6 +80,22 @@ def test_reduced_fashion_mnist_sweep_writes_results_summary_and_plots(tmp_path, 
 
 
 @needs_fmnist
+def test_sweep_with_a_worker_topping_up_the_pool(tmp_path):
+    """worker: true — a GenerationWorker keeps adding images while the arms train; both synthetic
+    arms see a pool larger than the pre-filled one (the first arm's cursor does not pin it)."""
+    cfg = SweepConfig(ratios=[0.25, 0.5], seeds=1, per_class=30, shots=8, steps=200, batch_size=32, lora_steps=2, synthetic_images=8,
+                      arms=["synthetic"], set_sizes=[], worker=True, test_size=200, bootstrap=200, out=str(tmp_path / "sweep"))
+    summary = run_sweep(cfg, progress=False)
+    rows = json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
+    pools = [r["pool"] for r in rows]
+    assert [r["arm"] for r in rows] == ["synthetic@0.25", "synthetic@0.5"]
+    assert 8 < pools[0] <= pools[1], pools
+    worker = summary["meta"]["seeds"]["0"]["worker"]
+    assert worker["state"] == "stopped" and worker["generated"] == pools[1] - 8
+    assert rows[1]["sampler"]["fresh"] > 0  # the second arm got images the first one never saw
+
+
+@needs_fmnist
 def test_sweep_refuses_an_adapter_trained_on_test_images(tmp_path, tiny_ddpm_dir):
     """An adapter whose training images include Fashion-MNIST test images: the sweep stops before
     generating anything, naming the shared image."""

@@ -600,7 +600,7 @@ def _run_seed(cfg, data: StudyData, seed: int, todo, test_loader, test_hashes, r
             torch.set_num_threads(max(1, threads - 1))  # the worker gets one core of its own
             worker = GenerationWorker(cache, {"source": str(adapter), "overrides": _gen_overrides(cfg)}, min_fresh=cfg.synthetic_images,
                                       max_items=max(cfg.synthetic_images * 20, 10_000), seed=seed * 1_000_000 + 500_000, num_threads=1)
-            worker.start()
+            worker.start(wait=True, timeout=600)  # model loaded before the first arm draws
         for p in todo:
             pool = None
             if p["kind"] in ("oversampled", "classic_aug"):
