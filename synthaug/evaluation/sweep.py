@@ -891,22 +891,25 @@ def markdown_summary(summary: Dict[str, Any]) -> str:
         m = a["metrics"]
         lines.append(f"| {arm} | {len(a['seeds'])} | " + " | ".join(format_mean_std(m.get(k, {})) for k in
                      ("rare_recall", "rare_precision", "rare_f1", "rare_average_precision", "accuracy")) + f" | {a['rare_draws']['mean']:.0f} |")
-    comps = [c for c in summary["comparisons"] if c["metric"] in ("rare_recall", "rare_f1")]
+    shown = ("rare_recall", "rare_f1", "rare_average_precision")
+    comps = [c for c in summary["comparisons"] if c["metric"] in shown]
     n_seeds = max((c["n"] for c in comps), default=0)
     if comps:
         lines += ["", "## Synthetic arms against the controls (paired over seeds)", "",
                   "Δ = arm − baseline, mean over seeds, with its 95% bootstrap CI; p: two-sided sign-flip permutation test "
                   + (f"(exact; with {n_seeds} seeds its smallest possible value is {2 / 2 ** n_seeds:.4g})" if n_seeds <= 16 else "(Monte Carlo)")
                   + " and paired t-test; "
-                  "W/L: seeds where the arm is better/worse.", "",
-                  "| arm | baseline | Δ recall [95% CI] | p (perm / t) | W/L | Δ F1 [95% CI] | p (perm / t) | W/L |", "|---|---|---|---|---|---|---|---|"]
+                  "W/L: seeds where the arm is better/worse. AP (average precision) does not depend on the decision threshold: "
+                  "it tells whether the arm ranks real rare-class images better, not only predicts the class more often.", "",
+                  "| arm | baseline | Δ recall [95% CI] | p (perm / t) | W/L | Δ F1 [95% CI] | p (perm / t) | W/L | Δ AP [95% CI] | p (perm / t) | W/L |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         pairs: Dict[tuple, Dict[str, Any]] = {}
         for c in comps:
             pairs.setdefault((c["arm"], c["baseline"]), {})[c["metric"]] = c
         order = {a: i for i, a in enumerate(_arm_order(summary))}
         for (arm, base), cs in sorted(pairs.items(), key=lambda kv: (order.get(kv[0][0], 0), kv[0][1] != "real_only")):
             cells = []
-            for metric in ("rare_recall", "rare_f1"):
+            for metric in shown:
                 c = cs.get(metric)
                 if c is None:
                     cells += ["–", "–", "–"]
@@ -932,8 +935,11 @@ def _curve(summary, kind: str, metric: str, *, pooled: bool = False):
     return [np.array(v) for v in zip(*pts)] if pts else None
 
 
+_PLOTTED = (("rare_recall", "rare-class recall"), ("rare_f1", "rare-class F1"), ("rare_average_precision", "rare-class average precision"))
+
+
 def plot_ratio_curves(summary: Dict[str, Any], path: Path) -> Optional[Path]:
-    """Synthetic ratio → rare-class recall and F1 (mean ± std over seeds) with the controls as
+    """Synthetic ratio → rare-class recall, F1 and AP (mean ± std over seeds) with the controls as
     bands: ``real_only`` (flat), ``oversampled@r`` and ``classic_aug@r`` (per ratio)."""
     import matplotlib
 
@@ -942,10 +948,10 @@ def plot_ratio_curves(summary: Dict[str, Any], path: Path) -> Optional[Path]:
 
     if not summary["arms"]:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    fig, axes = plt.subplots(1, len(_PLOTTED), figsize=(5.5 * len(_PLOTTED), 4.2), dpi=110)
     ratios = sorted({a["ratio"] for a in summary["arms"].values() if a["kind"] != "real_only"}) or [0.0, 1.0]
     x_lo, x_hi = min(ratios) - 0.03, max(ratios) + 0.03
-    for ax, (metric, label) in zip(axes, (("rare_recall", "rare-class recall"), ("rare_f1", "rare-class F1"))):
+    for ax, (metric, label) in zip(axes, _PLOTTED):
         ro = summary["arms"].get("real_only", {}).get("metrics", {}).get(metric)
         if ro:
             ax.axhspan(ro["mean"] - ro["std"], ro["mean"] + ro["std"], xmin=0, xmax=1, color="0.6", alpha=0.25)
@@ -986,7 +992,7 @@ def _save(fig, axes, path: Path) -> Path:
 
 
 def plot_set_size(summary: Dict[str, Any], path: Path) -> Optional[Path]:
-    """Synthetic-set size → rare-class recall and F1 at one ratio (the paper's Figure 2), with
+    """Synthetic-set size → rare-class recall, F1 and AP at one ratio (the paper's Figure 2), with
     that ratio's ``oversampled`` control and ``real_only`` as bands."""
     import matplotlib
 
@@ -999,12 +1005,15 @@ def plot_set_size(summary: Dict[str, Any], path: Path) -> Optional[Path]:
         return None
     r = next(iter(sized.values()))["ratio"]
     full = summary["arms"].get(f"synthetic@{r:g}")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
-    for ax, (metric, label) in zip(axes, (("rare_recall", "rare-class recall"), ("rare_f1", "rare-class F1"))):
+    fig, axes = plt.subplots(1, len(_PLOTTED), figsize=(5.5 * len(_PLOTTED), 4.2), dpi=110)
+    for ax, (metric, label) in zip(axes, _PLOTTED):
         pts = sorted((a["pool"], a["metrics"][metric]["mean"], a["metrics"][metric]["std"]) for a in sized.values() if metric in a["metrics"])
         if full and metric in full["metrics"] and full.get("pool"):
             pts.append((full["pool"], full["metrics"][metric]["mean"], full["metrics"][metric]["std"]))
         pts.sort()
+        if not pts:
+            ax.set_visible(False)
+            continue
         x, mu, sd = (np.array(v) for v in zip(*pts))
         for base, color, text in (("real_only", "0.5", "real_only"), (f"oversampled@{r:g}", "tab:orange", f"oversampled@{r:g} (real shots repeated)")):
             b = summary["arms"].get(base, {}).get("metrics", {}).get(metric)
