@@ -27,12 +27,13 @@ def _is_png(path: Path) -> bool:
 @needs_fmnist
 def test_reduced_fashion_mnist_sweep_writes_results_summary_and_plots(tmp_path, capsys):
     cfg = SweepConfig(ratios=[0.25, 0.5], seeds=2, per_class=60, shots=12, steps=25, batch_size=32, lora_steps=3,
+                      arms=["real_only", "oversampled", "classic_aug", "synthetic", "synthetic+classic_aug"],
                       synthetic_images=24, set_sizes=[8], test_size=400, bootstrap=2000, out=str(tmp_path / "sweep"))
     summary = run_sweep(cfg, progress=False)
     out = tmp_path / "sweep"
     rows = json.loads((out / "results.json").read_text())["rows"]
-    arms = ["real_only", "oversampled@0.25", "classic_aug@0.25", "synthetic@0.25", "oversampled@0.5", "classic_aug@0.5",
-            "synthetic@0.5", "synthetic@0.25/n=8"]
+    arms = ["real_only", "oversampled@0.25", "classic_aug@0.25", "synthetic@0.25", "synthetic+classic_aug@0.25", "oversampled@0.5",
+            "classic_aug@0.5", "synthetic@0.5", "synthetic+classic_aug@0.5", "synthetic@0.25/n=8"]
     # one row per arm x seed, each with the real-test metrics and the same number of steps
     assert sorted((r["arm"], r["seed"]) for r in rows) == sorted((a, s) for a in arms for s in (0, 1))
     assert {r["training"]["steps"] for r in rows} == {25}
@@ -55,6 +56,7 @@ def test_reduced_fashion_mnist_sweep_writes_results_summary_and_plots(tmp_path, 
     assert on_disk["arms"]["synthetic@0.5"]["metrics"]["rare_f1"]["n"] == 2
     pairs = {(c["arm"], c["baseline"], c["metric"]) for c in on_disk["comparisons"]}
     assert ("synthetic@0.5", "oversampled@0.5", "rare_recall") in pairs and ("synthetic@0.25/n=8", "real_only", "rare_f1") in pairs
+    assert ("synthetic+classic_aug@0.5", "classic_aug@0.5", "rare_average_precision") in pairs
     c = next(c for c in on_disk["comparisons"] if c["arm"] == "synthetic@0.5" and c["baseline"] == "real_only" and c["metric"] == "rare_f1")
     f1 = lambda arm: np.array(on_disk["arms"][arm]["metrics"]["rare_f1"]["values"])  # noqa: E731
     assert c["mean_diff"] == pytest.approx(np.mean(f1("synthetic@0.5") - f1("real_only")))
@@ -160,15 +162,19 @@ def test_multilabel_csv_sweep_with_a_given_cache(tmp_path):
     csv_path, images, target = _write_digit_csv(tmp_path)
     # a pool of 'Seven' images (test fixture: real training-side digits, mirrored, standing in for generated ones)
     # its label space is its own (one name, index 0): labels must map by name, in the set-size subsets too
+    # and it holds other images too (label "Even"), interleaved: arms and set-size pools use the sevens only
     sevens = images[:900][target[:900] == 7][:20, :, ::-1]
-    cache = SyntheticCache(tmp_path / "pool.lmdb", label_names=["Seven"])
-    cache.append(sevens, 0, {"source": "test-fixture"})
+    evens = images[:900][target[:900] == 2][:20, :, ::-1]
+    cache = SyntheticCache(tmp_path / "pool.lmdb", label_names=["Seven", "Even"])
+    for i in range(0, 20, 5):
+        cache.append(sevens[i:i + 5], 0, {"source": "test-fixture"})
+        cache.append(evens[i:i + 5], 1, {"source": "test-fixture"})
     cache.close()
     cfg = SweepConfig(dataset=f"csv:{csv_path}", rare_class="Seven", shots=6, per_class=150, ratios=[0.25], seeds=2, steps=15,
                       batch_size=16, arms=["real_only", "oversampled", "synthetic"], cache=str(tmp_path / "pool.lmdb"), set_sizes=[10],
                       image_size=16, bootstrap=500, out=str(tmp_path / "sweep"))
     # the records name no adapter: the leakage check cannot run, and the sweep says so instead of passing
-    with pytest.raises(ValueError, match=r"cannot check the test set for leakage: 20 record\(s\) of cache .* name no adapter"):
+    with pytest.raises(ValueError, match=r"cannot check the test set for leakage: 40 record\(s\) of cache .* name no adapter"):
         run_sweep(cfg, progress=False)
     cfg = SweepConfig(**{**cfg.__dict__, "leakage_check": False, "overwrite": True})
     summary = run_sweep(cfg, progress=False)
@@ -182,6 +188,10 @@ def test_multilabel_csv_sweep_with_a_given_cache(tmp_path):
     for arm in ("synthetic@0.25", "synthetic@0.25/n=10"):
         assert by[(arm, 0)]["rare_draws"] == by[("oversampled@0.25", 0)]["rare_draws"] > by[("real_only", 0)]["rare_draws"]
         assert by[(arm, 0)]["sampler"]["served"] == 15 * 4
+    assert by[("synthetic@0.25", 0)]["pool"] == 20 and by[("synthetic@0.25/n=10", 0)]["pool"] == 10
+    sub = SyntheticCache(tmp_path / "sweep" / "seeds" / "seed-0" / "synthetic-n10.lmdb", readonly=True)
+    assert {r.label for r in sub.get_many(sub.seqs())} == {0} and sub.label_names == ["Seven", "Even"]
+    sub.close()
     assert summary["meta"]["multilabel"] is True
     assert summary["meta"]["leakage"]["0"]["checked"] is False
     assert "Leakage check skipped" in (tmp_path / "sweep" / "summary.md").read_text()
@@ -198,12 +208,20 @@ def test_imagefolder_sweep_controls_only(tmp_path):
         folder = tmp_path / "digits" / ("train" if i < 1000 else "test") / f"d{t}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.stack([im, im // 2, 255 - im], axis=2)).save(folder / f"{i}.png")
+    from synthaug.cache.store import SyntheticCache
+
+    # a 16×16 pool (test fixture: training-side threes, mirrored) for 20×20 training: the sweep resizes it
+    threes = np.stack([images[:1000][target[:1000] == 3][:12, :, ::-1]] * 3, axis=3)
+    cache = SyntheticCache(tmp_path / "pool.lmdb", label_names=["d3"])
+    cache.append(threes, 0, {"source": "test-fixture"})
+    cache.close()
     cfg = SweepConfig(dataset=f"imagefolder:{tmp_path / 'digits'}", rare_class="d3", shots=5, per_class=40, ratios=[0.5], seeds=[7],
-                      steps=10, batch_size=16, arms=["real_only", "oversampled", "classic_aug"], set_sizes=[], image_size=20,
-                      out=str(tmp_path / "sweep"))
+                      steps=10, batch_size=16, arms=["real_only", "oversampled", "classic_aug", "synthetic"], set_sizes=[], image_size=20,
+                      cache=str(tmp_path / "pool.lmdb"), leakage_check=False, out=str(tmp_path / "sweep"))
     summary = run_sweep(cfg, progress=False)
-    assert sorted(summary["arms"]) == ["classic_aug@0.5", "oversampled@0.5", "real_only"]
-    assert summary["arms"]["real_only"]["seeds"] == [7] and summary["comparisons"] == []
+    assert sorted(summary["arms"]) == ["classic_aug@0.5", "oversampled@0.5", "real_only", "synthetic@0.5"]
+    assert summary["arms"]["real_only"]["seeds"] == [7]
+    assert summary["arms"]["synthetic@0.5"]["rare_draws"]["mean"] == summary["arms"]["oversampled@0.5"]["rare_draws"]["mean"]
     assert summary["meta"]["test_images"] == len(images) - 1000
 
 
@@ -278,6 +296,7 @@ def test_example_config_is_the_default_study():
         (["--dataset", "mnist"], "--dataset must be fashion-mnist, imagefolder:DIR or csv:FILE"),
         (["--seeds", "0,0"], "--seeds must be"),
         (["--model", "small-cnn", "--shots", "0"], "--shots must be >= 1"),
+        (["--dataset", "imagefolder:nowhere"], "imagefolder:nowhere needs nowhere/train/<class>/"),
         (["--config", "nope.yaml"], "sweep config nope.yaml does not exist"),
         (["--cache", "pool.lmdb", "--worker"], "with --cache given, run `synthaug worker` on that cache instead"),
     ],

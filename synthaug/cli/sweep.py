@@ -55,7 +55,7 @@ def register(sub) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (e.g. examples/sweep_fashion_mnist.yaml)")
     p.add_argument("--dataset", help=f"fashion-mnist, imagefolder:DIR (DIR/train/<class>/, DIR/test/<class>/) or csv:FILE (multi-label, ChestX-ray14 style) (default: {d.dataset})")
     p.add_argument("--data", help="folder of the Fashion-MNIST IDX files (default: the Debian package's)")
-    p.add_argument("--rare-class", help=f"the rare class (a CSV dataset: the rare finding) (default: {d.rare_class})")
+    p.add_argument("--rare-class", help="the rare class (a CSV dataset: the rare finding) (default: Shirt for fashion-mnist; required otherwise)")
     p.add_argument("--shots", type=int, help=f"real training images of the rare class (default: {d.shots})")
     p.add_argument("--per-class", type=int, help=f"real training images of every other class (default: {d.per_class})")
     p.add_argument("--ratios", type=_floats, help=f"synthetic ratios, comma-separated (default: {','.join(f'{r:g}' for r in d.ratios)})")

@@ -55,7 +55,7 @@ class SweepConfig:
 
     dataset: str = "fashion-mnist"
     data: Optional[str] = None
-    rare_class: Optional[str] = "Shirt"
+    rare_class: Optional[str] = None  # fashion-mnist: Shirt
     shots: int = 30
     per_class: Optional[int] = 1000
     ratios: List[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75])
@@ -388,10 +388,7 @@ def load_study_data(cfg: SweepConfig) -> StudyData:
         raise ValueError(f"--rare-class is required for a CSV dataset (one of its findings: {', '.join(train.classes)})")
     if cfg.rare_class not in train.class_to_idx:
         raise ValueError(f"finding {cfg.rare_class!r} is not a label of {arg}; its labels are {', '.join(train.classes)}")
-    if train.classes != test.classes:
-        missing = sorted(set(train.classes) ^ set(test.classes))
-        raise ValueError(f"{arg}: labels {missing} occur on only one side of the train/test split; the label spaces must agree")
-    rare = train.class_to_idx[cfg.rare_class]
+    rare = train.class_to_idx[cfg.rare_class]  # both sides share the CSV's label list
     prep = PILResize(cfg.image_size, mode)
     return StudyData(f"csv:{arg}", train, _Resized(test, cfg.image_size, mode), list(train.classes), rare, True, channels, cfg.image_size,
                      train.targets, _normalize(channels), prep, list(train.files), list(test.files))
@@ -577,7 +574,14 @@ def _run_seed(cfg, data: StudyData, seed: int, todo, test_loader, test_hashes, r
         if needs_synthetic:
             cache = SyntheticCache(cfg.cache) if cfg.cache else _prefill(cfg, data, seed, adapter, seed_dir, log, progress)
             caches.append(cache)
-            info["synthetic_pool"] = len(cache)
+            rare_pool = _rare_seqs(cache, data)
+            info["synthetic_pool"] = len(rare_pool)
+            too_big = sorted({p["pool"] for p in todo if p["pool"] is not None and p["pool"] > len(rare_pool)})
+            if too_big:
+                for c in caches:
+                    c.close()
+                raise ValueError(f"the synthetic pool holds {len(rare_pool)} images of '{data.classes[data.rare]}'; the set-size arm(s) "
+                                 f"{too_big} need more: lower --set-sizes or give a larger pool")
             if cfg.worker:
                 _check_worker_labels(adapter, data)
     if not todo:
@@ -606,12 +610,12 @@ def _run_seed(cfg, data: StudyData, seed: int, todo, test_loader, test_hashes, r
             if p["kind"] in ("oversampled", "classic_aug"):
                 pool = real_cache
             elif p["kind"] != "real_only":
-                pool = cache if p["pool"] is None else _pool_subset(cache, p["pool"], seed_dir / f"synthetic-n{p['pool']}.lmdb")
+                pool = cache if p["pool"] is None else _pool_subset(cache, rare_pool[:p["pool"]], seed_dir / f"synthetic-n{p['pool']}.lmdb")
                 if pool is not cache:
                     caches.append(pool)
             row = _run_arm(cfg, data, p, seed, steps, real_train, pool, test_loader, device, progress)
             if p["kind"].startswith("synthetic") and p["pool"] is None:
-                row["pool"] = len(cache)
+                row["pool"] = len(_rare_seqs(cache, data))  # the rare-class images in the pool (a worker may have added some)
             rows.append(_plain(row))
             _write_json(out / "results.json", {"version": _RESULTS_VERSION, "config": cfg.identity(), "rows": rows})
             m = row["metrics"]
@@ -769,21 +773,38 @@ def _prefill(cfg: SweepConfig, data: StudyData, seed: int, adapter: Path, seed_d
     return cache
 
 
-def _pool_subset(cache, n: int, path: Path):
-    """A cache holding the first ``n`` records of ``cache`` (the synthetic-set-size arms), with
-    the source's label names, so its labels map as the full pool's do."""
+def _rare_seqs(cache, data: StudyData) -> List[int]:
+    """Sequence numbers of the cache's records of the rare class, oldest first: labels mapped into
+    the dataset's label space by name when the cache names its labels, else by index (as
+    MixedDataset maps them); a multi-label record counts when it carries the rare label."""
+    names = cache.label_names
+    index = {c: i for i, c in enumerate(data.classes)}
+
+    def mapped(label: int) -> Optional[int]:
+        if names is not None:
+            return index.get(names[label]) if 0 <= label < len(names) else None
+        return int(label)
+
+    labels, _corrupt = cache.scan_labels(0, int(cache.stats()["next_seq"]))
+    out = []
+    for seq, label in labels.items():
+        values = label if isinstance(label, (list, tuple)) else [label]
+        if any(mapped(int(v)) == data.rare for v in values):
+            out.append(int(seq))
+    return sorted(out)
+
+
+def _pool_subset(cache, seqs: Sequence[int], path: Path):
+    """A cache holding the records ``seqs`` of ``cache`` (a set-size arm's pool: the first N
+    rare-class records), with the source's label names, so its labels map as the full pool's do."""
     from synthaug.cache.store import SyntheticCache
 
     sub = SyntheticCache(path, label_names=cache.label_names)
-    if len(sub) < n:
-        seqs = cache.seqs(limit=n)
-        have = len(sub)
-        records = cache.get_many(seqs[have:n])
-        if records:
-            sub.append([r.image for r in records], [r.label for r in records], [dict(r.meta, source_seq=int(s)) for r, s in zip(records, seqs[have:n])])
-    if len(sub) < n:
-        sub.close()
-        raise ValueError(f"the synthetic pool holds {len(sub)} images; the set-size arm needs {n}")
+    have = len(sub)
+    if have < len(seqs):
+        todo = list(seqs[have:])
+        records = cache.get_many(todo)
+        sub.append([r.image for r in records], [r.label for r in records], [dict(r.meta, source_seq=int(q)) for r, q in zip(records, todo)])
     return sub
 
 
