@@ -47,6 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker-device", default=None, help="device of each node's worker (default: the generator's)")
     p.add_argument("--worker-threads", type=int, default=1, help="torch CPU threads of each node's worker (default 1)")
     p.add_argument("--worker-label", type=int, default=None, help="class the worker generates, for a model without adapter (e.g. builtin:fashion-mnist-ddpm)")
+    p.add_argument("--min-fresh", type=int, default=1024, help="records each node's worker keeps unconsumed (default 1024)")
+    p.add_argument("--max-items", type=int, default=50_000, help="records each node's cache keeps at most (default 50,000; see the README's freshness rule)")
+    p.add_argument("--cache-shard", choices=["global", "local"], default=None,
+                   help="global: one cache (or identical copies) read by all ranks, seq %% world_size; local: one cache per node, split among "
+                        "the node's ranks (default: local with --worker, else global)")
     p.add_argument("--ratio", type=float, default=0.25)
     p.add_argument("--classes", nargs="*", default=None)
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
@@ -73,14 +78,24 @@ def main(argv=None) -> None:
         if local_rank == 0:  # one worker per node, on the node's own cache; seeds never overlap between nodes
             cache = synthaug.SyntheticCache(args.cache, label_names=list(FashionMNIST.classes))
             spec = {"source": args.worker, "overrides": {} if args.worker_label is None else {"label": args.worker_label}}
-            worker = synthaug.GenerationWorker(cache, spec, min_fresh=1024, max_items=50_000, seed=node * 10**9,
+            worker = synthaug.GenerationWorker(cache, spec, min_fresh=args.min_fresh, max_items=args.max_items, seed=node * 10**9,
                                                device=args.worker_device, num_threads=args.worker_threads).start()
         dist.barrier()  # the cache exists before the node's other ranks open it
         cache = synthaug.SyntheticCache(args.cache)
-        shard = {"cache_shard": "local"}
     else:
         cache = open_cache(args.cache)
-        shard = {}
+    shard = {"cache_shard": "local"} if (args.cache_shard or ("local" if args.worker else "global")) == "local" else {}
+    try:
+        train(args, cache, shard, rank, world, device)
+    finally:
+        if worker is not None:
+            status = worker.stop()
+            print(f"node {rank // int(os.environ.get('LOCAL_WORLD_SIZE', 1))}: worker made {status['generated']} images "
+                  f"({status['images_per_s']:.2f} images/s)", flush=True)
+        dist.destroy_process_group()
+
+
+def train(args, cache, shard, rank: int, world: int, device) -> None:
     real = FashionMNIST(args.data_root, train=True)
     loader = synthaug.mixed_loader(
         real,
@@ -121,11 +136,6 @@ def main(argv=None) -> None:
                  "waited_s": s["waited_s"], "synthetic_share": served / max(served + real_items, 1)}
         print(f"batches in the last epoch per rank: {batches}")
         print(share_line(total, float(sampler.ratio())) + f" over {world} ranks")
-    if worker is not None:
-        status = worker.stop()
-        print(f"node {rank // int(os.environ.get('LOCAL_WORLD_SIZE', 1))}: worker made {status['generated']} images "
-              f"({status['images_per_s']:.2f} images/s)", flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
