@@ -20,9 +20,11 @@ Runs, in order:
 4. ``on_the_fly``: a new, empty cache; the worker starts and training starts at once, mixing
    with ``on_exhausted="reuse"`` (fresh images first, reuse when none is fresh; it waits only
    for the very first image). Wall time from the worker's start to the end of training.
-5. ``on_the_fly_capped`` (not in ``--quick``): the same with ``max_reuse = k``, where ``k`` is
-   the freshness rule's value for the measured rates (``k = ceil(c / g) - 1`` for consumption
-   ``c`` and generation ``g``, see the README), to show the time it costs to bound reuse.
+5. ``on_the_fly_capped`` and ``on_the_fly_capped_tight`` (not in ``--quick``): the same with
+   ``max_reuse = k``, where ``k`` is the freshness rule's no-wait value for the measured rates
+   (``k = ceil(c / g) - 1`` for consumption ``c`` and generation ``g``, see the README), and with
+   a third of it, a cap that binds: the rule predicts training then runs at ``(1 + k)·g / r``
+   samples/s (``predicted_samples_per_s``), which the run measures.
 
 Reported per run: wall time, training samples/s, generator images/s, synthetic draws, fresh share
 of them, mean serves per distinct synthetic image, seconds the sampler waited; and the goal's
@@ -148,8 +150,12 @@ def run(quick: bool = False, *, steps: Optional[int] = None, ratio: float = 0.25
             made = len(cache)
             cache.close()
             alone = max(r_only["train_s"], made / g)
-            return {"run": name, "wall_s": wall, **res, "generated": made, "generator_images_per_s": made / wall, "max_reuse": max_reuse,
-                    "wall_vs_max_alone": wall / alone}
+            row = {"run": name, "wall_s": wall, **res, "generated": made, "generator_images_per_s": made / wall, "max_reuse": max_reuse,
+                   "wall_vs_max_alone": wall / alone}
+            if max_reuse is not None:
+                # the rule's prediction: a cap that binds slows training to (1 + k)·g / r samples/s
+                row["predicted_samples_per_s"] = min(r_only["train_samples_per_s"], (1 + max_reuse) * g / ratio)
+            return row
 
         otf = on_the_fly("on_the_fly", None)
         rows.append(otf)
@@ -157,11 +163,12 @@ def run(quick: bool = False, *, steps: Optional[int] = None, ratio: float = 0.25
         k = max(0, math.ceil(consumption / g) - 1)
         if not quick:
             rows.append(on_the_fly("on_the_fly_capped", k))
+            rows.append(on_the_fly("on_the_fly_capped_tight", max(0, (k + 1) // 3 - 1)))  # a cap that binds: ~1/3 of the no-wait value
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         torch.set_num_threads(threads_before)
     columns = ["run", "wall_s", "train_samples_per_s", "generator_images_per_s", "generated", "synthetic_draws", "fresh_share",
-               "mean_serves", "waited_s", "max_reuse", "wall_vs_max_alone"]
+               "mean_serves", "waited_s", "max_reuse", "predicted_samples_per_s", "wall_vs_max_alone"]
     print(f"overlap: {steps} steps, batch {batch_size}, ratio {ratio}, {threads} torch thread(s) each for trainer and worker, "
           f"generator {source} ({GENERATION['scheduler']}, {GENERATION['num_inference_steps']} steps, guidance {GENERATION['guidance_scale']})")
     print_table(rows, columns)
