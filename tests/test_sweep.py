@@ -339,3 +339,37 @@ def test_cli_help_lists_the_study_settings(capsys):
     for flag in ("--config", "--dataset", "--rare-class", "--shots", "--ratios", "--seeds", "--epochs", "--model", "--adapter", "--out",
                  "default: 0.1,0.25,0.5,0.75", "default: 5"):
         assert flag in out
+
+
+def test_leakage_check_of_a_given_cache_names_its_adapters(tmp_path, tiny_ddpm_dir):
+    """A --cache whose records name an adapter folder that is not here: refused, unless --adapter
+    is given with the same weights (its hash matches the records'), which is then checked."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from synthaug.adapter import read_adapter_config
+    from synthaug.cache.store import SyntheticCache
+    from synthaug.evaluation.leakage import DataLeakageError
+    from synthaug.evaluation.sweep import _leakage
+    from synthaug.finetune import finetune_lora
+
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((12, 12), 40 * i, np.uint8)).save(shots / f"{i}.png")
+    adapter = finetune_lora(tiny_ddpm_dir, shots, tmp_path / "adapter", steps=1, class_name="a", progress=False, min_images=5)
+    h = read_adapter_config(adapter)["adapter_hash"]
+    cache = SyntheticCache(tmp_path / "pool.lmdb")
+    cache.append(np.zeros((3, 12, 12, 1), np.uint8), 0, {"adapter": "/elsewhere/adapter", "adapter_hash": h})
+    cache.close()
+    data = SimpleNamespace(name="test data")
+    cfg = SweepConfig(cache=str(tmp_path / "pool.lmdb"))
+    with pytest.raises(ValueError, match=r"made by adapter\(s\) \['/elsewhere/adapter'\] that are not here"):
+        _leakage(cfg, None, data, ["0" * 64])
+    assert _leakage(cfg, adapter, data, ["0" * 64])["checked"] is True
+    from synthaug.adapter import image_sha256
+
+    test_hashes = [image_sha256(np.full((12, 12), 80, np.uint8))]  # shot 2 is in the "test set"
+    with pytest.raises(DataLeakageError):
+        _leakage(cfg, adapter, data, test_hashes)

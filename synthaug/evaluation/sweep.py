@@ -675,14 +675,18 @@ def _leakage(cfg: SweepConfig, adapter: Optional[Path], data: StudyData, test_ha
         return {"checked": False, "shared": None, "why": "turned off (leakage_check: false)"}
     adapters = [adapter] if adapter is not None else []
     if cfg.cache:
+        from synthaug.adapter import read_adapter_config
+
         named, unnamed = _cache_adapters(cfg.cache)
-        missing = sorted(a for a in named if not Path(a).is_dir())
+        given_hash = read_adapter_config(adapter).get("adapter_hash") if adapter is not None else None
+        # a recorded adapter that is not here is fine when --adapter is the same weights (same hash)
+        missing = sorted(a for a, h in named.items() if not Path(a).is_dir() and (given_hash is None or h != given_hash))
         if missing or (unnamed and adapter is None):
             why = (f"cache {cfg.cache} was made by adapter(s) {missing} that are not here" if missing
                    else f"{unnamed} record(s) of cache {cfg.cache} name no adapter")
             raise ValueError(f"cannot check the test set for leakage: {why}. Pass --adapter with the adapter folder that made the "
                              "cache, or set leakage_check: false (--no-leakage-check) if you know the test images are not among its training images")
-        adapters += [Path(a) for a in sorted(named) if adapter is None or Path(a).resolve() != adapter.resolve()]
+        adapters += [Path(a) for a in sorted(named) if Path(a).is_dir() and (adapter is None or Path(a).resolve() != adapter.resolve())]
     result = check_no_leakage(adapters, test_hashes, test_name=f"the test set of {data.name}")
     return {"checked": True, **result}
 
@@ -809,18 +813,19 @@ def _pool_subset(cache, seqs: Sequence[int], path: Path):
 
 
 def _cache_adapters(cache_path):
-    """``(adapter paths named by the cache's records, number of records naming none)``."""
+    """``({adapter path: adapter_hash} named by the cache's records, number of records naming none)``."""
     from synthaug.cache.store import SyntheticCache
 
     cache = SyntheticCache(cache_path, readonly=True)
-    names, unnamed = set(), 0
+    names: Dict[str, Optional[str]] = {}
+    unnamed = 0
     try:
         seqs = cache.seqs()
         for i in range(0, len(seqs), 256):
             for record in cache.get_many(seqs[i:i + 256]):
                 adapter = record.meta.get("adapter")
                 if adapter:
-                    names.add(adapter)
+                    names.setdefault(adapter, record.meta.get("adapter_hash"))
                 else:
                     unnamed += 1
     finally:
