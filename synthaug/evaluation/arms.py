@@ -72,15 +72,20 @@ def real_only_loader(real, *, batch_size: int, seed: int, transform: Callable, n
     return torch.utils.data.DataLoader(WithTransform(real, transform), batch_size=batch_size, shuffle=True, generator=g, num_workers=num_workers)
 
 
-def real_rare_cache(images: Sequence, label: int, path, *, label_names=None):
-    """An LMDB cache holding the real rare images once each (the oversampled control's pool)."""
+def real_rare_cache(images: Sequence, label, path, *, label_names=None, indices: Optional[Sequence[int]] = None):
+    """An LMDB cache holding the real rare images once each (the oversampled control's pool).
+
+    ``label``: one class index for all, or one label per image (a list of indices for a
+    multi-label image); ``indices``: where each image sits in its dataset (recorded in the meta;
+    default 0, 1, ...)."""
     from synthaug.cache.store import SyntheticCache
     from synthaug.imaging import to_hwc_uint8
 
     cache = SyntheticCache(path, label_names=label_names)
     if len(cache) == 0:
         arrays = [to_hwc_uint8(im) for im in images]
-        cache.append(arrays, label, [{"source": "real", "kind": "oversampled-real", "index": i} for i in range(len(arrays))])
+        where = range(len(arrays)) if indices is None else indices
+        cache.append(arrays, label, [{"source": "real", "kind": "oversampled-real", "index": int(i)} for i in where])
     return cache
 
 

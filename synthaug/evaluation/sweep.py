@@ -504,8 +504,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> Dict[str, Any]:
         seed_meta = _run_seed(cfg, data, seed, todo, test_loader, test_hashes, rows, out, log, device, bar, progress)
         meta["seeds"][str(seed)] = seed_meta
         meta["leakage"][str(seed)] = seed_meta.get("leakage")
-        _write_json(out / "results.json", {"version": _RESULTS_VERSION, "config": cfg.identity(), "rows": rows})
-        summarize_results(rows, out, cfg, meta=meta)
+        summarize_results(rows, out, cfg, meta=meta)  # results.json was written as each arm ended
     if bar is not None:
         bar.close()
     meta["wall_s"] = time.time() - t_start
@@ -589,12 +588,12 @@ def _run_seed(cfg, data: StudyData, seed: int, todo, test_loader, test_hashes, r
             c.close()
         return info
 
-    rare_images = [np.asarray(data.image(i)) for i in rare_idx]
+    from synthaug.evaluation.arms import real_rare_cache
+
     rare_labels = [np.nonzero(data.targets[i])[0].tolist() for i in rare_idx] if data.multilabel else data.rare
-    real_cache = SyntheticCache(seed_dir / "real_rare.lmdb", label_names=data.classes)
+    real_cache = real_rare_cache([data.image(i) for i in rare_idx], rare_labels, seed_dir / "real_rare.lmdb", label_names=data.classes,
+                                 indices=[int(i) for i in rare_idx])
     caches.append(real_cache)
-    if len(real_cache) == 0:
-        real_cache.append(rare_images, rare_labels, [{"source": "real", "kind": "oversampled-real", "index": int(i)} for i in rare_idx])
     worker = None
     threads = torch.get_num_threads()
     try:
@@ -711,8 +710,8 @@ def _gen_overrides(cfg: SweepConfig) -> Dict[str, Any]:
 def _seed_adapter(cfg: SweepConfig, data: StudyData, seed: int, rare_idx, seed_dir: Path, log, progress: bool) -> Path:
     """This seed's LoRA on its ``shots`` rare images (reused when an earlier run finished it)."""
     from synthaug.adapter import is_adapter_dir, read_adapter_config
+    from synthaug.data.splits import write_images
     from synthaug.finetune import finetune_lora
-    from synthaug.imaging import to_hwc_uint8
 
     adapter = seed_dir / "adapter"
     if is_adapter_dir(adapter):
@@ -725,18 +724,15 @@ def _seed_adapter(cfg: SweepConfig, data: StudyData, seed: int, rare_idx, seed_d
     if images.exists():
         shutil.rmtree(images)
     images.mkdir(parents=True)
-    from PIL import Image
-
     name = data.classes[data.rare]
-    for i in rare_idx:
-        # the images as stored (files copied, arrays as they are, never resized), so the adapter's
-        # hashes are taken as the leakage guard takes the test set's
-        if data.train_files is not None:
+    # the images as stored (files copied, arrays as they are, never resized), so the adapter's
+    # hashes are taken as the leakage guard takes the test set's
+    if data.train_files is not None:
+        for i in rare_idx:
             src = data.train_files[int(i)]
             shutil.copy(src, images / f"{int(i):06d}_{src.name}")
-            continue
-        arr = to_hwc_uint8(data.train[int(i)][0])
-        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(images / f"{name.replace('/', '-').lower()}_{int(i):06d}.png")
+    else:
+        write_images(data.train, rare_idx, images, prefix=name.replace("/", "-").lower())
     kwargs: Dict[str, Any] = {}
     if cfg.prompt:
         kwargs.update(prompt=cfg.prompt, label=data.rare, class_name=name)
