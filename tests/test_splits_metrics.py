@@ -1,4 +1,4 @@
-"""Few-shot splits and rare-class metrics."""
+"""Few-shot splits, rare-class metrics and the classifiers' input stems."""
 
 import numpy as np
 import pytest
@@ -64,3 +64,25 @@ def test_multilabel_metrics_known_answer():
     s = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.7], [0.1, 0.6]])
     m = multilabel_rare_metrics(y, s, label=1)
     assert m["rare_recall"] == 1.0 and m["rare_precision"] == pytest.approx(2 / 3) and m["rare_support"] == 2
+
+
+@pytest.mark.parametrize("size,channels", [(28, 1), (64, 3), (128, 1), (256, 3)])
+def test_resnet18_stem_follows_the_image_size(size, channels):
+    """Small images get the stride-1 3×3 stem (no max-pool); large ones torchvision's ImageNet stem,
+    which shrinks 4× before the first block: the last feature map is size/8 against size/32 (rounded up)."""
+    import torch
+
+    from synthaug.evaluation.classifier import SMALL_INPUT_MAX, build_classifier
+
+    net = build_classifier("resnet18", in_channels=channels, num_classes=3, image_size=size).eval()
+    small = size <= SMALL_INPUT_MAX
+    assert net.conv1.in_channels == channels
+    assert (net.conv1.kernel_size, net.conv1.stride) == (((3, 3), (1, 1)) if small else ((7, 7), (2, 2)))
+    assert isinstance(net.maxpool, torch.nn.Identity) == small
+    features = []
+    net.layer4.register_forward_hook(lambda module, inputs, output: features.append(output.shape[-1]))
+    with torch.no_grad():
+        assert net(torch.zeros(2, channels, size, size)).shape == (2, 3)
+    assert features == [-(-size // 8) if small else -(-size // 32)]  # stride-2 convolutions round up
+    # no image size given: the small-input stem, as before
+    assert build_classifier("resnet18", in_channels=channels, num_classes=3).conv1.stride == (1, 1)

@@ -151,6 +151,7 @@ def train_and_evaluate(
     model: str = "small-cnn",
     in_channels: int = 1,
     num_classes: int = 10,
+    image_size: Optional[int] = None,
     lr: float = 1e-3,
     device: str = "cpu",
     sampler=None,
@@ -168,7 +169,7 @@ def train_and_evaluate(
     from synthaug.evaluation.metrics import multilabel_rare_metrics, rare_class_metrics
 
     torch.manual_seed(seed)
-    net = build_classifier(model, in_channels=in_channels, num_classes=num_classes)
+    net = build_classifier(model, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     rare_draws = [0]
 
     def count(step, x, y):

@@ -654,7 +654,7 @@ def _run_arm(cfg, data: StudyData, p: Dict[str, Any], seed: int, steps: int, rea
                                            classes=[data.rare])
     try:
         result = train_and_evaluate(p["arm"], loader, test_loader, sampler=sampler, rare=data.rare, steps=steps, seed=seed, model=cfg.model,
-                                    in_channels=data.channels, num_classes=len(data.classes), lr=cfg.lr, device=device, progress=progress,
+                                    in_channels=data.channels, num_classes=len(data.classes), image_size=data.size, lr=cfg.lr, device=device, progress=progress,
                                     multilabel=data.multilabel).to_dict()
     finally:
         if sampler is not None:
