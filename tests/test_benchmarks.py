@@ -55,6 +55,26 @@ def test_overlap_benchmark_quick(tmp_path, capsys):
     assert result["rule"]["max_reuse_for_no_wait"] >= 0
 
 
+def test_overlap_benchmark_rgb256_quick(tmp_path, capsys):
+    """The 256 px RGB setting: JPEGs in an ImageFolder, ResNet-18 with the ImageNet stem, a
+    Stable-Diffusion pipeline (tiny, random weights, loaded with from_pretrained) in the worker."""
+    out = _bench(capsys, "overlap", "--setting", "rgb256", "--quick", "--out", str(tmp_path))
+    assert "overlap (rgb256): resnet18 at 256 px" in out
+    result = json.loads((tmp_path / "overlap_rgb256_quick.json").read_text())
+    settings = result["settings"]
+    assert (settings["setting"], settings["model"], settings["image_size"], settings["batch_size"]) == ("rgb256", "resnet18", 256, 8)
+    assert settings["generation"]["height"] == settings["generation"]["width"] == 256
+    assert settings["real_train_images"] == 20  # 16 china crops + 4 flower crops
+    runs = {r["run"]: r for r in result["rows"]}
+    assert list(runs) == ["generate", "real_only", "pregenerate", "on_the_fly"]
+    assert runs["generate"]["generated"] >= 2
+    for name in ("pregenerate", "on_the_fly"):
+        r = runs[name]
+        assert r["synthetic_draws"] == 2 * 2  # 2 steps x 0.25 x 8
+        assert 1 <= r["distinct_synthetic"] <= r["generated"]
+    assert not (tmp_path / "overlap_quick.json").exists()  # the fmnist figures are not overwritten
+
+
 def test_cache_benchmark_quick_through_the_cli(tmp_path, capsys):
     out = _bench(capsys, "cache", "--quick", "--out", str(tmp_path))
     assert "get_many / bare" in out

@@ -95,14 +95,15 @@ def write_result(name: str, result: Dict[str, Any], out_dir: Optional[os.PathLik
     return path
 
 
-def realistic_images(n: int, size: int, channels: int, seed: int = 0) -> np.ndarray:
+def realistic_images(n: int, size: int, channels: int, seed: int = 0, photo: Optional[int] = None) -> np.ndarray:
     """uint8 N×size×size×C images with real-photo statistics (compressible like real data).
 
     Gray 28×28: Fashion-MNIST test images when installed; otherwise, and for RGB, random crops
-    of scikit-learn's two bundled photographs, resized.
+    of scikit-learn's two bundled photographs (0: ``china.jpg``, 1: ``flower.jpg``), resized,
+    alternating between them, or all from ``photo``.
     """
     rng = np.random.default_rng(seed)
-    if channels == 1 and size == 28:
+    if channels == 1 and size == 28 and photo is None:
         try:
             from synthaug.data.fashion_mnist import FashionMNIST
 
@@ -116,11 +117,11 @@ def realistic_images(n: int, size: int, channels: int, seed: int = 0) -> np.ndar
     photos = load_sample_images().images
     out = np.empty((n, size, size, channels), np.uint8)
     for i in range(n):
-        photo = photos[i % len(photos)]
-        side = int(rng.integers(min(photo.shape[:2]) // 3, min(photo.shape[:2])))
-        y = int(rng.integers(0, photo.shape[0] - side + 1))
-        x = int(rng.integers(0, photo.shape[1] - side + 1))
-        crop = Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size), Image.BILINEAR)
+        src = photos[i % len(photos) if photo is None else photo]
+        side = int(rng.integers(min(src.shape[:2]) // 3, min(src.shape[:2])))
+        y = int(rng.integers(0, src.shape[0] - side + 1))
+        x = int(rng.integers(0, src.shape[1] - side + 1))
+        crop = Image.fromarray(src[y : y + side, x : x + side]).resize((size, size), Image.BILINEAR)
         if channels == 1:
             crop = crop.convert("L")
         arr = np.asarray(crop)

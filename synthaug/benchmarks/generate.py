@@ -32,7 +32,10 @@ from typing import Any, Dict, List, Optional
 
 from synthaug.benchmarks.common import interleaved, print_table, rate, write_result
 
-__all__ = ["run", "main", "compare_sd", "write_sd15_random_pipeline", "GPU_CONFIGS", "SD15_UNET", "SD15_VAE", "SD15_TEXT_ENCODER"]
+__all__ = [
+    "run", "main", "compare_sd", "write_random_sd_pipeline", "write_sd15_random_pipeline", "GPU_CONFIGS",
+    "SD15_UNET", "SD15_VAE", "SD15_TEXT_ENCODER", "TINY_UNET", "TINY_VAE", "TINY_TEXT_ENCODER",
+]
 
 DEFAULT_MODEL = "builtin:fashion-mnist-ddpm"
 
@@ -83,6 +86,21 @@ SD15_TEXT_ENCODER = dict(  # CLIP ViT-L/14 text tower
     eos_token_id=1,
     pad_token_id=1,
 )
+# A tiny SD-1.x pipeline (0.4 M UNet parameters, VAE scale factor 2) for smoke runs of the same code path
+TINY_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4,
+)
+TINY_VAE = dict(
+    sample_size=32, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+)
+TINY_TEXT_ENCODER = dict(
+    vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+)
+ARCHITECTURES = {"sd15": (SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER), "tiny": (TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER)}
 SD15_SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
     set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
@@ -90,7 +108,7 @@ SD15_SCHEDULER = dict(
 _PROMPT = "a photo of a shirt"
 
 
-def _write_clip_tokenizer(folder: Path, words=("a", "photo", "of", "shirt")):
+def _write_clip_tokenizer(folder: Path, words=("a", "photo", "of", "shirt", "flower")):
     """A CLIP BPE tokenizer over a small vocabulary (every letter, and the prompt's words built
     by merges), so no tokenizer download is needed; ids stay far below the text encoder's
     vocabulary size, and the prompt tokenizes into known tokens."""
@@ -116,18 +134,28 @@ def _write_clip_tokenizer(folder: Path, words=("a", "photo", "of", "shirt")):
 
 def write_sd15_random_pipeline(folder: Path, seed: int = 0) -> Path:
     """Write an SD-1.5-architecture pipeline with random weights (fp32, ~4.3 GB) to ``folder``."""
+    return write_random_sd_pipeline(folder, "sd15", seed)
+
+
+def write_random_sd_pipeline(folder: Path, arch: str = "sd15", seed: int = 0) -> Path:
+    """Write a Stable-Diffusion-1.x pipeline with random weights to ``folder``: ``"sd15"``, the
+    SD-1.5 architecture (fp32, ~4.3 GB; the real cost), or ``"tiny"`` (a few MB, for smoke runs).
+    Its tokenizer knows the words of "a photo of a shirt" and "a photo of a flower"."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    unet, vae, text = ARCHITECTURES[arch]
     folder = Path(folder)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = _write_clip_tokenizer(Path(tmp))
     torch.manual_seed(seed)
     pipe = StableDiffusionPipeline(
-        unet=UNet2DConditionModel(**SD15_UNET),
-        vae=AutoencoderKL(**SD15_VAE),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER)),
+        unet=UNet2DConditionModel(**unet),
+        vae=AutoencoderKL(**vae),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
         tokenizer=tokenizer,
         scheduler=PNDMScheduler(**SD15_SCHEDULER),
         safety_checker=None,
