@@ -53,8 +53,8 @@ import math
 import shutil
 import tempfile
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from synthaug.benchmarks.common import print_table, write_result
@@ -288,7 +288,8 @@ def main(argv=None) -> Dict[str, Any]:
                    help="images pre-generated for the pregenerate run (default fmnist 256, rgb256 8; quick 16 and 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer and of the worker, each (default 1)")
     p.add_argument("--adapter", default=None, help="fmnist generator: an adapter folder (default: the built-in model)")
-    p.add_argument("--sd-folder", default=None, help="rgb256: reuse (or write once) the random SD-1.5 pipeline here instead of a temp folder")
+    p.add_argument("--sd-folder", default=None, help="rgb256: reuse (or write once) the random SD-1.5 pipeline here instead of a temp folder "
+                   "(--quick ignores it: it writes a tiny pipeline to a temp folder)")
     p.add_argument("--device", default="cpu", help="the trainer's device (default cpu)")
     p.add_argument("--worker-device", default="cpu", help="the generator's device, e.g. cuda:0 (default cpu)")
     p.add_argument("--out", default=None,
