@@ -72,7 +72,6 @@ def test_overlap_benchmark_rgb256_quick(tmp_path, capsys):
         r = runs[name]
         assert r["synthetic_draws"] == 2 * 2  # 2 steps x 0.25 x 8
         assert 1 <= r["distinct_synthetic"] <= r["generated"]
-    assert not (tmp_path / "overlap_quick.json").exists()  # the fmnist figures are not overwritten
 
 
 def test_cache_benchmark_quick_through_the_cli(tmp_path, capsys):

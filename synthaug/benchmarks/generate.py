@@ -86,7 +86,7 @@ SD15_TEXT_ENCODER = dict(  # CLIP ViT-L/14 text tower
     eos_token_id=1,
     pad_token_id=1,
 )
-# A tiny SD-1.x pipeline (0.4 M UNet parameters, VAE scale factor 2) for smoke runs of the same code path
+# A tiny SD-1.x pipeline (a few MB; VAE scale factor 2) for smoke runs of the same code path
 TINY_UNET = dict(
     sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
