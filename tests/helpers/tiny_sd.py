@@ -72,6 +72,8 @@ def write_tiny_sd(
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from synthaug.benchmarks.generate import TINY_UNET, TINY_VAE
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok_dir = folder / "tokenizer"
@@ -82,28 +84,8 @@ def write_tiny_sd(
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=2 * sample_size,
-    )
+    unet = UNet2DConditionModel(**dict(TINY_UNET, sample_size=sample_size))
+    vae = AutoencoderKL(**dict(TINY_VAE, sample_size=2 * sample_size))
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             bos_token_id=vocab[_BOS],
