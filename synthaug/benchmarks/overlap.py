@@ -81,7 +81,7 @@ class Setting:
     source: str  # the generator: builtin name, adapter or pipeline folder
     generation: Dict[str, Any]  # generator overrides (load_generator's keywords)
     worker_batch: int
-    worker_device: str = "cpu"
+    worker_device: str
 
 
 def _cpu_has_bf16() -> bool:
@@ -94,7 +94,7 @@ def _cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def _fmnist(quick: bool, *, per_class: int, shots: int, adapter: Optional[str]) -> Setting:
+def _fmnist(quick: bool, *, per_class: int, shots: int, adapter: Optional[str], worker_device: str) -> Setting:
     import torch
 
     from synthaug.data.fashion_mnist import FashionMNIST
@@ -108,7 +108,7 @@ def _fmnist(quick: bool, *, per_class: int, shots: int, adapter: Optional[str]) 
         # the base model without a LoRA: its Shirt slot (never trained, so not shirts; the cost is the same)
         generation["label"] = split.rare_class
     return Setting("fmnist", torch.utils.data.Subset(train, split.train.tolist()), split.rare_class, list(train.classes),
-                   fashion_mnist_transform(), "small-cnn", 1, 28, 64, adapter or "builtin:fashion-mnist-ddpm", generation, 16)
+                   fashion_mnist_transform(), "small-cnn", 1, 28, 64, adapter or "builtin:fashion-mnist-ddpm", generation, 16, worker_device)
 
 
 def _rgb256(quick: bool, folder: Path, *, shots: int, sd_folder: Optional[str], worker_device: str) -> Setting:
@@ -212,8 +212,7 @@ def run(quick: bool = False, *, setting: str = "fmnist", steps: Optional[int] = 
     rows: List[Dict[str, Any]] = []
     try:
         s = (_rgb256(quick, tmp, shots=shots, sd_folder=sd_folder, worker_device=worker_device) if big
-             else _fmnist(quick, per_class=per_class, shots=shots, adapter=adapter))
-        s.worker_device = worker_device
+             else _fmnist(quick, per_class=per_class, shots=shots, adapter=adapter, worker_device=worker_device))
         batch_size = s.batch_size
         gen = _pregenerate(tmp / "prefilled.lmdb", s, prefill, threads)
         g = gen["generator_images_per_s"]
