@@ -79,6 +79,86 @@ def test_pixel_ddpm_resume_equals_uninterrupted_run(tiny_pixel, shirt_images, tm
     assert a.keys() == b.keys()
     for k in a:
         assert np.array_equal(a[k].numpy(), b[k].numpy()), f"{k} differs after resume"
+    # the resume above read the safe format: state that loads without unpickling objects
+    import torch
+
+    state = torch.load(part / "checkpoints" / "step-000006" / "state.pt", weights_only=True)
+    assert state["step"] == 6 and len(state["losses"]) == 6 and "state" in state["optimizer"]
+
+
+class _WritesMarker:
+    """Unpickling this calls ``open(marker, "w")``: the code a malicious checkpoint would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_resume_refuses_a_pickled_checkpoint_without_running_it(tiny_pixel, shirt_images, tmp_path, capsys):
+    import pickle
+
+    import torch
+
+    control = tmp_path / "control-marker"
+    pickle.loads(pickle.dumps(_WritesMarker(control))).close()
+    assert control.exists(), "the payload does not run code when unpickled; the test would prove nothing"
+
+    out = finetune_lora(tiny_pixel, shirt_images[0], tmp_path / "lora", class_name="shirt", steps=2, batch_size=2,
+                        checkpoint_every=2, validation_every=2, validation_steps=1, progress=False)
+    state_file = out / "checkpoints" / "step-000002" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    marker = tmp_path / "marker"
+    state["step"] = _WritesMarker(marker)  # as a received checkpoint folder could hold it
+    torch.save(state, state_file)
+
+    code, err = _cli(capsys, "--model", tiny_pixel, "--images", shirt_images[0], "--out", out, "--steps", 4,
+                     "--class-name", "shirt", "--batch-size", 2, "--resume")
+    lines = [line for line in err.strip().splitlines() if line]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert str(state_file) in lines[0] and "holds pickled objects" in lines[0] and re.search(r"it names \w+\.open\b", lines[0]), err
+    assert "--overwrite" in lines[0], err
+    assert not marker.exists(), "loading the checkpoint ran code from it"
+
+
+def test_checkpoint_state_that_a_safe_load_cannot_read_is_refused_before_writing(tmp_path):
+    from synthaug.finetune.common import CheckpointManager
+
+    ckpts = CheckpointManager(tmp_path)
+    with pytest.raises(TypeError, match=r"state\['rng'\]\[1\] is a numpy.ndarray"):
+        ckpts.save(1, {}, {"step": 1, "rng": np.random.RandomState(0).get_state()})
+    assert not ckpts.root.exists(), "a refused checkpoint left files behind"
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        ckpts.load(ckpts.latest())
+
+
+# ---------------------------------------------------------------------------------- base-model pretraining
+@pytest.mark.usefixtures("one_torch_thread")
+def test_pretrain_checkpoint_resumes_exactly_and_refuses_pickled_code(tmp_path):
+    import torch
+
+    from synthaug.builtin.train_fashion_mnist_ddpm import PretrainConfig, pretrain
+
+    tiny = dict(batch_size=4, checkpoint_every=1, export_every=1000, log_every=1, sample_steps=1, sample_guidance=[1.0])
+    for out, steps in (("whole", 2), ("part", 1), ("part", 2)):  # the last one resumes from step 1
+        torch.manual_seed(0)  # pretrain draws the initial weights from torch's global generator
+        pretrain(PretrainConfig(out=str(tmp_path / out), steps=steps, **tiny))
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 2
+    for part in ("unet", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    assert all(torch.equal(a["opt"]["state"][i]["exp_avg"], b["opt"]["state"][i]["exp_avg"]) for i in a["opt"]["state"])
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    marker = tmp_path / "marker"
+    torch.save({**a, "step": _WritesMarker(marker)}, bad / "checkpoint.pt")
+    with pytest.raises(ValueError, match="holds pickled objects.*delete .*checkpoint.pt"):
+        pretrain(PretrainConfig(out=str(bad), steps=2, **tiny))
+    assert not marker.exists(), "loading the checkpoint ran code from it"
 
 
 # ---------------------------------------------------------------------------------- Stable Diffusion

@@ -26,7 +26,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -138,10 +138,34 @@ def _save_grid(images: np.ndarray, rows: int, path: Path) -> None:
     Image.fromarray(canvas).resize((canvas.shape[1] * 3, canvas.shape[0] * 3), Image.NEAREST).save(path)
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
+def _atomic_torch_save(obj: Dict[str, Any], path: Path) -> None:
+    """Write checkpoint ``obj`` to ``path`` atomically (through ``path.tmp``).
+
+    ``obj`` must hold tensors and plain values only (here: the UNet, EMA and optimizer state
+    dicts, the step, the config as a dict and the elapsed seconds), so that :func:`_load_checkpoint`
+    can read it with ``torch.load(..., weights_only=True)``, which never runs code from the file.
+
+    Raises:
+        TypeError: ``obj`` holds another kind of object (checked before anything is written).
+    """
+    from synthaug.finetune.common import check_plain_state
+
+    check_plain_state(obj, "checkpoint.pt")
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path) -> Dict[str, Any]:
+    """The checkpoint :func:`_atomic_torch_save` wrote, read with ``weights_only=True``.
+
+    Raises:
+        ValueError: the file holds pickled objects (an older version of this script's checkpoint,
+            or not one of its checkpoints); it is refused rather than unpickled.
+    """
+    from synthaug.finetune.common import load_plain_state
+
+    return load_plain_state(path, fix=f"delete {path} to train from step 0, or pass another --out")
 
 
 def _export(ema, cfg: PretrainConfig, step: int, out: Path, classes_seen: List[int]) -> None:
@@ -200,7 +224,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     step = 0
     elapsed_before = 0.0
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = _load_checkpoint(ckpt_path)
         unet.load_state_dict(ck["unet"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])

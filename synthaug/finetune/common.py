@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import warnings
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -27,6 +30,8 @@ __all__ = [
     "resolve_model_source",
     "step_generator",
     "CheckpointManager",
+    "check_plain_state",
+    "load_plain_state",
     "save_loss_curve",
     "noise_prediction_loss",
     "peak_rss_mb",
@@ -229,8 +234,78 @@ def step_generator(seed: int, step: int):
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+# Checkpoint state is written with ``torch.save`` and read back with ``torch.load(...,
+# weights_only=True)``: that unpickler builds only tensors and plain containers and values, never
+# calls a function named in the file, so a checkpoint folder received from someone else cannot run
+# code on --resume (torch >= 2.6; weights_only was bypassable before). This keeps optimizer state
+# dicts (int keys, tuples, tensors) as torch writes them, which safetensors + JSON could not hold
+# without a hand-written flattening. What may be stored is checked before saving.
+_PLAIN_TYPES = (str, int, float, bool, type(None))  # exactly these: numpy.float64 subclasses float, yet pickles as numpy
+
+
+def check_plain_state(state: Any, where: str = "state") -> None:
+    """Refuse state that ``torch.load(..., weights_only=True)`` would not read back.
+
+    Allowed: tensors, ``str``/``int``/``float``/``bool``/``None``, and dicts, lists and tuples of
+    these (dict keys: plain values). Not allowed, for instance: numpy arrays or scalars, numpy or
+    ``random`` RNG states, dataclasses; convert them to tensors, lists or ints first.
+
+    Raises:
+        TypeError: naming the first offending entry, e.g. ``state['rng'][1]``.
+    """
+    import torch
+
+    if isinstance(state, torch.Tensor) or type(state) in _PLAIN_TYPES:
+        return
+    if type(state) in (dict, OrderedDict):  # module state dicts are OrderedDicts
+        for key, value in state.items():
+            if type(key) not in _PLAIN_TYPES:
+                raise TypeError(f"checkpoint {where} has a key of type {type(key).__name__}; use str or int keys")
+            check_plain_state(value, f"{where}[{key!r}]")
+        return
+    if type(state) in (list, tuple):
+        for i, value in enumerate(state):
+            check_plain_state(value, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"checkpoint {where} is a {type(state).__module__}.{type(state).__qualname__}, which a safe "
+        "(weights_only) load cannot read back; store it as tensors, lists or plain numbers"
+    )
+
+
+def load_plain_state(path: Union[str, os.PathLike], *, fix: str) -> Dict[str, Any]:
+    """Read state written by ``torch.save`` of :func:`check_plain_state`-clean data, safely.
+
+    Args:
+        path: the state file.
+        fix: what the user should do if the file is refused (ends the error message).
+
+    Raises:
+        ValueError: the file holds pickled objects other than tensors and plain values (a
+            checkpoint of an older synthaug that pickled objects, or a file not written by
+            synthaug); it is not unpickled, since that could run code.
+    """
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" (it names {found.group(1)})" if found else ""
+        raise ValueError(
+            f"checkpoint {path} holds pickled objects, not only tensors and plain values{what}: it was written by an "
+            f"older synthaug or not by synthaug, and unpickling it could run code, so it is not loaded; {fix}"
+        ) from None
+
+
 class CheckpointManager:
-    """``OUT/checkpoints/step-NNNNNN/{weights.safetensors, state.pt}``; keeps the newest ``keep``."""
+    """Resumable checkpoints ``OUT/checkpoints/step-NNNNNN/``; keeps the newest ``keep``.
+
+    Each holds ``weights.safetensors`` (the trainable weights) and ``state.pt``: a dict of
+    tensors and plain values only (step, optimizer state dict, per-step losses, the training
+    images' records, LoRA settings, ...), loaded with ``torch.load(..., weights_only=True)``, so
+    loading a checkpoint never runs code from it (see :func:`load_plain_state`).
+    """
 
     def __init__(self, out: Path, keep: int = 2) -> None:
         self.root = Path(out) / "checkpoints"
@@ -243,9 +318,15 @@ class CheckpointManager:
         return done[-1] if done else None
 
     def save(self, step: int, weights: Dict[str, Any], state: Dict[str, Any]) -> Path:
+        """Write checkpoint ``step`` atomically and drop all but the newest ``keep``.
+
+        Raises:
+            TypeError: ``state`` holds something other than tensors and plain values.
+        """
         import torch
         from safetensors.torch import save_file
 
+        check_plain_state(state)
         final = self.root / f"step-{step:06d}"
         tmp = self.root / f".tmp-step-{step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -258,11 +339,20 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def load(self, path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-        import torch
+    def load(self, path: Optional[Path]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        """``(weights, state)`` of checkpoint folder ``path`` (e.g. :meth:`latest`), read without
+        running code from it.
+
+        Raises:
+            FileNotFoundError: ``path`` is ``None``: there is no complete checkpoint.
+            ValueError: ``state.pt`` holds pickled objects (see :func:`load_plain_state`).
+        """
         from safetensors.torch import load_file
 
-        return load_file(str(path / "weights.safetensors")), torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        if path is None:
+            raise FileNotFoundError(f"--resume given but {self.root} holds no complete checkpoint; rerun with --overwrite instead of --resume")
+        state = load_plain_state(path / "state.pt", fix="rerun with --overwrite instead of --resume to train the adapter again from step 0")
+        return load_file(str(path / "weights.safetensors")), state
 
 
 def save_loss_curve(losses: Sequence[Tuple[int, float]], path: Union[str, os.PathLike], title: str) -> None:
