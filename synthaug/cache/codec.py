@@ -23,6 +23,16 @@ Everything a record needs to be read back is in the record itself, so records of
 encodings can share a cache. The CRC covers the header too, so a flipped byte anywhere is found.
 CRC-32C rather than zlib's CRC-32: with the SSE4.2/ARMv8 instruction the ``crc32c`` package uses,
 it checks a 256×256 RGB raw record in ~6 µs instead of ~35 µs (benchmarks/cache.py).
+
+Reading is defensive: every reader here (:func:`read_header`, :func:`decode_record`,
+:func:`peek_label`, :func:`peek_meta`, :func:`decode_image`, ``Record.meta``) raises only
+:class:`~synthaug.errors.CorruptRecordError` for bad bytes, whatever they are. A header that passes
+its CRC is still checked for consistency (version, encoding, channels, flags, non-zero size, label
+count, total length): on the raw hot path that is one chain of constant-time comparisons. A
+PNG/JPEG/WebP payload is checked *before* PIL sees it: its own header must declare the record's
+size and pixel format, its pixel count be at most ``PIL.Image.MAX_IMAGE_PIXELS``, and the size
+not exceed what its format can expand to from the payload's length (``_MAX_EXPANSION_*``), so a
+crafted record can neither allocate memory out of proportion to its size nor decode for long.
 """
 
 from __future__ import annotations
@@ -60,6 +70,8 @@ _HEADER = struct.Struct(">4sBBBBHHH2xIII")
 HEADER_SIZE = _HEADER.size  # 28
 _CRC_OFFSET = HEADER_SIZE - 4
 _FLAG_MULTILABEL = 1
+_KNOWN_FLAGS = _FLAG_MULTILABEL
+_MAX_ENCODING = 3
 
 Label = Union[int, Tuple[int, ...]]
 
@@ -95,24 +107,28 @@ class Record:
         seq: its sequence number in the cache.
         image: uint8 numpy array H×W×C (C = 1 or 3), writable.
         label: an int, or a tuple of ints for a multi-label record.
-        meta: the provenance dict (parsed from JSON on first access).
+        meta: the provenance dict, parsed from the record's UTF-8 JSON on first access (so the
+            hot read path never parses it). Raises :class:`CorruptRecordError` if those bytes
+            are not a JSON object in UTF-8 (possible only for a record decoded with
+            ``check_crc=False`` or crafted to pass its CRC).
 
     Unpacks like a tuple: ``image, label, meta = record``.
     """
 
-    __slots__ = ("seq", "image", "label", "_meta_bytes", "_meta")
+    __slots__ = ("seq", "image", "label", "_meta_bytes", "_meta", "_path")
 
-    def __init__(self, seq: Optional[int], image: np.ndarray, label: Label, meta_bytes: bytes) -> None:
+    def __init__(self, seq: Optional[int], image: np.ndarray, label: Label, meta_bytes: bytes, path=None) -> None:
         self.seq = seq
         self.image = image
         self.label = label
         self._meta_bytes = meta_bytes
         self._meta = None
+        self._path = path
 
     @property
     def meta(self) -> Dict[str, Any]:
         if self._meta is None:
-            self._meta = json.loads(self._meta_bytes) if self._meta_bytes else {}
+            self._meta = _parse_meta(self._meta_bytes, self.seq, self._path)
         return self._meta
 
     def __iter__(self):
@@ -121,6 +137,24 @@ class Record:
     def __repr__(self) -> str:
         h, w, c = self.image.shape
         return f"Record(seq={self.seq}, image=uint8[{h}x{w}x{c}], label={self.label!r})"
+
+
+def _parse_meta(meta_bytes, seq: Optional[int], path) -> Dict[str, Any]:
+    """The provenance dict stored as ``meta_bytes`` (compact UTF-8 JSON; empty means ``{}``).
+
+    Raises:
+        CorruptRecordError: the bytes are not UTF-8, not JSON, or not a JSON object.
+    """
+    if not meta_bytes:
+        return {}
+    try:
+        # decode first: json.loads(bytes) would also accept UTF-16/32, which a record never holds
+        value = json.loads(bytes(meta_bytes).decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CorruptRecordError(seq, f"metadata is not UTF-8 JSON: {exc}", path) from None
+    if not isinstance(value, dict):
+        raise CorruptRecordError(seq, f"metadata is a JSON {type(value).__name__}, not an object", path)
+    return value
 
 
 def _json_default(value):
@@ -167,25 +201,193 @@ def encode_image(image: np.ndarray, encoding: Encoding, quality: int = 95, png_l
     return buf.getvalue()
 
 
-def decode_image(data, encoding: Encoding, height: int, width: int, channels: int) -> np.ndarray:
-    """A writable uint8 H×W×C array from stored bytes (``data``: bytes or memoryview)."""
-    if encoding is Encoding.raw:
+# Most bytes of decoded pixels a PNG/JPEG/WebP payload may expand to, per payload byte; a record
+# whose header asks for more is refused before anything is decoded.
+#   png:  1032 is deflate's own limit (258 bytes per 2-bit length/distance pair), and a PNG also
+#         stores a filter byte per row: no PNG file can decode to more.
+#   jpeg: 768 = 3 bytes × 64 pixels per 2 bits: sequential Huffman coding (the only JPEG accepted)
+#         spends at least a 1-bit DC and a 1-bit end-of-block code on each 8×8 block of each
+#         component; a payload claiming more is truncated (libjpeg would pad it with gray).
+#   webp: no format limit (VP8's arithmetic coder and VP8L's 0-bit Huffman codes can code a flat
+#         image in almost nothing), so this one is calibrated: libwebp's lossy output (what
+#         synthaug writes) for a flat image decodes to at most ~1,700 RGB bytes per byte (measured
+#         up to 8192×8192), and 8192 leaves ~5× room. Lossless WebP of a near-flat image can
+#         exceed it (~77,000 at 8192²) and is then refused; synthaug never writes lossless WebP.
+#         WebP always decodes to RGB, so it counts 3 bytes per pixel whatever the record's C.
+_MAX_EXPANSION_PNG = 1032
+_MAX_EXPANSION_JPEG = 768
+_MAX_EXPANSION_WEBP = 8192
+_PIL_FORMATS = ("", "PNG", "JPEG", "WEBP")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+
+
+def _payload_geometry(data: bytes, encoding: int, channels: int) -> Tuple[int, int, int, int]:
+    """What a PNG/JPEG/WebP payload declares in its own header, read without PIL (which, for
+    WebP, allocates the canvas as soon as it opens the file).
+
+    Returns:
+        ``(width, height, decoded channels, max expansion)``: the image size, the bytes per pixel
+        the decoder produces, and the most decoded bytes per payload byte such a file can hold.
+
+    Raises:
+        ValueError: not such a file, or a kind synthaug never writes and does not read: PNG other
+            than 8-bit gray (C = 1) or RGB (C = 3); JPEG other than sequential Huffman-coded with
+            C components (progressive and arithmetic-coded JPEG can cost many passes over the
+            image per payload byte); extended WebP (VP8X: alpha, animation, metadata).
+    """
+    if encoding == 1:
+        if len(data) < 33 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+            raise ValueError("png payload is not a PNG file (no PNG signature and IHDR chunk)")
+        depth, color = data[24], data[25]
+        if depth != 8 or color != (0 if channels == 1 else 2):
+            raise ValueError(
+                f"PNG payload has bit depth {depth}, color type {color}; a {channels}-channel record "
+                f"holds an 8-bit {'gray (color type 0)' if channels == 1 else 'RGB (color type 2)'} PNG"
+            )
+        return _U32.unpack_from(data, 16)[0], _U32.unpack_from(data, 20)[0], channels, _MAX_EXPANSION_PNG
+    if encoding == 2:
+        width, height, components = _jpeg_frame(data)
+        if components != channels:
+            raise ValueError(f"JPEG payload has components={components}; a {channels}-channel record has {channels}")
+        return width, height, channels, _MAX_EXPANSION_JPEG
+    if len(data) < 30 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        raise ValueError("webp payload is not a WebP file (no RIFF/WEBP signature)")
+    chunk = data[12:16]
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        width, height = (data[26] | data[27] << 8) & 0x3FFF, (data[28] | data[29] << 8) & 0x3FFF
+        return width, height, 3, _MAX_EXPANSION_WEBP
+    if chunk == b"VP8L" and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, 3, _MAX_EXPANSION_WEBP
+    if chunk == b"VP8X":
+        raise ValueError("WebP payload is extended (VP8X: alpha, animation or metadata); a record holds a simple WebP")
+    raise ValueError(f"WebP payload has no VP8 or VP8L bitstream header (first chunk {bytes(chunk)!r})")
+
+
+# SOF markers of sequential Huffman-coded JPEG: baseline (what PIL writes) and extended
+_JPEG_SEQUENTIAL_HUFFMAN = (0xC0, 0xC1)
+
+
+def _jpeg_frame(data: bytes) -> Tuple[int, int, int]:
+    """``(width, height, components)`` from the frame header (SOFn) of a JPEG, walking its marker
+    segments up to the first scan (O(number of segments), each at least 2 bytes).
+
+    Raises:
+        ValueError: not a JPEG, no frame header before the first scan, or not sequential Huffman.
+    """
+    n = len(data)
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("jpeg payload is not a JPEG file (no SOI marker)")
+    i = 2
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            raise ValueError(f"JPEG payload has no marker at byte {i} (0x{data[i]:02x})")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            i += 2
+            continue
+        if marker in (0xD8, 0xD9, 0xDA):  # SOI, EOI, SOS
+            break
+        length = data[i + 2] << 8 | data[i + 3]
+        if length < 2:
+            raise ValueError(f"JPEG payload has a marker segment of length {length} at byte {i}")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn, not DHT/JPG/DAC
+            if marker not in _JPEG_SEQUENTIAL_HUFFMAN:
+                raise ValueError(
+                    f"JPEG payload is coded with SOF{marker - 0xC0} (progressive, lossless or arithmetic); "
+                    "a record holds baseline (sequential Huffman) JPEG"
+                )
+            if length < 8 or i + 10 > n:
+                raise ValueError("JPEG payload has a truncated frame header")
+            return _U16.unpack_from(data, i + 7)[0], _U16.unpack_from(data, i + 5)[0], data[i + 9]
+        i += 2 + length
+    raise ValueError("JPEG payload has no frame header (SOFn) before its first scan")
+
+
+def _decode_image(data, encoding: int, height: int, width: int, channels: int) -> np.ndarray:
+    """:func:`decode_image` raising ``ValueError``/PIL errors (the callers wrap them)."""
+    if encoding == 0:
         expected = height * width * channels
         if len(data) != expected:
-            raise ValueError(f"raw image holds {len(data)} bytes, expected {expected}")
+            raise ValueError(f"raw image holds {len(data)} bytes, expected {height}×{width}×{channels} = {expected}")
         return np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels).copy()
+    if not 0 < encoding <= _MAX_ENCODING:
+        raise ValueError(f"unknown encoding code {encoding}")
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as pil:
+    name = _PIL_FORMATS[encoding]
+    data = bytes(data)
+    pixels = height * width
+    cap = Image.MAX_IMAGE_PIXELS
+    if cap and pixels > cap:
+        raise ValueError(
+            f"header says a {height}×{width} image ({pixels} pixels), more than PIL.Image.MAX_IMAGE_PIXELS "
+            f"({cap}); refused before decoding (raise that limit to read such images)"
+        )
+    p_width, p_height, p_channels, expansion = _payload_geometry(data, encoding, channels)
+    if (p_width, p_height) != (width, height):
+        raise ValueError(f"{name} payload is {p_height}×{p_width}, header says {height}×{width}")
+    if pixels * p_channels > expansion * len(data):
+        raise ValueError(
+            f"header says a {height}×{width} image but its {name} payload is only {len(data)} bytes: more than "
+            f"{expansion}× expansion (a decompression bomb or a damaged header); refused before decoding"
+        )
+    want = "L" if channels == 1 else "RGB"
+    with Image.open(io.BytesIO(data), formats=(name,)) as pil:
+        # checked again on PIL's own reading of the file, before load() allocates the pixels
+        if pil.size != (width, height):
+            raise ValueError(f"{name} payload is {pil.size[1]}×{pil.size[0]}, header says {height}×{width}")
+        mode = "RGB" if encoding == 3 else want  # WebP has no gray mode: gray is stored as RGB
+        if pil.mode != mode:
+            raise ValueError(f"{name} payload has PIL mode {pil.mode}; a {channels}-channel record holds {mode}")
+        if getattr(pil, "n_frames", 1) != 1:
+            raise ValueError(f"{name} payload has {pil.n_frames} frames; a record holds one image")
+        if pil.info.get("progressive") or pil.info.get("progression"):
+            raise ValueError("JPEG payload is progressive; a record holds baseline JPEG")
         pil.load()
-        arr = np.asarray(pil.convert("L" if channels == 1 else "RGB"))
+        arr = np.asarray(pil if pil.mode == want else pil.convert(want))
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    if arr.shape != (height, width, channels):
-        raise ValueError(f"decoded image has shape {arr.shape}, header says {(height, width, channels)}")
+    if arr.shape != (height, width, channels) or arr.dtype != np.uint8:
+        raise ValueError(f"decoded image is {arr.dtype} {arr.shape}, header says uint8 {(height, width, channels)}")
     if not arr.flags.writeable:
         arr = arr.copy()
     return arr
+
+
+def decode_image(
+    data, encoding: Encoding, height: int, width: int, channels: int, *, seq: Optional[int] = None, path=None
+) -> np.ndarray:
+    """A writable uint8 H×W×C array from a record's image bytes (``data``: bytes or memoryview).
+
+    ``raw`` must hold exactly H×W×C bytes. A PNG/JPEG/WebP payload must declare exactly H×W in
+    its own header, hold one 8-bit gray (C = 1) or RGB (C = 3) frame (WebP: RGB, simple VP8 or
+    VP8L; JPEG: sequential Huffman-coded, as PIL writes it), have at most
+    ``PIL.Image.MAX_IMAGE_PIXELS`` pixels and decode to no more bytes than its format can expand
+    to from its size (``_MAX_EXPANSION_*``); all of this is checked before PIL allocates the image,
+    so decoding memory and time are bounded by the payload's size.
+
+    Not guarded: with ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True`` (a process-wide PIL setting)
+    PIL pads a truncated payload instead of failing; records damaged that way still fail their CRC.
+
+    Raises:
+        CorruptRecordError: naming ``seq``, for any bytes that do not decode to such an image.
+    """
+    try:
+        return _decode_image(data, int(encoding), height, width, channels)
+    except MemoryError:
+        raise
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, EOFError, struct.error...
+        raise CorruptRecordError(seq, _reason(exc), path) from None
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def encode_record(
@@ -215,50 +417,109 @@ def encode_record(
     return head[:_CRC_OFFSET] + struct.pack(">I", crc) + body
 
 
-def read_header(buf) -> Tuple:
-    """The header fields of a record value, checked for magic, version and length."""
-    if len(buf) < HEADER_SIZE:
-        raise ValueError(f"value of {len(buf)} bytes is shorter than the {HEADER_SIZE}-byte header")
+def _parse_header(buf) -> Tuple:
+    """The 11 header fields of a record value, checked; raises ``ValueError`` saying what is wrong.
+
+    Beyond magic, version and total length, it refuses what no writer produces, so a header
+    crafted to pass its CRC cannot describe something the decoders would misread: an unknown
+    encoding code, channels other than 1 or 3, unknown flag bits, a zero height or width, and a
+    single-label record (flag bit 0 clear) without exactly one label. The pad bytes are ignored.
+    """
+    n = len(buf)
+    if n < HEADER_SIZE:
+        raise ValueError(f"value of {n} bytes is shorter than the {HEADER_SIZE}-byte header")
     fields = _HEADER.unpack_from(buf, 0)
-    magic, version, _enc, channels, _flags, _h, _w, n_labels, meta_len, image_len, _crc = fields
-    if magic != MAGIC:
-        raise ValueError(f"bad magic {bytes(magic)!r}")
-    if version > FORMAT_VERSION:
-        raise ValueError(f"record format version {version} is newer than this synthaug ({FORMAT_VERSION}); upgrade synthaug")
-    if channels not in (1, 3):
-        raise ValueError(f"header says {channels} channels")
-    if _enc >= len(Encoding):
-        raise ValueError(f"unknown encoding code {_enc}")
-    expected = HEADER_SIZE + 4 * n_labels + meta_len + image_len
-    if len(buf) != expected:
-        raise ValueError(f"value holds {len(buf)} bytes, header says {expected}")
+    magic, version, enc, channels, flags, h, w, n_labels, meta_len, image_len, _crc = fields
+    # one chain of constant-time tests on the hot path; _header_problem says which one failed
+    if (
+        magic != MAGIC
+        or version != FORMAT_VERSION
+        or enc > _MAX_ENCODING
+        or (channels != 1 and channels != 3)
+        or flags & ~_KNOWN_FLAGS
+        or not h
+        or not w
+        or (n_labels != 1 and not flags)
+        or n != HEADER_SIZE + 4 * n_labels + meta_len + image_len
+    ):
+        raise ValueError(_header_problem(n, fields))
     return fields
 
 
+def _header_problem(n: int, fields: Tuple) -> str:
+    magic, version, enc, channels, flags, h, w, n_labels, meta_len, image_len, _crc = fields
+    if magic != MAGIC:
+        return f"bad magic {bytes(magic)!r} (expected {MAGIC!r})"
+    if version > FORMAT_VERSION:
+        return f"record format version {version} is newer than this synthaug ({FORMAT_VERSION}); upgrade synthaug"
+    if version != FORMAT_VERSION:
+        return f"unknown record format version {version} (this synthaug reads version {FORMAT_VERSION})"
+    if enc > _MAX_ENCODING:
+        return f"unknown encoding code {enc}"
+    if channels not in (1, 3):
+        return f"header says {channels} channels (1 or 3)"
+    if flags & ~_KNOWN_FLAGS:
+        return f"header has unknown flag bits 0x{flags & ~_KNOWN_FLAGS:02x}"
+    if not h or not w:
+        return f"header says a {h}×{w} image"
+    if n_labels != 1 and not flags:
+        return f"single-label record holds {n_labels} labels"
+    expected = HEADER_SIZE + 4 * n_labels + meta_len + image_len
+    return f"value holds {n} bytes, header says {expected}"
+
+
+def read_header(buf, seq: Optional[int] = None, path=None) -> Tuple:
+    """The header fields of a record value (bytes or memoryview), checked for consistency.
+
+    Returns:
+        ``(magic, version, encoding, channels, flags, height, width, n_labels, meta_len,
+        image_len, crc32c)`` as ints (``magic`` bytes). The CRC is *not* verified here.
+
+    Raises:
+        CorruptRecordError: naming ``seq``, for a short value, bad magic, an unknown version,
+            encoding, channel count or flag, a zero size, a label count that does not fit the
+            flags, or a length other than the header's.
+    """
+    try:
+        return _parse_header(buf)
+    except Exception as exc:
+        raise CorruptRecordError(seq, _reason(exc), path) from None
+
+
+def _check_crc(buf, stored: int) -> None:
+    actual = _crc32c(buf[HEADER_SIZE:], _crc32c(buf[:_CRC_OFFSET]))
+    if actual != stored:
+        raise ValueError(f"CRC-32C mismatch (stored {stored:08x}, computed {actual:08x})")
+
+
 def _labels_from(buf, n_labels: int, flags: int) -> Label:
-    values = struct.unpack_from(f">{n_labels}i", buf, HEADER_SIZE)
-    return tuple(values) if flags & _FLAG_MULTILABEL else values[0]
+    if n_labels == 1 and not flags:
+        return _INT32.unpack_from(buf, HEADER_SIZE)[0]
+    return struct.unpack_from(f">{n_labels}i", buf, HEADER_SIZE)
 
 
-_ENCODINGS = tuple(Encoding)
 _INT32 = struct.Struct(">i")
 
 
 def decode_record(buf, seq: Optional[int] = None, *, check_crc: bool = True, path=None) -> Record:
     """A :class:`Record` from a record value (bytes or a memoryview valid for this call).
 
+    ``check_crc=False`` skips only the CRC (the header and image are still checked, so even then
+    bad bytes raise :class:`CorruptRecordError` rather than anything else, but damage that keeps
+    the header consistent goes unnoticed). The metadata is parsed on first ``Record.meta`` access.
+
     Raises:
         CorruptRecordError: naming ``seq`` when the CRC, header or image is bad.
     """
     try:
-        _m, _v, enc, channels, flags, h, w, n_labels, meta_len, image_len, crc = read_header(buf)
+        _m, _v, enc, channels, flags, h, w, n_labels, meta_len, image_len, crc = _parse_header(buf)
         meta_start = HEADER_SIZE + 4 * n_labels
         img_start = meta_start + meta_len
         if enc == 0:
             # raw: copy out of the map first, then checksum the copy while it is in CPU cache
             # (one pass over the mapped pages instead of two)
             if image_len != h * w * channels:
-                raise ValueError(f"raw image holds {image_len} bytes, expected {h * w * channels}")
+                raise ValueError(f"raw image holds {image_len} bytes, expected {h}×{w}×{channels} = {h * w * channels}")
             image = np.frombuffer(buf, np.uint8, image_len, img_start).reshape(h, w, channels).copy()
             if check_crc:
                 actual = _crc32c(image, _crc32c(buf[HEADER_SIZE:img_start], _crc32c(buf[:_CRC_OFFSET])))
@@ -266,66 +527,119 @@ def decode_record(buf, seq: Optional[int] = None, *, check_crc: bool = True, pat
                     raise ValueError(f"CRC-32C mismatch (stored {crc:08x}, computed {actual:08x})")
         else:
             if check_crc:
-                actual = _crc32c(buf[HEADER_SIZE:], _crc32c(buf[:_CRC_OFFSET]))
-                if actual != crc:
-                    raise ValueError(f"CRC-32C mismatch (stored {crc:08x}, computed {actual:08x})")
-            image = decode_image(buf[img_start : img_start + image_len], _ENCODINGS[enc], h, w, channels)
-        if n_labels == 1 and not flags & _FLAG_MULTILABEL:
+                _check_crc(buf, crc)
+            image = _decode_image(buf[img_start:], enc, h, w, channels)  # the image runs to the end
+        if n_labels == 1 and not flags:  # _parse_header refused any other flag bit
             label = _INT32.unpack_from(buf, HEADER_SIZE)[0]
         else:
-            label = _labels_from(buf, n_labels, flags)
+            label = struct.unpack_from(f">{n_labels}i", buf, HEADER_SIZE)
         meta_bytes = bytes(buf[meta_start:img_start])
-    except CorruptRecordError:
+    except MemoryError:
+        # not a property of the bytes: the checks above bound every allocation by the value's
+        # size, so this is the process running short, and calling a healthy record corrupt
+        # would get it skipped or deleted
         raise
     except Exception as exc:  # any failure to read the bytes back is corruption of this record
-        raise CorruptRecordError(seq, str(exc) or type(exc).__name__, path) from None
-    return Record(seq, image, label, meta_bytes)
+        raise CorruptRecordError(seq, _reason(exc), path) from None
+    return Record(seq, image, label, meta_bytes, path)
 
 
 def peek_label(buf, seq: Optional[int] = None, path=None, *, check_crc: bool = True) -> Label:
-    """The label of a record value without decoding its image.
+    """The label of a record value without decoding its image: an int, or a tuple of ints for a
+    multi-label record.
 
     The CRC is checked by default (a flipped label byte would otherwise route a record to the
     wrong class); CRC-32C runs at memory speed, so this stays far cheaper than decoding.
+
+    Raises:
+        CorruptRecordError: naming ``seq``, for a bad header or CRC.
     """
     try:
-        fields = read_header(buf)
+        fields = _parse_header(buf)
         if check_crc:
-            actual = _crc32c(buf[HEADER_SIZE:], _crc32c(buf[:_CRC_OFFSET]))
-            if actual != fields[10]:
-                raise ValueError(f"CRC-32C mismatch (stored {fields[10]:08x}, computed {actual:08x})")
-    except ValueError as exc:
-        raise CorruptRecordError(seq, str(exc), path) from None
-    return _labels_from(buf, fields[7], fields[4])
+            _check_crc(buf, fields[10])
+        return _labels_from(buf, fields[7], fields[4])
+    except Exception as exc:
+        raise CorruptRecordError(seq, _reason(exc), path) from None
 
 
-def peek_meta(buf, seq: Optional[int] = None, path=None) -> Dict[str, Any]:
-    """The provenance dict of a record value without decoding its image (no CRC check)."""
+def peek_meta(buf, seq: Optional[int] = None, path=None, *, check_crc: bool = True) -> Dict[str, Any]:
+    """The provenance dict of a record value without decoding its image.
+
+    The CRC is checked by default, as in :func:`peek_label`: provenance (seeds, model, prompt)
+    is what reports and deduplication trust, so a flipped byte must not silently change it, and
+    CRC-32C costs far less than the JSON parse. ``check_crc=False`` skips it (bad bytes still
+    raise :class:`CorruptRecordError`, never a JSON or Unicode error).
+
+    Raises:
+        CorruptRecordError: naming ``seq``, for a bad header or CRC, or metadata that is not a
+            UTF-8 JSON object.
+    """
     try:
-        fields = read_header(buf)
-        start = HEADER_SIZE + 4 * fields[7]
-        return json.loads(bytes(buf[start : start + fields[8]])) if fields[8] else {}
-    except ValueError as exc:
-        raise CorruptRecordError(seq, str(exc), path) from None
+        fields = _parse_header(buf)
+        if check_crc:
+            _check_crc(buf, fields[10])
+    except Exception as exc:
+        raise CorruptRecordError(seq, _reason(exc), path) from None
+    start = HEADER_SIZE + 4 * fields[7]
+    return _parse_meta(buf[start : start + fields[8]], seq, path)
 
 
 def as_image_batch(images) -> List[np.ndarray]:
-    """Normalize what ``SyntheticCache.append`` accepts into a list of uint8 H×W×C arrays.
+    """Normalize what ``SyntheticCache.append`` accepts into a list of uint8 H×W×C arrays (C = 1
+    or 3), one per image.
 
-    Accepted: a numpy array N×H×W×C or N×H×W (uint8); a torch uint8 tensor N×C×H×W (torchvision's
-    layout) or N×H×W; a sequence of PIL images, H×W×C / H×W arrays, or C×H×W tensors.
+    Accepted:
+
+    * a uint8 numpy array N×H×W×C (C = 1 or 3), or N×H×W (N gray images) when W is not 1 or 3;
+    * a uint8 torch tensor N×C×H×W (torchvision's layout), or N×H×W (N gray images) when N is
+      not 3 and W is not 1 or 3;
+    * a sequence of images, each a PIL image, an H×W×C or H×W numpy array, or a C×H×W or H×W
+      tensor.
+
+    A single image is always passed with a batch axis (``image[None]``) or in a list: a 3-D array
+    or tensor is read as a batch, so shapes that look like one image are refused rather than
+    silently stored as a stack of thin gray images. Refused as ambiguous: a numpy N×H×W array
+    whose last axis is 1 or 3 (it looks like one H×W×C image), and a 3-D tensor whose first axis is
+    3 (one RGB C×H×W image, or three gray H×W images?) or whose last axis is 1 or 3 (an H×W×C
+    image converted with ``torch.from_numpy``). A 1×H×W tensor (W not 1 or 3) is one gray H×W
+    image whichever way it is read (one C×H×W image with C = 1, or a batch of one H×W image), so it
+    is accepted.
+
+    Raises:
+        ValueError: naming the input's shape or type and what to pass instead.
     """
     if isinstance(images, np.ndarray):
         if images.ndim == 3:
+            if images.shape[2] in (1, 3):
+                raise ValueError(
+                    f"images array has shape {images.shape}, which looks like one H×W×C image, not a batch of "
+                    f"{images.shape[0]} gray {images.shape[1]}×{images.shape[2]} images; pass images[None] for a "
+                    "batch of one, or an N×H×W×C array (N gray images of width 1 or 3: images[..., None])"
+                )
             images = images[..., None]
         if images.ndim != 4:
-            raise ValueError(f"images array must be N×H×W×C or N×H×W, got shape {images.shape}")
+            hint = "; pass images[None] for a single image" if images.ndim == 2 else ""
+            raise ValueError(f"images array must be N×H×W×C or N×H×W, got shape {images.shape}{hint}")
         return [_check_image(im, i) for i, im in enumerate(images)]
     if _is_tensor(images):
         if images.ndim == 3:
+            shape = tuple(images.shape)
+            if shape[0] == 3:
+                raise ValueError(
+                    f"images tensor has shape {shape}: one RGB C×H×W image or three gray H×W images? Pass an "
+                    "N×C×H×W tensor: images[None] for one RGB image, images[:, None] for three gray images"
+                )
+            if shape[2] in (1, 3):
+                raise ValueError(
+                    f"images tensor has shape {shape}, which looks like one H×W×C image; tensors are N×C×H×W "
+                    "(torchvision layout): pass images.permute(2, 0, 1)[None] for one image, or images[:, None] "
+                    f"for {shape[0]} gray images of width {shape[2]}"
+                )
             images = images[:, None]
         if images.ndim != 4:
-            raise ValueError(f"images tensor must be N×C×H×W or N×H×W, got shape {tuple(images.shape)}")
+            hint = "; pass images[None, None] for a single gray image" if images.ndim == 2 else ""
+            raise ValueError(f"images tensor must be N×C×H×W or N×H×W, got shape {tuple(images.shape)}{hint}")
         return [_check_image(_tensor_chw(im, i), i) for i, im in enumerate(images)]
     if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
         raise ValueError(
