@@ -30,44 +30,66 @@ import lmdb
 
 from synthaug.errors import CacheFormatError
 
-__all__ = ["EnvHandle", "acquire_env", "release_env", "DB_NAMES"]
+__all__ = ["EnvHandle", "acquire_env", "release_env", "DB_NAMES", "NotCreatedYetError"]
 
 DB_NAMES = (b"records", b"meta", b"cursors")
+
+
+class NotCreatedYetError(CacheFormatError):
+    """The environment exists but its named databases do not (yet): a cache another process is
+    creating right now, or an empty LMDB opened read-only."""
+
 _FORK_WAIT_S = 10.0
 
 
 class _Gate:
-    """Shared (transactions) / exclusive (fork, map resize) gate for one process."""
+    """Shared (transactions) / exclusive (fork, map resize) gate for one process.
+
+    A thread waiting for the exclusive side first shuts the gate to new transactions, then
+    waits for the open ones to end: a thread that reads in a tight loop cannot starve a fork or
+    a map resize. Each thread's own open transactions are counted too, so a fork from inside a
+    transaction does not wait for itself.
+    """
 
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.active = 0
         self.exclusive = False
+        self.closing = False  # someone waits for the exclusive side: no new transaction starts
+        self.local = threading.local()
+
+    def mine(self) -> int:
+        """Transactions open in the calling thread."""
+        return getattr(self.local, "depth", 0)
 
     def enter(self) -> None:
         with self.cond:
-            while self.exclusive:
+            while self.exclusive or self.closing:
                 self.cond.wait()
             self.active += 1
+        self.local.depth = self.mine() + 1
 
     def leave(self) -> None:
+        self.local.depth = self.mine() - 1
         with self.cond:
             self.active -= 1
-            if self.active == 0:
+            if self.active == 0 or self.closing:
                 self.cond.notify_all()
 
     @contextmanager
     def exclusively(self) -> Iterator[None]:
         with self.cond:
-            while self.exclusive:
+            while self.exclusive or self.closing:
                 self.cond.wait()
-            self.exclusive = True
+            self.closing = True
             try:
                 self.cond.wait_for(lambda: self.active == 0)
             except BaseException:  # interrupted (Ctrl-C, a timeout signal): never leave the gate shut
-                self.exclusive = False
+                self.closing = False
                 self.cond.notify_all()
                 raise
+            self.closing = False
+            self.exclusive = True
         try:
             yield
         finally:
@@ -83,17 +105,28 @@ _FORK_STATE = {"busy_at_fork": False}
 # Handles inherited through a fork while a transaction was open: never closed (that would clear
 # the parent's reader slots), only kept alive so their destructor does not run.
 _ORPHANS = []
+# Releases queued by SyntheticCache.__del__ when the module lock was taken (see release_env).
+_DEFERRED: list = []
 
 
 def _before_fork() -> None:
-    _GATE.cond.acquire()
+    """Shut the gate to new transactions and wait (at most ``_FORK_WAIT_S``) for the open ones of
+    other threads to end; the gate's lock is held across the fork."""
+    gate = _GATE
+    gate.cond.acquire()
     deadline = time.monotonic() + _FORK_WAIT_S
-    while _GATE.active and time.monotonic() < deadline:
-        _GATE.cond.wait(max(0.0, deadline - time.monotonic()))
-    _FORK_STATE["busy_at_fork"] = _GATE.active > 0
+    while (gate.exclusive or gate.closing) and time.monotonic() < deadline:  # a map resize or close
+        gate.cond.wait(max(0.0, deadline - time.monotonic()))
+    gate.closing = True
+    mine = gate.mine()
+    while gate.active > mine and time.monotonic() < deadline:
+        gate.cond.wait(max(0.0, deadline - time.monotonic()))
+    _FORK_STATE["busy_at_fork"] = gate.active > 0 or gate.exclusive
 
 
 def _after_fork_parent() -> None:
+    _GATE.closing = False
+    _GATE.cond.notify_all()
     _GATE.cond.release()
 
 
@@ -112,6 +145,7 @@ def _after_fork_child() -> None:
             except lmdb.Error:  # pragma: no cover - nothing we can do in the child
                 _ORPHANS.append(handle.env)
     _ENVS.clear()
+    _DEFERRED.clear()
     _FORK_STATE["busy_at_fork"] = False
     _FORK_STATE["busy_paths"] = busy
 
@@ -127,11 +161,19 @@ class EnvHandle:
         self.path = path
         self.env = env
         self.readonly = readonly
+        foreign = _foreign_keys(env)
+        if foreign:
+            env.close()
+            raise CacheFormatError(
+                f"{path} holds an LMDB database that is not a synthaug cache (its main database has the keys "
+                f"{', '.join(repr(k) for k in foreign)}); synthaug does not write into another program's LMDB. "
+                "Give the cache a new or empty folder"
+            )
         try:
             self.dbs = {name.decode(): env.open_db(name, create=not readonly) for name in DB_NAMES}
         except lmdb.NotFoundError:
             env.close()
-            raise CacheFormatError(f"{path} is an LMDB environment but not a synthaug cache (named databases missing)") from None
+            raise NotCreatedYetError(f"{path} is an LMDB environment but not a synthaug cache (named databases missing)") from None
         self.refs = 0
         self.pid = os.getpid()
         self._stale = False
@@ -215,6 +257,7 @@ def acquire_env(
     """The process's handle for the cache directory ``path`` (opened on first use)."""
     key = os.path.realpath(path)
     with _ENVS_LOCK:
+        _drain_deferred()
         handle = _ENVS.get(key)
         if handle is not None and not readonly and handle.readonly:
             if handle.refs > 0 or _GATE.active:
@@ -243,6 +286,11 @@ def acquire_env(
                     metasync=sync,
                     lock=True,
                 )
+            except (lmdb.InvalidError, lmdb.VersionMismatchError, lmdb.CorruptedError) as exc:
+                raise CacheFormatError(
+                    f"{path} is not a synthaug cache: its data.mdb is not a readable LMDB file ({exc}); "
+                    "give the cache a new or empty folder, or restore the file"
+                ) from None
             except lmdb.Error as exc:
                 if "already open" in str(exc) and _FORK_STATE.get("busy_paths"):
                     raise RuntimeError(
@@ -258,7 +306,7 @@ def acquire_env(
         return handle
 
 
-def release_env(handle: EnvHandle) -> None:
+def release_env(handle: EnvHandle, *, blocking: bool = True) -> None:
     """Drop one reference; close the environment when no cache object of this process uses it.
 
     While any transaction of this process is open, the environment is left open (unreferenced,
@@ -266,14 +314,51 @@ def release_env(handle: EnvHandle) -> None:
     the open transaction belongs to this very thread — the garbage collector running
     ``SyntheticCache.__del__`` in the middle of another cache's read — waiting for it would
     never end.
+
+    ``blocking=False`` (``SyntheticCache.__del__``): never wait for the module lock. The garbage
+    collector may run a destructor in a thread that already holds it (inside ``acquire_env``);
+    then the release is queued and done by the next ``acquire_env`` or ``release_env``.
     """
-    with _ENVS_LOCK:
-        if handle._stale or handle.pid != os.getpid():
+    if not _ENVS_LOCK.acquire(blocking):
+        _DEFERRED.append(handle)
+        return
+    try:
+        _drain_deferred()
+        _release_locked(handle)
+    finally:
+        _ENVS_LOCK.release()
+
+
+def _drain_deferred() -> None:
+    """Releases queued by destructors (called with ``_ENVS_LOCK`` held)."""
+    while _DEFERRED:
+        try:
+            handle = _DEFERRED.pop()
+        except IndexError:  # pragma: no cover - emptied by a destructor run meanwhile
             return
-        handle.refs -= 1
-        if handle.refs <= 0 and _ENVS.get(handle.path) is handle:
-            if _GATE.active:
-                return
-            del _ENVS[handle.path]
-            with _GATE.exclusively():
-                handle.env.close()
+        _release_locked(handle)
+
+
+def _release_locked(handle: EnvHandle) -> None:
+    if handle._stale or handle.pid != os.getpid():
+        return
+    handle.refs -= 1
+    if handle.refs <= 0 and _ENVS.get(handle.path) is handle:
+        if _GATE.active:
+            return
+        del _ENVS[handle.path]
+        with _GATE.exclusively():
+            handle.env.close()
+
+
+def _foreign_keys(env: lmdb.Environment, limit: int = 3) -> list:
+    """Up to ``limit`` keys of the environment's main database that are not synthaug's named
+    databases (a synthaug cache has none; an empty new environment has no keys at all)."""
+    found = []
+    with env.begin() as txn:
+        for key in txn.cursor().iternext(keys=True, values=False):
+            if bytes(key) not in DB_NAMES:
+                found.append(bytes(key)[:40])
+                if len(found) >= limit:
+                    break
+    return found
