@@ -8,6 +8,7 @@ __all__ = [
     "CacheFormatError",
     "SyntheticExhaustedError",
     "GenerationWorkerError",
+    "CacheBusyError",
 ]
 
 
@@ -40,6 +41,18 @@ class CorruptRecordError(SynthaugError):
 
 class CacheFormatError(SynthaugError):
     """The folder is not a synthaug cache, or was written by a newer format version."""
+
+
+class CacheBusyError(SynthaugError):
+    """Another live writer holds the cache for the same block of seeds (its pid, host and start
+    time are in the message and in ``holder``)."""
+
+    def __init__(self, message: str, holder=None) -> None:
+        self.holder = holder or {}
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.holder))
 
 
 class SyntheticExhaustedError(SynthaugError):

@@ -314,12 +314,15 @@ def test_worker_sigkill_mid_write_then_new_worker_continues(tmp_path):
         before = len(cache)
         _wait_for(lambda: len(cache) > before, what="appends")
         time.sleep(float(rng.uniform(0.0, 0.2)))
+        killed_at = time.time()
         os.kill(w.pid, signal.SIGKILL)
         _wait_for(lambda: not w.is_alive(), what="the killed worker to be reaped")
         assert w.status()["exitcode"] == -signal.SIGKILL
         with pytest.raises(GenerationWorkerError, match="killed by signal SIGKILL"):
             w.raise_if_failed()
         _wait_for(lambda: (cache.heartbeat() or {}).get("state") == "failed", what="post-mortem heartbeat")
+        hb = cache.heartbeat()  # written on the dead worker's behalf, stamped when its death was seen
+        assert hb["pid"] == w.pid and killed_at <= hb["time"] <= time.time() and "status -9" in hb["last_error"]
         report = cache.verify()
         assert report["corrupt"] == 0 and report["problems"] == [] and report["ok"] == len(cache)
         assert len(cache) % 16 == 0  # whole appends only
@@ -518,8 +521,7 @@ def test_a_failed_worker_ends_a_waiting_sampler_at_once(tmp_path):
         list(fresh)
     assert time.monotonic() - t0 < 30
     # a failure older than wait_timeout belongs to a past run: the wait runs to its own timeout
-    hb = cache.heartbeat()
-    cache.write_heartbeat({**hb, "time": time.time() - 10})
+    time.sleep(max(0.0, cache.heartbeat()["time"] + 2.5 - time.time()))
     patient = RatioBatchSampler(mixed, batch_size=4, synthetic_ratio=1.0, batches_per_epoch=3, on_exhausted="wait", wait_timeout=2, seed=2)
     with pytest.raises(synthaug.SyntheticExhaustedError, match="waited"):
         list(patient)

@@ -172,8 +172,17 @@ def test_through_a_dataloader_with_two_workers(train, shirts, persistent):
         twin.set_epoch(epoch)
         expected = list(twin)
         got = _loaded_equals_expected(loader, mixed, expected)
-        syn_labels = sum(int((y == SHIRT).sum()) for _, y in got)
-        assert sum(len(split(b)[1]) for b in expected) <= syn_labels
+        # each position holds what the sampler put there: the cache record or the real item
+        n_syn = 0
+        for (x, y), idx in zip(got, expected):
+            for pos, index in enumerate(idx):
+                if is_synthetic(index):
+                    n_syn += 1
+                    assert torch.equal(x[pos], torch.from_numpy(shirts.get(index.seq).image[:, :, 0])) and int(y[pos]) == SHIRT
+                else:
+                    image, target = train[index]
+                    assert torch.equal(x[pos], to_tensor(image)) and int(y[pos]) == target
+        assert n_syn == sum(len(split(b)[1]) for b in expected) == sampler.stats()["epoch_served"] > 0
         assert [len(split(b)[1]) for b in expected[:-1]] == [brute_force(300, 16, 0.3, False)[i][1] for i in range(len(expected) - 1)]
         assert sorted(i for b in expected for i in split(b)[0]) == list(range(300))
     assert sampler.stats()["served"] == twin.stats()["served"] > 0
@@ -403,9 +412,16 @@ def test_fresh_records_evicted_before_use_are_counted(tmp_path, train):
     s = RatioBatchSampler(mixed, batch_size=10, synthetic_ratio=0.2)
     it = iter(s)
     assert split(next(it))[1] == [0, 1]
-    cache.append(stand_in_images(5, "Shirt", offset=20), SHIRT)  # evicts seqs 0..4, two of them unseen
-    assert split(next(it))[1] == [5, 6]
-    assert s.stats()["evicted_unseen"] == 3
+    # the store's own max_items spares what a live consumer holds: nothing goes, the cache overflows
+    cache.append(stand_in_images(5, "Shirt", offset=20), SHIRT)
+    assert len(cache) == 15 and cache.stats()["evicted"] == 0
+    assert split(next(it))[1] == [2, 3]
+    # without the consumer's cursor (removed, e.g. its run judged dead), records go unseen
+    s.close()
+    cache.append(stand_in_images(1, "Shirt", offset=30), SHIRT)  # evicts seqs 0..5, two of them unseen
+    assert cache.seqs()[0] == 6
+    assert split(next(it))[1] == [6, 7]
+    assert s.stats()["evicted_unseen"] == 2
 
 
 # ---------------------------------------------------------------------------------- bad records
@@ -429,7 +445,8 @@ def _flip_elsewhere(path, seq, offset):
 
 def test_corrupt_records_are_replaced_counted_and_warned_once(tmp_path, train):
     path = tmp_path / "c"
-    build_stand_in_cache(path, 20).close()
+    classes = ["Shirt", "Coat", "T-shirt/top"]  # record i has class classes[i % 3]
+    build_stand_in_cache(path, 21, classes=classes).close()
     _flip(path, 9, 0)  # the magic: the sampler cannot read its label
     _flip(path, 12, HEADER_SIZE + 4 + 200)  # inside the image: the CRC of the label scan fails
     cache = SyntheticCache(path)
@@ -441,15 +458,17 @@ def test_corrupt_records_are_replaced_counted_and_warned_once(tmp_path, train):
             batches.append(b)
     served = {seq for b in batches for seq in split(b)[1]}
     assert 9 not in served and 12 not in served and s.stats()["corrupt_skipped"] == 2
-    # damaged after it was sampled: the dataset replaces it when the batch is read
+    # damaged after it was sampled: the dataset replaces it when the batch is read, by the
+    # nearest older record of the same class (already served: no fresh record is used up)
     _flip_elsewhere(path, 5, HEADER_SIZE + 4 + 200)
     bad = next(b for b in batches if 5 in split(b)[1])
-    with pytest.warns(RuntimeWarning, match="seq=5 .* is corrupt; served seq=6 instead"):
+    with pytest.warns(RuntimeWarning, match=r"seq=5 .* is corrupt; served seq=2 \(same label 0"):
         items = mixed.__getitems__(bad)
     with _no_warning():
         mixed.__getitems__(bad)  # warned once per process
     assert mixed.stats() == {"corrupt": 2, "missing": 0, "replaced": 2}
-    assert torch.equal(items[bad.index(SyntheticIndex(5))][0], to_tensor(cache.get(6).image[:, :, 0]))
+    image, target = items[bad.index(SyntheticIndex(5))]
+    assert torch.equal(image, to_tensor(cache.get(2).image[:, :, 0])) and target == TSHIRT == FASHION_MNIST_CLASSES.index(classes[5 % 3])
     # counted in DataLoader worker processes too (shared memory)
     loader = DataLoader(mixed, batch_sampler=[bad, bad], num_workers=2)
     assert len(list(loader)) == 2 and mixed.stats()["corrupt"] == 4
@@ -458,9 +477,31 @@ def test_corrupt_records_are_replaced_counted_and_warned_once(tmp_path, train):
     strict = MixedDataset(Subset(train, range(60)), cache, on_corrupt="raise")
     with pytest.raises(CorruptRecordError, match=r"seq=5\b"):
         strict.__getitems__(bad)
-    # evicted between sampling and reading: replaced by the nearest newer record
-    cache.trim(keep_last=10)
-    assert mixed[SyntheticIndex(3)][1] == SHIRT and mixed.stats()["missing"] == 1
+    # gone between sampling and reading (deleted behind the sampler's back: its hold keeps
+    # writers from it, so its cursor is removed first): replaced by an older one of its class
+    s.close()
+    cache.trim(keep_last=18)  # seqs 0..2 go
+    seven = next(i for b in batches for i in b if is_synthetic(i) and i.seq == 7)
+    _flip_elsewhere_delete(path, 7)
+    assert mixed.__getitems__([seven])[0][1] == COAT and mixed.stats()["missing"] == 1  # seq 4, a Coat
+    _flip_elsewhere_delete(path, 3)
+    with pytest.raises(CorruptRecordError, match="no readable record with its label"):
+        mixed.__getitems__([SyntheticIndex(3, SHIRT)])  # 0 (the older Shirt) is gone too: no other class instead
+
+
+def _delete(path, seq):
+    import lmdb
+
+    env = lmdb.open(str(path), max_dbs=4)
+    db = env.open_db(b"records")
+    with env.begin(write=True) as txn:
+        txn.delete(seq.to_bytes(8, "big"), db=db)
+    env.close()
+
+
+def _flip_elsewhere_delete(path, seq):
+    code = f"from tests.test_mixing import _delete; _delete({str(path)!r}, {seq})"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 class _no_warning:

@@ -10,16 +10,20 @@ Layout (named databases of one LMDB environment):
 
 * ``records``: key = 8-byte big-endian sequence number, value = one record (:mod:`.codec`).
 * ``meta``: format version, image spec, label names, next seq, byte and eviction counters,
-  ``max_items``, the generation worker's heartbeat.
-* ``cursors``: per-consumer high-water marks (the next sequence number a consumer has not been
-  handed yet), used by the worker to count records no consumer has seen.
+  ``max_items``, ``evict_request``, and ``heartbeat/<seed block>``: each generation worker's
+  heartbeat.
+* ``cursors``: one entry per consumer (a ``RatioBatchSampler``): ``next_seq``, the next sequence
+  number it has not been handed yet (records at or after the smallest are *fresh*), and ``hold``,
+  the oldest record it may still read (it has handed records out that a DataLoader has not read
+  yet, or keeps served ones to reuse). Writers evict only records below every live consumer's
+  ``hold``; ``meta["evict_request"]`` is how a writer that needs room asks consumers to raise it.
+  See docs of :meth:`SyntheticCache.set_cursor` and :meth:`SyntheticCache.supply`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
 import time
 from collections import Counter
@@ -29,7 +33,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 from synthaug.cache import codec
 from synthaug.cache.codec import Encoding, Label, Record
-from synthaug.cache.env import EnvHandle, acquire_env, release_env
+from synthaug.cache import liveness
+from synthaug.cache.env import EnvHandle, NotCreatedYetError, acquire_env, release_env
 from synthaug.errors import CacheFormatError, CorruptRecordError
 
 __all__ = ["SyntheticCache", "DEFAULT_ENCODING"]
@@ -38,7 +43,7 @@ DEFAULT_ENCODING = "raw"  # chosen from benchmarks/cache.py: see README "Choosin
 _KEY = struct.Struct(">Q")
 _SCAN_CHUNK = 4096
 _CREATION_WAIT_S = 3.0
-_HOST = socket.gethostname()
+_HEARTBEAT_PREFIX = b"heartbeat/"
 
 
 class _NotCreatedYet(Exception):
@@ -71,9 +76,11 @@ class SyntheticCache:
         encoding: image encoding of new records, ``"raw"``, ``"png"``, ``"jpeg"`` or ``"webp"``;
             ``None`` keeps the cache's own (``"raw"`` for a new cache).
         quality: JPEG/WebP quality of new records (1..100).
-        max_items: keep at most this many records; the oldest are evicted in the same
-            transaction as the append that overflows. Stored in the cache, so every writer obeys
-            it; ``None`` keeps the stored value (unbounded for a new cache), ``0`` removes it.
+        max_items: keep at most this many records: an append that overflows evicts the oldest
+            records in its own transaction, but never one a live consumer still holds (see
+            :meth:`set_cursor`); while consumers hold them the cache holds more, and the excess
+            goes at a later append. Stored in the cache, so every writer obeys it; ``None`` keeps
+            the stored value (unbounded for a new cache), ``0`` removes it.
         label_names: class names of the label indices (stored once; used to map labels by name).
         map_size: initial LMDB map size in bytes; it doubles whenever it fills.
         max_readers: reader slots in the lock table; at least ranks × (workers + 2) per node.
@@ -149,7 +156,7 @@ class SyntheticCache:
                     max_readers=self._max_readers,
                     sync=self._sync,
                 )
-            except CacheFormatError:
+            except NotCreatedYetError:
                 if time.monotonic() < deadline:
                     time.sleep(0.05)
                     continue
@@ -236,9 +243,12 @@ class SyntheticCache:
 
     def close(self) -> None:
         """Release this object's hold on the environment (closed when no object of this process uses it)."""
-        if self._handle is not None and self._pid == os.getpid():
-            release_env(self._handle)
-        self._handle = None
+        self._release(blocking=True)
+
+    def _release(self, *, blocking: bool) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None and self._pid == os.getpid():
+            release_env(handle, blocking=blocking)
 
     def __enter__(self) -> "SyntheticCache":
         return self
@@ -247,8 +257,9 @@ class SyntheticCache:
         self.close()
 
     def __del__(self) -> None:
+        # never wait for a lock here: the garbage collector may run this in a thread that holds it
         try:
-            self.close()
+            self._release(blocking=False)
         except Exception:
             pass
 
@@ -290,25 +301,41 @@ class SyntheticCache:
         return names
 
     # ------------------------------------------------------------------ writing
-    def append(self, images, labels, meta=None) -> List[int]:
+    def append(self, images, labels, meta=None, *, fit_within: Optional[int] = None) -> List[int]:
         """Store images with their labels and provenance in one write transaction.
 
         Args:
-            images: uint8 numpy N×H×W×C (C = 1 or 3) or N×H×W; a uint8 torch tensor N×C×H×W
-                (torchvision layout); or a list of PIL images / arrays / C×H×W tensors.
+            images: a batch, always with its batch axis: uint8 numpy N×H×W×C (C = 1 or 3) or
+                N×H×W (gray, W not 1 or 3); a uint8 torch tensor N×C×H×W (torchvision layout)
+                or N×H×W (gray, N not 3, W not 1 or 3); or a list of PIL images / H×W×C arrays /
+                C×H×W tensors. Pass one image as ``image[None]`` or ``[image]``: a 3-D array that
+                looks like one H×W×C image, or a 3×H×W tensor, is refused as ambiguous.
             labels: one int (or list of ints, multi-label) per image; a single int for all.
             meta: one provenance dict per image (JSON-serializable), or one dict for all.
                 ``created_at`` is added where missing.
+            fit_within: the generation worker's mode. Store only as many of the images (the
+                first ones) as fit in a cache of at most this many records (and at most the
+                stored ``max_items``), evicting for them only records that every live consumer
+                has been handed and released (below every ``hold``; none while no consumer has a
+                cursor): nothing is evicted unseen or while a DataLoader may still read it. The
+                decision and the eviction are made inside this append's transaction. When not
+                all fit, an eviction request is left for the consumers (:meth:`request_eviction`).
+                ``None``: store all; the stored ``max_items`` then evicts the oldest records no
+                live consumer holds (any record while no consumer has a cursor).
 
         Returns:
-            The sequence numbers given to the records, in order.
+            The sequence numbers given to the records, in order (with ``fit_within``, possibly
+            fewer than the images, or none).
 
         Raises:
-            ValueError: on float images, wrong shapes, mismatched lengths, or metadata that is
-                not JSON; nothing is written then.
+            ValueError: on float images, wrong or ambiguous shapes (e.g. one H×W×C image without
+                its batch axis), mismatched lengths, or metadata that is not JSON; nothing is
+                written then.
         """
         if self._readonly:
             raise PermissionError(f"cache {self._path} was opened read-only; open it without readonly=True to append")
+        if fit_within is not None and (isinstance(fit_within, bool) or not isinstance(fit_within, int) or fit_within < 1):
+            raise ValueError(f"fit_within must be a number of records >= 1, got {fit_within!r}")
         imgs = codec.as_image_batch(images)
         n = len(imgs)
         labs = codec.as_labels(labels, n)
@@ -338,22 +365,37 @@ class SyntheticCache:
                     f"cache {self._path} holds {stored_spec['height']}×{stored_spec['width']}×{stored_spec['channels']} "
                     f"images; these are {spec['height']}×{spec['width']}×{spec['channels']}. Use another cache for another image size."
                 )
-            next_seq = _jload(txn.get(b"next_seq", db=meta_db), 0)
+            sup = self._supply(txn, handle, evict_unheld=fit_within is None)
+            count, first = sup["count"], sup["first_seq"]
+            limit = sup["max_items"]
+            if fit_within is not None:
+                limit = min(fit_within, limit) if limit else fit_within
+            k = n
+            if fit_within is not None:
+                k = max(0, min(n, limit - count + sup["evictable"]))
+                if k < n:  # ask consumers for the room this append lacked
+                    self._request(txn, meta_db, first + count + n - limit)
+            if k == 0:
+                return []
+            next_seq = sup["next_seq"]
             value_bytes = _jload(txn.get(b"value_bytes", db=meta_db), 0)
-            seqs = list(range(next_seq, next_seq + n))
-            for s, v in zip(seqs, values):
-                txn.put(_key(s), v, db=rec_db, append=True)
+            seqs = list(range(next_seq, next_seq + k))
+            for s_, v in zip(seqs, values):
+                txn.put(_key(s_), v, db=rec_db, append=True)
                 value_bytes += len(v)
-            max_items = _jload(txn.get(b"max_items", db=meta_db))
+            txn.put(b"next_seq", _jdump(next_seq + k), db=meta_db)
             evicted = 0
-            if max_items:
-                excess = txn.stat(rec_db)["entries"] - max_items
-                if excess > 0:
-                    evicted, freed = _delete_oldest(txn, rec_db, excess)
-                    value_bytes -= freed
-            txn.put(b"next_seq", _jdump(next_seq + n), db=meta_db)
+            excess = count + k - limit if limit else 0
+            if excess > 0:
+                # the store's own limit: with no live consumer, oldest first (the new records
+                # too, for an append larger than the limit); the worker's: only released ones
+                evictable = sup["evictable"] if fit_within is not None else self._supply(txn, handle, evict_unheld=True)["evictable"]
+                evicted, freed = _delete_oldest(txn, rec_db, min(excess, evictable))
+                value_bytes -= freed
+                if evicted < excess:
+                    self._request(txn, meta_db, first + excess)
             txn.put(b"value_bytes", _jdump(value_bytes), db=meta_db)
-            txn.put(b"appended", _jdump(_jload(txn.get(b"appended", db=meta_db), 0) + n), db=meta_db)
+            txn.put(b"appended", _jdump(_jload(txn.get(b"appended", db=meta_db), 0) + k), db=meta_db)
             if evicted:
                 txn.put(b"evicted", _jdump(_jload(txn.get(b"evicted", db=meta_db), 0) + evicted), db=meta_db)
             return seqs
@@ -361,14 +403,17 @@ class SyntheticCache:
         return handle.write(write)
 
     def trim(self, keep_last: int) -> int:
-        """Delete the oldest records so at most ``keep_last`` remain; returns how many went."""
+        """Delete the oldest records so at most ``keep_last`` remain, sparing those a live
+        consumer still holds (see :meth:`set_cursor`; any record while no consumer has a
+        cursor); returns how many went."""
         if keep_last < 0:
             raise ValueError(f"keep_last must be >= 0, got {keep_last}")
         handle = self._env()
         meta_db, rec_db = handle.dbs["meta"], handle.dbs["records"]
 
         def write(txn) -> int:
-            excess = txn.stat(rec_db)["entries"] - keep_last
+            sup = self._supply(txn, handle, evict_unheld=True)
+            excess = min(sup["count"] - keep_last, sup["evictable"])
             if excess <= 0:
                 return 0
             evicted, freed = _delete_oldest(txn, rec_db, excess)
@@ -377,6 +422,20 @@ class SyntheticCache:
             return evicted
 
         return handle.write(write)
+
+    def request_eviction(self, below_seq: int) -> None:
+        """Ask live consumers to release the records below ``below_seq`` (a writer that needs
+        room calls this before generating). A consumer raises its ``hold`` towards it, as far as
+        the records it has in flight allow, the next time it draws a batch; the request only
+        grows (the largest one stands)."""
+        handle = self._env()
+        handle.write(lambda txn: self._request(txn, handle.dbs["meta"], int(below_seq)))
+
+    @staticmethod
+    def _request(txn, meta_db, below_seq: int) -> None:
+        current = _jload(txn.get(b"evict_request", db=meta_db), 0)
+        if below_seq > current:
+            txn.put(b"evict_request", _jdump(below_seq), db=meta_db)
 
     def set_label_names(self, names: Sequence[str]) -> None:
         """Record the class names of the label indices (refused if different names are stored)."""
@@ -472,9 +531,14 @@ class SyntheticCache:
         corrupt: List[int] = []
         return self._scan(start, stop, codec.peek_label, corrupt=corrupt), corrupt
 
-    def metas(self, start: int = 0, stop: Optional[int] = None) -> Dict[int, Dict[str, Any]]:
-        """``{seq: provenance dict}`` for records in ``[start, stop)`` (images not decoded)."""
-        return self._scan(start, stop, codec.peek_meta)
+    def metas(self, start: int = 0, stop: Optional[int] = None, *, skip_corrupt: bool = False) -> Dict[int, Dict[str, Any]]:
+        """``{seq: provenance dict}`` for records in ``[start, stop)`` (images not decoded, CRC checked).
+
+        Raises:
+            CorruptRecordError: at the first damaged record, unless ``skip_corrupt`` (then it is
+                left out).
+        """
+        return self._scan(start, stop, codec.peek_meta, corrupt=[] if skip_corrupt else None)
 
     def first_seq(self) -> Optional[int]:
         """The oldest stored sequence number (``None`` when the cache is empty)."""
@@ -503,14 +567,25 @@ class SyntheticCache:
         return out
 
     # ------------------------------------------------------------------ consumers and worker
-    def set_cursor(self, consumer: str, next_seq: int, **info: Any) -> None:
-        """Record that ``consumer`` has been handed every record below ``next_seq``."""
-        value = {"next_seq": int(next_seq), "updated_at": time.time(), "pid": os.getpid(), "host": _HOST, **info}
+    def set_cursor(self, consumer: str, next_seq: int, *, hold: Optional[int] = None, **info: Any) -> None:
+        """Record that ``consumer`` has been handed every record below ``next_seq``, and that it
+        may still read records from ``hold`` on (default: ``next_seq``).
+
+        Writers never evict a record at or above the smallest ``hold`` of the live consumers
+        (:meth:`append`, :meth:`trim`), and count as fresh the records at or after the smallest
+        ``next_seq`` (:meth:`supply`). A consumer's entry counts while its process runs (same
+        host; see :mod:`synthaug.cache.liveness`); :meth:`remove_cursor` ends it sooner.
+        """
+        next_seq = int(next_seq)
+        hold = next_seq if hold is None else int(hold)
+        if hold > next_seq:
+            raise ValueError(f"hold ({hold}) must be <= next_seq ({next_seq}): a consumer cannot release records it was not handed")
+        value = {"next_seq": next_seq, "hold": hold, "updated_at": time.time(), **liveness.identity(), **info}
         handle = self._env()
         handle.write(lambda txn: txn.put(consumer.encode(), _jdump(value), db=handle.dbs["cursors"]))
 
     def cursors(self, *, include_dead: bool = False) -> Dict[str, Dict[str, Any]]:
-        """Consumers' cursors: ``{name: {"next_seq", "updated_at", "pid", "host", ...}}``.
+        """Consumers' cursors: ``{name: {"next_seq", "hold", "updated_at", "pid", "host", ...}}``.
 
         Cursors of consumers whose process has exited on this host are left out unless
         ``include_dead``: a crashed or finished run must not pin the fresh count (and stall the
@@ -519,12 +594,64 @@ class SyntheticCache:
         """
         handle = self._env()
         with handle.read() as txn:
-            found = {bytes(k).decode(): _jload(v) for k, v in txn.cursor(db=handle.dbs["cursors"])}
-        return found if include_dead else {k: v for k, v in found.items() if _consumer_alive(v)}
+            return self._cursors(txn, handle, include_dead=include_dead)
+
+    @staticmethod
+    def _cursors(txn, handle: EnvHandle, *, include_dead: bool = False) -> Dict[str, Dict[str, Any]]:
+        found = {bytes(k).decode(): _jload(v) for k, v in txn.cursor(db=handle.dbs["cursors"])}
+        return found if include_dead else {k: v for k, v in found.items() if liveness.is_alive(v) is not False}
 
     def remove_cursor(self, consumer: str) -> bool:
         handle = self._env()
         return bool(handle.write(lambda txn: txn.delete(consumer.encode(), db=handle.dbs["cursors"])))
+
+    def supply(self) -> Dict[str, Any]:
+        """What writers decide by, read in one transaction.
+
+        Returns:
+            ``{"count", "first_seq", "next_seq", "fresh", "evictable", "max_items",
+            "evict_request", "consumers", "waiting"}``: ``waiting`` counts the live consumers
+            blocked for want of a record (a writer generates for them even when ``fresh`` looks
+            plenty: a consumer restricted to some classes may want none of the fresh records);
+            ``fresh`` counts the records no live consumer has
+            been handed (at or after the smallest ``next_seq``; every record while no consumer
+            has a cursor); ``evictable`` the oldest records every live consumer has released
+            (below the smallest ``hold``; none while no consumer has a cursor, since then
+            nobody has seen them); ``first_seq`` is ``next_seq`` for an empty cache.
+        """
+        handle = self._env()
+        with handle.read() as txn:
+            return self._supply(txn, handle, evict_unheld=False)
+
+    def _supply(self, txn, handle: EnvHandle, *, evict_unheld: bool) -> Dict[str, Any]:
+        """:meth:`supply` inside ``txn``; ``evict_unheld``: with no live consumer, every record
+        is evictable (the store's own ``max_items``) instead of none (the worker's rule)."""
+        rec_db, meta_db = handle.dbs["records"], handle.dbs["meta"]
+        count = txn.stat(rec_db)["entries"]
+        next_seq = _jload(txn.get(b"next_seq", db=meta_db), 0)
+        cur = txn.cursor(db=rec_db)
+        first = _seq(cur.key()) if cur.first() else next_seq
+        cursors = self._cursors(txn, handle)
+        waiting = sum(1 for c in cursors.values() if c.get("waiting"))
+        if cursors:
+            handed = min(int(c.get("next_seq", 0)) for c in cursors.values())
+            held = min(int(c.get("hold", c.get("next_seq", 0))) for c in cursors.values())
+        else:
+            handed, held = 0, (next_seq if evict_unheld else first)
+        # Sequence numbers are dense from first to next_seq - 1: eviction removes only the oldest.
+        fresh = max(0, next_seq - max(first, handed)) if count else 0
+        evictable = max(0, min(held, next_seq) - first) if count else 0
+        return {
+            "count": count,
+            "first_seq": first,
+            "next_seq": next_seq,
+            "fresh": fresh,
+            "evictable": min(evictable, count),
+            "max_items": _jload(txn.get(b"max_items", db=meta_db)),
+            "evict_request": _jload(txn.get(b"evict_request", db=meta_db), 0),
+            "consumers": len(cursors),
+            "waiting": waiting,
+        }
 
     def fresh_count(self, consumer: Optional[str] = None) -> int:
         """Records no live consumer has been handed yet (``consumer``: that one only).
@@ -532,32 +659,60 @@ class SyntheticCache:
         With no cursor recorded, every stored record counts as fresh. Cursors of consumers
         whose process has exited are ignored (see :meth:`cursors`).
         """
-        cursors = self.cursors()
-        if consumer is not None:
-            start = cursors.get(consumer, {}).get("next_seq", 0)
-        else:
-            start = min((c.get("next_seq", 0) for c in cursors.values()), default=0)
+        if consumer is None:
+            return self.supply()["fresh"]
         handle = self._env()
         with handle.read() as txn:
+            start = self._cursors(txn, handle).get(consumer, {}).get("next_seq", 0)
+            sup = self._supply(txn, handle, evict_unheld=False)
+        return max(0, sup["next_seq"] - max(start, sup["first_seq"])) if sup["count"] else 0
+
+    def bounds(self) -> Tuple[int, int, int]:
+        """``(first_seq, next_seq, evict_request)`` in one short read: the oldest stored record
+        (``next_seq`` when empty), the next sequence number to be given, and the seq below
+        which a writer asked consumers to release records (0: no request)."""
+        handle = self._env()
+        with handle.read() as txn:
+            meta_db = handle.dbs["meta"]
+            next_seq = _jload(txn.get(b"next_seq", db=meta_db), 0)
             cur = txn.cursor(db=handle.dbs["records"])
-            if not cur.last():
-                return 0
-            last = _seq(cur.key())
-            count = txn.stat(handle.dbs["records"])["entries"]
-            first = _seq(cur.key()) if cur.first() else 0
-        # Sequence numbers are dense between first and last (eviction removes only the oldest).
-        return max(0, last + 1 - max(start, first)) if count else 0
+            first = _seq(cur.key()) if cur.first() else next_seq
+            return first, next_seq, _jload(txn.get(b"evict_request", db=meta_db), 0)
 
     def write_heartbeat(self, info: Dict[str, Any]) -> None:
-        """Store the writer's liveness record (``time`` and ``pid`` are added)."""
-        value = {"time": time.time(), "pid": os.getpid(), **info}
-        handle = self._env()
-        handle.write(lambda txn: txn.put(b"heartbeat", _jdump(value), db=handle.dbs["meta"]))
+        """Store a writer's liveness record, one per seed block (``info["seed"]``, default 0;
+        see :mod:`synthaug.cache.writers`). ``time`` is always the time of this write (a failure
+        written on a dead worker's behalf carries the time it was detected); ``pid``, ``host``
+        and ``pid_start`` are this process's unless ``info`` names the writer."""
+        from synthaug.cache.writers import seed_block
 
-    def heartbeat(self) -> Optional[Dict[str, Any]]:
+        value = {**liveness.identity(), **info, "time": time.time()}
+        key = _HEARTBEAT_PREFIX + str(seed_block(int(value.get("seed") or 0))).encode()
+        handle = self._env()
+        handle.write(lambda txn: txn.put(key, _jdump(value), db=handle.dbs["meta"]))
+
+    def heartbeats(self) -> Dict[int, Dict[str, Any]]:
+        """Every writer's last heartbeat, by seed block (``{}`` when no worker ever ran)."""
         handle = self._env()
         with handle.read() as txn:
-            return _jload(txn.get(b"heartbeat", db=handle.dbs["meta"]))
+            return self._heartbeats(txn, handle)
+
+    @staticmethod
+    def _heartbeats(txn, handle: EnvHandle) -> Dict[int, Dict[str, Any]]:
+        out: Dict[int, Dict[str, Any]] = {}
+        cur = txn.cursor(db=handle.dbs["meta"])
+        if cur.set_range(_HEARTBEAT_PREFIX):
+            for k, v in cur:
+                k = bytes(k)
+                if not k.startswith(_HEARTBEAT_PREFIX):
+                    break
+                out[int(k[len(_HEARTBEAT_PREFIX) :])] = _jload(v)
+        return out
+
+    def heartbeat(self) -> Optional[Dict[str, Any]]:
+        """The most recently written heartbeat (of any seed block), or ``None``."""
+        beats = self.heartbeats()
+        return max(beats.values(), key=lambda hb: float(hb.get("time") or 0.0)) if beats else None
 
     # ------------------------------------------------------------------ reports
     def meta(self) -> Dict[str, Any]:
@@ -571,7 +726,8 @@ class SyntheticCache:
 
         Keys: ``count``, ``first_seq``, ``last_seq``, ``next_seq``, ``bytes`` (stored values),
         ``disk_bytes`` (data file), ``map_size``, ``encoding``, ``format_version``, ``image_spec``,
-        ``label_names``, ``max_items``, ``appended``, ``evicted``, ``consumers``, ``heartbeat``.
+        ``label_names``, ``max_items``, ``appended``, ``evicted``, ``consumers``, ``heartbeat``
+        (the latest), ``heartbeats`` (by seed block).
         """
         handle = self._env()
         with handle.read() as txn:
@@ -582,6 +738,7 @@ class SyntheticCache:
             last = _seq(cur.key()) if cur.last() else None
             m = {bytes(k).decode(): _jload(v) for k, v in txn.cursor(db=handle.dbs["meta"])}
             consumers = txn.stat(handle.dbs["cursors"])["entries"]
+            beats = self._heartbeats(txn, handle)
         data_file = self._path / "data.mdb"
         return {
             "path": str(self._path),
@@ -600,14 +757,22 @@ class SyntheticCache:
             "appended": m.get("appended", 0),
             "evicted": m.get("evicted", 0),
             "consumers": consumers,
-            "heartbeat": m.get("heartbeat"),
+            "heartbeat": max(beats.values(), key=lambda hb: float(hb.get("time") or 0.0)) if beats else None,
+            "heartbeats": beats,
             "created_at": m.get("created_at"),
         }
 
-    def label_histogram(self) -> Dict[str, int]:
-        """Records per label (multi-label records count once per label), keyed by label text."""
+    def label_histogram(self, *, corrupt: Optional[List[int]] = None) -> Dict[str, int]:
+        """Records per label (multi-label records count once per label), keyed by label text.
+
+        Damaged records (bad header or CRC) are not counted; pass a list as ``corrupt`` to get
+        their sequence numbers appended to it.
+        """
         counts: Counter = Counter()
-        for lab in self.labels().values():
+        labels, bad = self.scan_labels()
+        if corrupt is not None:
+            corrupt.extend(bad)
+        for lab in labels.values():
             counts.update(lab if isinstance(lab, tuple) else (lab,))
         names = self.label_names
         return {
@@ -669,19 +834,6 @@ class SyntheticCache:
         except Exception:
             n = "?"
         return f"SyntheticCache({str(self._path)!r}, count={n}, encoding={self.encoding!r})"
-
-
-def _consumer_alive(info: Dict[str, Any]) -> bool:
-    pid, host = info.get("pid"), info.get("host")
-    if not isinstance(pid, int) or host != _HOST:
-        return True  # cannot tell: keep it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def _delete_oldest(txn, rec_db, n: int):

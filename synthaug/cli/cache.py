@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List
@@ -61,13 +62,18 @@ def provenance_summary(metas: Dict[int, Dict[str, Any]], top: int = 5) -> Dict[s
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from synthaug.cache.liveness import dead_writer
+
     cache = _open(args.path)
     stats = cache.stats()
+    corrupt: List[int] = []
     report = {
         "stats": stats,
-        "label_histogram": cache.label_histogram(),
-        "provenance": provenance_summary(cache.metas()),
+        "label_histogram": cache.label_histogram(corrupt=corrupt),
+        "corrupt_seqs": corrupt,
+        "provenance": provenance_summary(cache.metas(skip_corrupt=True)),
         "cursors": cache.cursors(),
+        "workers": {str(block): {**hb, "dead": dead_writer(hb)} for block, hb in stats["heartbeats"].items()},
     }
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -80,16 +86,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"images       {shape}, encoding {stats['encoding']}")
     print(f"bytes        {_fmt_bytes(stats['bytes'])} in records, {_fmt_bytes(stats['disk_bytes'])} on disk, map {_fmt_bytes(stats['map_size'])}")
     print(f"format       version {stats['format_version']}, created {stats['created_at']}")
-    hb = stats["heartbeat"]
-    if hb:
-        print(f"heartbeat    pid {hb.get('pid')} at {hb.get('time')}: {json.dumps({k: v for k, v in hb.items() if k not in ('pid', 'time')})}")
+    for block, hb in sorted(report["workers"].items()):
+        state = hb.get("state")
+        if hb["dead"]:
+            state = f"{state}, but its process is gone"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(hb.get("time") or 0)))
+        extra = {k: v for k, v in hb.items() if k not in ("pid", "host", "time", "state", "dead", "pid_start")}
+        print(f"worker       seeds block {block}: {state}; pid {hb.get('pid')} on {hb.get('host')}, heartbeat {when}: {json.dumps(extra)}")
+    if corrupt:
+        shown = ", ".join(str(s) for s in corrupt[:10]) + (" ..." if len(corrupt) > 10 else "")
+        print(f"corrupt      {len(corrupt)} record(s) with a bad header or CRC (seq {shown}): left out below; "
+              f"`synthaug cache verify {stats['path']}` lists why")
     print("labels")
     for label, count in report["label_histogram"].items():
         print(f"  {label:<24} {count}")
     if report["cursors"]:
         print("consumers")
         for name, cur in report["cursors"].items():
-            print(f"  {name:<24} next_seq {cur.get('next_seq')}")
+            print(f"  {name:<24} next_seq {cur.get('next_seq')}, hold {cur.get('hold', cur.get('next_seq'))}, pid {cur.get('pid')} on {cur.get('host')}")
     print("provenance")
     for key, value in report["provenance"].items():
         if isinstance(value, dict) and "top" in value:

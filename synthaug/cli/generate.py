@@ -3,7 +3,9 @@
 Seeds: the image stored as sequence number ``q`` is made with per-image seed ``SEED + q`` (the
 GenerationWorker's rule), so running the command again on the same cache adds new images and
 never repeats a seed, and ``--seed S --count 1`` into a new cache remakes the record whose
-``meta["seed"]`` is ``S``.
+``meta["seed"]`` is ``S``. While it runs it holds the cache's writer lock for its block of 10^9
+seeds: a worker or another ``generate`` with seeds in the same block is refused; use
+``--seed-offset`` to run several writers at once.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import signal
 import time
 from typing import Any, Dict
 
-__all__ = ["register", "add_generator_arguments", "generator_source", "generator_overrides", "HelpFormatter"]
+__all__ = ["register", "add_generator_arguments", "add_seed_arguments", "generator_source", "generator_overrides", "HelpFormatter"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -47,6 +49,19 @@ def add_generator_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the denoiser (slow first batch, faster after)")
 
 
+def add_seed_arguments(p: argparse.ArgumentParser) -> None:
+    """``--seed`` and ``--seed-offset``, shared by ``generate`` and ``worker``."""
+    p.add_argument("--seed", type=int, default=0, help="base seed: the record stored as seq q gets per-image seed SEED + q")
+    p.add_argument(
+        "--seed-offset",
+        type=int,
+        default=0,
+        metavar="K",
+        help="add K × 10^9 to the seed: a second writer on the same cache at the same time needs seeds of another "
+        "block of 10^9 (one writer per block; synthaug.cache.writers)",
+    )
+
+
 def generator_source(args: argparse.Namespace) -> str:
     return args.adapter if args.adapter is not None else args.model
 
@@ -69,20 +84,33 @@ def generator_overrides(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from synthaug.cache.store import SyntheticCache
-    from synthaug.generation.base import load_generator
-    from synthaug.generation.worker import _Stop, _StopSignal
+    from synthaug.cache.writers import SEED_BLOCK, WriterLock
 
     if args.count < 1:
         raise ValueError(f"--count must be >= 1, got {args.count}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.seed_offset < 0:
+        raise ValueError(f"--seed-offset must be >= 0, got {args.seed_offset}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     source = generator_source(args)
+    seed = args.seed + args.seed_offset * SEED_BLOCK
     cache = SyntheticCache(args.cache, encoding=args.encoding)
+    lock = WriterLock(cache.path, seed, kind="synthaug generate").acquire()  # one writer per seed block
+    try:
+        return _generate(args, cache, source, seed)
+    finally:
+        lock.release()
+
+
+def _generate(args: argparse.Namespace, cache, source: str, seed: int) -> int:
+    from tqdm.auto import tqdm
+
+    from synthaug.generation.base import load_generator
+    from synthaug.generation.worker import _Stop, _StopSignal
+
     t_load = time.perf_counter()
     generator = load_generator(source, **generator_overrides(args))
     t_load = time.perf_counter() - t_load
@@ -100,7 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         while written < args.count:
             k = min(chunk, args.count - written)
             next_seq = cache.stats()["next_seq"]
-            batch = generator.generate(k, args.seed + next_seq)
+            batch = generator.generate(k, seed + next_seq)
             with stop.critical():
                 seqs = cache.append(batch.images, batch.labels, batch.meta)
             first_seq = seqs[0] if first_seq is None else first_seq
@@ -114,7 +142,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
     elapsed = time.perf_counter() - t0
-    where = f"seq {first_seq}..{last_seq}, seeds {args.seed + first_seq}..{args.seed + last_seq}" if written else "nothing"
+    where = f"seq {first_seq}..{last_seq}, seeds {seed + first_seq}..{seed + last_seq}" if written else "nothing"
     rate = written / elapsed if elapsed > 0 else 0.0
     verb = "interrupted after writing" if interrupted else "wrote"
     print(
@@ -135,6 +163,6 @@ def register(sub) -> None:
     p.add_argument("--cache", required=True, metavar="PATH", help="cache directory (created if missing)")
     p.add_argument("--count", type=int, required=True, help="number of images to add")
     p.add_argument("--batch-size", type=int, default=None, help="images per model call and per append (default: the backend's: 1 for Stable Diffusion on cpu, 8 on cuda; 64 for the pixel DDPM)")
-    p.add_argument("--seed", type=int, default=0, help="base seed: the record stored as seq q gets per-image seed SEED + q")
+    add_seed_arguments(p)
     p.add_argument("--encoding", default=None, choices=["raw", "png", "jpeg", "webp"], help="image encoding of a new cache (default: the cache's own, raw for a new one)")
     p.set_defaults(func=cmd_generate)

@@ -2,8 +2,10 @@
 
 Runs the GenerationWorker loop in this process: while fewer than ``--min-fresh`` records are
 unconsumed, generate and append; never hold more than ``--max-items`` records, evicting only
-records every consumer has passed (else wait, state "paused"); heartbeat in the cache. Ctrl-C
-(exit status 130) or SIGTERM (exit status 0) stop it after the transaction in progress.
+records every consumer has passed and released (else wait, state "paused"); heartbeat in the
+cache. One writer per block of 10^9 seeds: a second worker on the same cache needs
+``--seed-offset``. Ctrl-C (exit status 130) or SIGTERM (exit status 0) stop it after the
+transaction in progress.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from synthaug.cache.store import SyntheticCache
+    from synthaug.cache.writers import SEED_BLOCK
     from synthaug.cli.generate import generator_overrides, generator_source
     from synthaug.generation.worker import run_worker
 
@@ -37,7 +40,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             min_fresh=args.min_fresh,
             max_items=args.max_items,
             batch_size=args.batch_size,
-            seed=args.seed,
+            seed=args.seed + args.seed_offset * SEED_BLOCK,
             worker_id=args.worker_id,
             num_threads=args.threads,
             poll_interval=args.poll_interval,
@@ -54,7 +57,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from synthaug.cli.generate import HelpFormatter, add_generator_arguments
+    from synthaug.cli.generate import HelpFormatter, add_generator_arguments, add_seed_arguments
 
     p = sub.add_parser(
         "worker",
@@ -67,7 +70,7 @@ def register(sub) -> None:
     p.add_argument("--min-fresh", type=int, required=True, help="keep at least this many records no consumer has been handed")
     p.add_argument("--max-items", type=int, required=True, help="never hold more records than this")
     p.add_argument("--batch-size", type=int, default=None, help="images per model call and per append (default: the backend's batch size, else 8)")
-    p.add_argument("--seed", type=int, default=0, help="base seed: the record stored as seq q gets per-image seed SEED + q")
+    add_seed_arguments(p)
     p.add_argument("--worker-id", default=None, help="name in the heartbeat (default: host name + random suffix)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between checks while idle or paused")

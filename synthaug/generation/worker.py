@@ -12,32 +12,45 @@ Protocol
 (``RatioBatchSampler``) record cursors in the cache, the next sequence number they have not been
 handed, and fresh = records at or after the smallest cursor (every record when no consumer has a
 cursor yet; :meth:`SyntheticCache.fresh_count`). While fewer than ``min_fresh`` records are
-fresh, the worker generates ``batch_size`` images and appends them in one transaction.
+fresh, or a consumer says it is waiting for a record (its cursor's ``waiting`` flag: one drawing
+only some classes may want none of the fresh records), the worker generates ``batch_size``
+images and appends them in one transaction.
 
 **max_items.** The cache never holds more than ``max_items`` records (nor more than the cache's
-own stored ``max_items``, if smaller). To make room the worker deletes the oldest records
-(``cache.trim``) just before its append, and only records that *every* consumer has passed (seq
-below the smallest cursor); if that is not enough it appends fewer images or none and waits in
-state ``"paused"``: generated images are never evicted unseen. (Trim and append are two
-transactions; between them the cache holds fewer records, never more.) Since fresh records are
-counted from the slowest consumer, room is ``limit - fresh``, so the worker pauses only when the
-cache's own limit is below ``min_fresh`` or another writer fills the cache. A consumer whose
-cursor stops moving (a dead run) keeps every later record "fresh", so the worker idles while
-other consumers starve: remove such a cursor with ``cache.remove_cursor(name)``.
+own stored ``max_items``, if smaller). To make room the worker evicts the oldest records inside
+the transaction of its append (``cache.append(..., fit_within=max_items)``), and only records
+that every live consumer has been handed *and released*: a consumer (``RatioBatchSampler``)
+publishes, beside its cursor, a ``hold`` — the oldest record it may still read, because a
+DataLoader has not read it yet or because it keeps served records to reuse. When the next append
+will need room, the worker asks for it first (``cache.request_eviction``); consumers raise their
+holds as far as their in-flight batches allow, the next time they draw a batch. If that is not
+enough the worker appends fewer images or none and waits in state ``"paused"``: generated images
+are never evicted unseen, and records are never evicted between a sampler's choice and the
+DataLoader's read. A consumer whose process has exited no longer counts; one that is alive but
+stopped drawing keeps what it holds (``sampler.close()`` or ``cache.remove_cursor(name)`` ends
+that).
 
 **Seeds.** The images appended as sequence numbers ``q, q+1, ...`` are generated with
 ``generate(k, seed + q)``, so record ``q`` has per-image seed ``seed + q``. The counter is the
 cache's own ``next_seq``, which is advanced in the same transaction as the append: a worker
 restarted on the same cache with the same ``seed`` continues the sequence (no seed repeats,
 whether the previous worker stopped or was killed), and a batch lost to a kill is simply generated
-again. This assumes one writer per cache (as LMDB's design here does); if another writer appends
-between the worker's read of ``next_seq`` and its append, the worker prints a warning.
+again. A worker holds the cache's writer lock for its seed block (``seed // 10**9``,
+:mod:`synthaug.cache.writers`) for its whole life: a second worker with seeds in the same block is
+refused with :class:`~synthaug.errors.CacheBusyError` naming the first; several workers share a
+cache with seeds in different blocks (``seed = k * 10**9``, ``synthaug worker --seed-offset k``).
+If another writer appends between the worker's read of ``next_seq`` and its append, seeds and
+sequence numbers no longer coincide (each record's meta still holds its seed), and the worker
+prints a warning.
 
-**Heartbeat.** The worker writes ``cache.write_heartbeat(...)`` at most about once a second while
-working and at once on every change of state. Schema (key ``heartbeat`` of the cache's meta)::
+**Heartbeat.** The worker writes ``cache.write_heartbeat(...)`` about once a second — from a
+thread, so also while the model loads and during a long ``generate()`` — and at once on every
+change of state. One heartbeat per seed block (key ``heartbeat/<block>`` of the cache's meta;
+``cache.heartbeats()``); schema::
 
     {"worker_id": str,          # this worker (GenerationWorker(worker_id=...), default host-random)
-     "pid": int,                # its process id
+     "pid": int, "host": str,   # its process and host
+     "pid_start": int | None,   # the process's start time (Linux clock ticks): a reused pid is told apart
      "time": float,             # time.time() of the write
      "state": "starting" | "running" | "paused" | "stopped" | "failed",
      "generated": int,          # images appended by this process since it started
@@ -51,7 +64,9 @@ working and at once on every change of state. Schema (key ``heartbeat`` of the c
 writes ``"failed"`` and ``last_error`` before it exits, so readers in other processes can stop
 waiting at once; if a worker dies without writing its final state (SIGKILL, OOM killer), the
 ``GenerationWorker`` that started it writes ``"failed"`` (or ``"stopped"``, if it was being
-stopped) on its behalf.
+stopped) on its behalf, stamped with the time it noticed. A foreground worker (``synthaug
+worker``) has no such parent: readers on its host see that its pid is gone
+(:func:`synthaug.cache.liveness.dead_writer`), readers elsewhere that its heartbeat stopped.
 
 **Stopping.** SIGTERM and SIGINT request a stop: an append (or heartbeat write) in progress is
 finished, a generation in progress is abandoned, ``"stopped"`` is written and the process exits
@@ -81,6 +96,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Iterator, Optional, Tuple, Union
 
+from synthaug.cache.writers import WriterLock
 from synthaug.errors import GenerationWorkerError, SyntheticExhaustedError
 
 __all__ = ["GenerationWorker", "WorkerSettings", "run_worker", "STATES"]
@@ -167,6 +183,7 @@ class _WorkerLoop:
         self.progress = progress
         self.state = "starting"
         self.generated = 0
+        self.discarded = 0
         self.next_seed: Optional[int] = None
         self.fresh = 0
         self.count = 0
@@ -175,6 +192,12 @@ class _WorkerLoop:
         self._last_beat = 0.0
         self._beat_state: Optional[str] = None
         self._warned_writer = False
+        # the heartbeat thread and the loop write heartbeats under this lock; after the final
+        # state ("stopped"/"failed") nothing else is written
+        self._beat_lock = threading.Lock()
+        self._final = False
+        self._pulse_stop = threading.Event()
+        self._pulse: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------------ reporting
     @property
@@ -190,6 +213,7 @@ class _WorkerLoop:
             "time": time.time(),
             "state": self.state,
             "generated": self.generated,
+            "discarded": self.discarded,
             "images_per_s": round(self.images_per_s, 4),
             "next_seed": self.next_seed,
             "last_error": self.last_error,
@@ -212,13 +236,41 @@ class _WorkerLoop:
             floats[0] = self.images_per_s
         now = time.monotonic()
         if force or state != self._beat_state or now - self._last_beat >= self.s.heartbeat_interval:
-            info = self.info()
-            with self.stop.critical():
-                self.cache.write_heartbeat(info)
-            self._last_beat = now
-            self._beat_state = state
+            with self._beat_lock:
+                if self._final:
+                    return
+                self._final = state in ("stopped", "failed")
+                info = self.info()
+                with self.stop.critical():
+                    self.cache.write_heartbeat(info)
+                self._last_beat = now
+                self._beat_state = state
             if self.progress is not None:
                 self.progress(info)
+
+    def start_pulse(self) -> None:
+        """Write the heartbeat every ``heartbeat_interval`` s from a thread, so readers see the
+        worker alive while it loads its model or runs one long ``generate()``."""
+        self._pulse = threading.Thread(target=self._pulse_loop, name="synthaug-worker-heartbeat", daemon=True)
+        self._pulse.start()
+
+    def stop_pulse(self) -> None:
+        self._pulse_stop.set()
+        if self._pulse is not None:
+            self._pulse.join()
+
+    def _pulse_loop(self) -> None:
+        while not self._pulse_stop.wait(self.s.heartbeat_interval):
+            if time.monotonic() - self._last_beat < self.s.heartbeat_interval * 0.5:
+                continue  # the loop has just written one
+            with self._beat_lock:
+                if self._final:
+                    return
+                try:
+                    self.cache.write_heartbeat(self.info())
+                    self._last_beat = time.monotonic()
+                except Exception:  # the loop meets the same error at its next write and reports it
+                    pass
 
     def _sleep(self) -> None:
         time.sleep(self.s.poll_interval)
@@ -227,6 +279,7 @@ class _WorkerLoop:
     def run(self):
         from synthaug.generation.base import generator_from_spec
 
+        self.start_pulse()
         self.beat("starting", force=True)
         if self.s.num_threads:
             import torch
@@ -245,14 +298,19 @@ class _WorkerLoop:
                 if plan is None:
                     self._sleep()
                     continue
-                first_seq, k = plan
+                first_seq, k, limit = plan
                 t0 = time.perf_counter()
                 batch = generator.generate(k, self.s.seed + first_seq)
                 with self.stop.critical():
-                    k = self._make_room(k)
-                    if k == 0:
+                    # evicting for it (only what every consumer released) and appending are one
+                    # transaction: nothing a consumer holds can go between a decision and the trim
+                    seqs = self.cache.append(batch.images, batch.labels, batch.meta, fit_within=limit)
+                    if len(seqs) < k:  # another writer filled the room meanwhile
+                        self.discarded += k - len(seqs)
+                    if not seqs:
+                        self.beat("paused")
                         continue
-                    seqs = self.cache.append(batch.images[:k], batch.labels[:k], batch.meta[:k])
+                    k = len(seqs)
                     self._window.append((k, time.perf_counter() - t0))
                     self.generated += k
                     self.next_seed = self.s.seed + seqs[-1] + 1
@@ -262,7 +320,7 @@ class _WorkerLoop:
                         self._warned_writer = True
                         print(
                             f"synthaug worker: another writer appended to {self.cache.path} while this worker generated; "
-                            "records' seeds no longer equal seed + seq and may repeat. Use one writer per cache.",
+                            "records' seeds no longer equal seed + seq (each record's meta holds its seed).",
                             file=sys.stderr,
                         )
                     self.beat("running")
@@ -274,61 +332,51 @@ class _WorkerLoop:
         if names and self.cache.label_names is None:
             self.cache.set_label_names(names)
 
-    def _snapshot(self) -> Dict[str, int]:
-        """Counts that decide what to do: stored records, fresh ones, evictable ones, the limit."""
-        stats = self.cache.stats()
-        cursors = self.cache.cursors()
-        count, next_seq = stats["count"], stats["next_seq"]
-        first = stats["first_seq"] if stats["first_seq"] is not None else next_seq
-        min_cursor = min((int(c.get("next_seq", 0)) for c in cursors.values()), default=None)
-        # fresh: records no consumer has been handed (all of them while no consumer has a cursor)
-        fresh = max(0, next_seq - max(first, min_cursor or 0)) if count else 0
-        # evictable: records every consumer has passed, the only ones the worker may delete
-        evictable = max(0, min(min_cursor, next_seq) - first) if (min_cursor is not None and count) else 0
-        limit = min(self.s.max_items, stats["max_items"] or self.s.max_items)
-        self.count, self.fresh, self.next_seed = count, fresh, self.s.seed + next_seq
-        return {"count": count, "next_seq": next_seq, "fresh": fresh, "evictable": evictable, "limit": limit}
-
-    def _plan(self) -> Optional[Tuple[int, int]]:
-        """``(first seq, number of images)`` to generate now, or ``None`` (and the state) to wait."""
-        snap = self._snapshot()
-        if snap["fresh"] >= self.s.min_fresh:
+    def _plan(self) -> Optional[Tuple[int, int, int]]:
+        """``(first seq, number of images, limit)`` to generate now, or ``None`` (and the state)
+        to wait. Asks consumers for room ahead of need, so it is free by the time of the append."""
+        snap = self.cache.supply()
+        count, next_seq = snap["count"], snap["next_seq"]
+        limit = min(self.s.max_items, snap["max_items"] or self.s.max_items)
+        self.count, self.fresh, self.next_seed = count, snap["fresh"], self.s.seed + next_seq
+        if snap["fresh"] >= self.s.min_fresh and not snap["waiting"]:
             self.beat("running")
             return None
-        room = snap["limit"] - snap["count"] + snap["evictable"]
+        # room for this batch and the next: consumers release while this one is generated
+        wanted = snap["first_seq"] + count + 2 * self.s.batch_size - limit
+        if wanted > snap["first_seq"] and wanted > snap["evict_request"] and snap["consumers"]:
+            self.cache.request_eviction(min(wanted, next_seq))
+        room = limit - count + snap["evictable"]
         if room <= 0:
             self.beat("paused")
             return None
-        return snap["next_seq"], min(self.s.batch_size, room)
-
-    def _make_room(self, k: int) -> int:
-        """Delete the oldest records (only passed ones) so ``k`` more fit; returns how many fit."""
-        snap = self._snapshot()  # cursors only move forward while we generated: room only grew
-        k = max(0, min(k, snap["limit"] - snap["count"] + snap["evictable"]))
-        excess = snap["count"] + k - snap["limit"]
-        if excess > 0:
-            self.cache.trim(keep_last=snap["count"] - excess)
-            self.count -= excess
-        return k
+        return next_seq, min(self.s.batch_size, room), limit
 
 
 def _run_loop(loop: _WorkerLoop) -> Dict[str, Any]:
-    """Run ``loop`` until stopped; write the final state. Re-raises errors after reporting them."""
+    """Run ``loop`` until stopped, holding the cache's writer lock for its seed block; write the
+    final state. Re-raises errors after reporting them (a refused lock writes no heartbeat: the
+    heartbeat of that seed block belongs to the worker that holds it)."""
+    lock = WriterLock(loop.cache.path, loop.s.seed, worker_id=loop.s.worker_id, kind="worker").acquire()
     try:
-        loop.run()
-    except _Stop:
-        pass
-    except BaseException as exc:
-        loop.last_error = _error_text(exc)
         try:
-            with _no_stop(loop.stop):
-                loop.beat("failed", force=True)
-        except Exception:
+            loop.run()
+        except _Stop:
             pass
-        raise
-    with _no_stop(loop.stop):
-        loop.beat("stopped", force=True)
-    return loop.info()
+        except BaseException as exc:
+            loop.last_error = _error_text(exc)
+            try:
+                with _no_stop(loop.stop):
+                    loop.beat("failed", force=True)
+            except Exception:
+                pass
+            raise
+        with _no_stop(loop.stop):
+            loop.beat("stopped", force=True)
+        return loop.info()
+    finally:
+        loop.stop_pulse()
+        lock.release()
 
 
 @contextmanager
@@ -558,6 +606,9 @@ class GenerationWorker:
 
         if self.is_alive():
             raise RuntimeError(f"generation worker {self.worker_id} is already running (pid {self.pid})")
+        # refuse here, before a process starts, when another writer holds this seed block (the
+        # worker process takes the lock itself and holds it for its life)
+        WriterLock(self._cache.path, self._settings.seed).acquire().release()
         ctx = multiprocessing.get_context("spawn")
         ints = ctx.RawArray("q", [_STATE_CODE["starting"], 0, -1, 0])
         floats = ctx.RawArray("d", [0.0])
@@ -673,18 +724,22 @@ class GenerationWorker:
             return
         state = "stopped" if self._stopping else "failed"
         try:
-            hb = self._cache.heartbeat() or {}
+            from synthaug.cache.writers import seed_block
+
+            hb = self._cache.heartbeats().get(seed_block(self._settings.seed)) or {}
             if hb.get("worker_id") not in (None, self.worker_id):
-                return  # another worker has taken over the cache
+                return  # another worker has taken over this seed block of the cache
             self._cache.write_heartbeat(
                 {
+                    "pid_start": None,
+                    "seed": self._settings.seed,
                     **hb,
                     "worker_id": self.worker_id,
                     "pid": process.pid,
                     "state": state,
                     "last_error": None if state == "stopped" else f"worker process exited with status {code} without reporting an error",
                 }
-            )
+            )  # stamped with the time of this write: when the death was noticed
         except Exception:
             pass
 

@@ -28,8 +28,9 @@ __all__ = ["MixedDataset", "ON_CORRUPT"]
 ON_CORRUPT = ("replace", "raise")
 _COUNTER_SLOTS = 64  # rows of the shared counter table: main process + one per DataLoader worker
 _COUNTERS = ("corrupt", "missing", "replaced")
-_REPLACE_SEARCH = 4096  # records looked at on each side of a bad one for a replacement
+_REPLACE_SEARCH = 4096  # older records looked at for a replacement of a bad one
 _SCAN_WINDOW = 256
+_ACK_SLOTS = 8192  # ring of (ticket, items read) for the batches a sampler has in flight
 
 
 def _find_attr(dataset: Any, name: str) -> Any:
@@ -183,20 +184,29 @@ class MixedDataset(Dataset):
             dataset's own transform. Also required when the cache's image size differs from the
             real images' (e.g. a ``Resize``).
         target_transform: applied to the target of every item, real and synthetic.
-        on_corrupt: what a synthetic record that fails its CRC or decode, or was evicted between
-            sampling and reading, does: ``"replace"`` (default) serves the nearest readable record
-            with the same label instead (newer first, then older), counts it in :meth:`stats`
-            and warns once per process; ``"raise"`` raises
-            :class:`~synthaug.errors.CorruptRecordError` (or ``KeyError`` for an evicted record).
+        on_corrupt: what a synthetic record that fails its CRC or decode when its batch is read,
+            or is gone (deleted behind the sampler's back: the sampler's hold keeps writers from
+            evicting it), does: ``"replace"`` (default) serves instead the nearest *older*
+            readable record with the same stored label from the same cache shard — one the
+            sampler has already served, so no fresh record is used up and served twice — counts
+            it in :meth:`stats` and warns once per process; when there is none (within 4,096
+            records), or the label is unknown (an index not made by a sampler, of an unreadable
+            record), it raises :class:`~synthaug.errors.CorruptRecordError` rather than serve
+            another class. ``"raise"`` raises :class:`~synthaug.errors.CorruptRecordError` (or
+            ``KeyError`` for a record that is gone).
 
     Items: ``mixed[i]`` for an ``int`` ``i`` is exactly ``real_dataset[i]`` (then ``transform``
     and ``target_transform`` if given); ``mixed[SyntheticIndex(seq)]`` is the cache record
     ``seq`` as ``(image, target)`` in the same form. Synthetic labels are mapped into the real
     dataset's label space: by class name when the cache has ``label_names`` and the real dataset a
-    ``class_to_idx``, otherwise by index. A multi-label record (a tuple of labels) becomes the
-    real dataset's multi-hot form. ``len(mixed)`` is ``len(real_dataset)``.
+    ``class_to_idx``, otherwise by index. Label names stored after this dataset was built (a
+    generation worker stores its generator's when it starts) are read as soon as they appear:
+    while the cache has none, each read of records checks again. A multi-label record (a tuple of
+    labels) becomes the real dataset's multi-hot form. ``len(mixed)`` is ``len(real_dataset)``.
 
     Raises:
+        FileNotFoundError: ``cache`` is a path with no cache (creating one is the writer's job:
+            ``SyntheticCache(path)``, ``synthaug generate`` or a generation worker).
         ValueError: an empty real dataset; items that are not ``(image, target)`` pairs; a cache
             label outside the real label space (or a label name the real dataset lacks); cache
             images of another size, or real images of an unknown form, without
@@ -216,10 +226,15 @@ class MixedDataset(Dataset):
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
         if not isinstance(cache, SyntheticCache):
-            if isinstance(cache, (str, os.PathLike)):
-                cache = SyntheticCache(cache)
-            else:
+            if not isinstance(cache, (str, os.PathLike)):
                 raise ValueError(f"cache must be a SyntheticCache or a path, got {type(cache).__name__}")
+            if not os.path.isfile(os.path.join(cache, "data.mdb")):
+                raise FileNotFoundError(
+                    f"no synthetic cache at {cache} (no data.mdb): check the path. A reader does not create a "
+                    "cache; fill one first with `synthaug generate`, start a GenerationWorker on it, or create it "
+                    "with synthaug.SyntheticCache(path)"
+                )
+            cache = SyntheticCache(cache)  # writable, so the sampler can record its cursor
         try:
             n = len(real_dataset)
         except TypeError:
@@ -267,6 +282,10 @@ class MixedDataset(Dataset):
         # corrupt / missing / replaced counters, shared with DataLoader worker processes (fork or
         # spawn) through shared memory; one row per process so no increment is lost to a race
         self._counters = torch.zeros((_COUNTER_SLOTS, len(_COUNTERS)), dtype=torch.int64).share_memory_()
+        # which sampler batches have been read: (ticket, synthetic items read) per ring slot,
+        # written by whichever process reads the batch, read by the sampler in this process
+        self._acks = torch.full((_ACK_SLOTS, 2), -1, dtype=torch.int64).share_memory_()
+        self._tickets = 0
         self._warned = False
 
     # ------------------------------------------------------------------ checks
@@ -314,6 +333,18 @@ class MixedDataset(Dataset):
             space = f"0..{self.num_classes - 1}" if self.num_classes is not None else ">= 0"
             raise ValueError(f"{name} holds class {cls}, outside the real dataset's label space ({space})")
         return cls
+
+    def _refresh_label_names(self) -> None:
+        """Adopt label names the cache got after this dataset was built. Called after records
+        are read: a writer stores names before its first record (and names never change), so a
+        read of the names after reading a record sees them if they belong to it."""
+        if self.label_names is not None or not self.class_to_idx:
+            return
+        names = self.cache.label_names
+        if names:
+            self.label_names = names
+            self._by_name = True
+            self._label_cache.clear()
 
     def map_label(self, label: Label, *, seq: Optional[int] = None) -> Union[int, Tuple[int, ...]]:
         """A synthetic record's label in the real label space: an int, or a tuple of ints for a
@@ -387,7 +418,10 @@ class MixedDataset(Dataset):
             for j, item in zip(real_pos, items):
                 out[j] = self._finish_real(item)
         if syn_pos:
-            records = self._read([indices[j].seq for j in syn_pos])
+            syn = [indices[j] for j in syn_pos]
+            records = self._read(syn)
+            self._mark_read(syn)
+            self._refresh_label_names()
             for j, rec in zip(syn_pos, records):
                 out[j] = self._synthetic_item(rec)
         return out
@@ -413,16 +447,44 @@ class MixedDataset(Dataset):
             target = self.target_transform(target)
         return image, target
 
+    # ------------------------------------------------------------------ batches in flight
+    def _new_ticket(self) -> int:
+        """A ticket for a batch a sampler (in this process) hands out."""
+        self._tickets += 1
+        return self._tickets
+
+    def _mark_read(self, indices: Sequence[SyntheticIndex]) -> None:
+        """Mark the tickets of these synthetic indices read (in whichever process reads them)."""
+        counts: Dict[int, int] = {}
+        for index in indices:
+            if index.ticket >= 0:
+                counts[index.ticket] = counts.get(index.ticket, 0) + 1
+        acks = self._acks
+        for ticket, n in counts.items():
+            slot = ticket % _ACK_SLOTS
+            if int(acks[slot, 0]) == ticket:
+                acks[slot, 1] += n
+            else:  # first read of this ticket: the count before the ticket, so a reader never
+                acks[slot, 1] = n  # sees this ticket with another ticket's count
+                acks[slot, 0] = ticket
+
+    def _was_read(self, ticket: int, n: int) -> bool:
+        """Whether the ``n`` synthetic items of the batch with ``ticket`` have been read."""
+        slot = ticket % _ACK_SLOTS
+        row = self._acks[slot]
+        return int(row[0]) == ticket and int(row[1]) >= n
+
     # ------------------------------------------------------------------ reading, bad records
-    def _read(self, seqs: List[int]) -> List[Record]:
+    def _read(self, indices: List[SyntheticIndex]) -> List[Record]:
         try:
-            return self.cache.get_many(seqs)
+            return self.cache.get_many([index.seq for index in indices])
         except (CorruptRecordError, KeyError):
             if self.on_corrupt == "raise":
                 raise
-        return [self._read_one(seq) for seq in seqs]
+        return [self._read_one(index) for index in indices]
 
-    def _read_one(self, seq: int) -> Record:
+    def _read_one(self, index: SyntheticIndex) -> Record:
+        seq = index.seq
         try:
             return self.cache.get(seq)
         except CorruptRecordError:
@@ -434,41 +496,52 @@ class MixedDataset(Dataset):
                 raise
             kind = 1
         self._count(kind)
-        rec = self._replacement(seq)
+        rec = self._replacement(index, gone=kind == 1)
         self._count(2)
         if not self._warned:
             self._warned = True
-            what = "is corrupt" if kind == 0 else "was evicted before it was read"
+            what = "is corrupt" if kind == 0 else "was gone when its batch was read"
             warnings.warn(
-                f"synthetic record seq={seq} in {self.cache.path} {what}; served seq={rec.seq} instead "
-                f"(on_corrupt='replace'; warned once per process, counts in MixedDataset.stats(); "
-                f"`synthaug cache verify {self.cache.path}` lists damaged records)",
+                f"synthetic record seq={seq} in {self.cache.path} {what}; served seq={rec.seq} (same label "
+                f"{rec.label!r}, already served) instead (on_corrupt='replace'; warned once per process, counts in "
+                f"MixedDataset.stats(); `synthaug cache verify {self.cache.path}` lists damaged records)",
                 RuntimeWarning,
                 stacklevel=3,
             )
         return rec
 
-    def _replacement(self, seq: int) -> Record:
-        """The nearest readable record with ``seq``'s label (any label when that is unreadable):
-        newer records first, then older."""
-        own, _ = read_labels(self.cache, seq, seq + 1)
-        label = own.get(seq)
-        for lo, hi, step in ((seq + 1, seq + 1 + _REPLACE_SEARCH, 1), (max(0, seq - _REPLACE_SEARCH), seq, -1)):
-            starts = range(lo, hi, _SCAN_WINDOW)
-            for start in (starts if step > 0 else reversed(starts)):
-                labels, _ = read_labels(self.cache, start, min(hi, start + _SCAN_WINDOW))
-                candidates = sorted(labels, reverse=step < 0)
-                for cand in candidates:
-                    if label is not None and labels[cand] != label:
-                        continue
-                    try:
-                        return self.cache.get(cand)
-                    except (CorruptRecordError, KeyError):
-                        continue
+    def _replacement(self, index: SyntheticIndex, *, gone: bool) -> Record:
+        """The nearest older readable record with the label the sampler drew ``index`` with, in
+        its shard: one it has already served (fresh records are newer), so nothing fresh is
+        used up. Raises rather than serve a record of another class."""
+        seq, stride, label = index.seq, max(1, index.stride), index.label
+        why = "was gone when its batch was read" if gone else "is corrupt"
+        if label is None and not gone:
+            own, _ = read_labels(self.cache, seq, seq + 1)
+            label = own.get(seq)  # None when the damage reaches the label or header
+        if label is None:
+            raise CorruptRecordError(
+                seq,
+                f"the record {why} and its label is unknown (the index did not come from a RatioBatchSampler, and the "
+                "record cannot tell), so no replacement of the same class can be chosen (on_corrupt='replace')",
+                self.cache.path,
+            )
+        label = tuple(label) if isinstance(label, list) else label
+        lo = max(0, seq - _REPLACE_SEARCH)
+        for hi in range(seq, lo, -_SCAN_WINDOW):
+            labels, _ = read_labels(self.cache, max(lo, hi - _SCAN_WINDOW), hi)
+            for cand in sorted(labels, reverse=True):
+                if cand % stride != seq % stride or labels[cand] != label:
+                    continue
+                try:
+                    return self.cache.get(cand)
+                except (CorruptRecordError, KeyError):
+                    continue
         raise CorruptRecordError(
             seq,
-            f"no readable replacement{' with label ' + repr(label) if label is not None else ''} within "
-            f"{_REPLACE_SEARCH} records of it (on_corrupt='replace')",
+            f"the record {why}, and no readable record with its label {label!r} is older than it in its shard (within "
+            f"{_REPLACE_SEARCH} records) to replace it (on_corrupt='replace' never uses a newer record: it may still be "
+            "served fresh)",
             self.cache.path,
         )
 

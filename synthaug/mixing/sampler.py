@@ -23,7 +23,7 @@ from torch.utils.data import Sampler
 from synthaug.cache.codec import Label
 from synthaug.mixing.dataset import MixedDataset
 from synthaug.mixing.index import SyntheticIndex
-from synthaug.mixing.pool import ON_EXHAUSTED, SyntheticPool
+from synthaug.mixing.pool import ON_EXHAUSTED, NeedRecords, SyntheticPool
 from synthaug.mixing.ratio import EpochPlan, as_fraction, plan_epoch, split_by_deficit
 
 __all__ = ["RatioBatchSampler", "Ratio"]
@@ -31,6 +31,8 @@ __all__ = ["RatioBatchSampler", "Ratio"]
 Ratio = Union[float, Fraction, Mapping[Union[int, str], float], Callable[[int], float]]
 _STATE_FORMAT = 1
 _COUNTER_NAMES = ("served", "fresh", "reused", "waited_s", "real", "evicted_unseen", "corrupt_skipped")
+# batches tracked as in flight (handed to the DataLoader, not read yet); older ones count as read
+_INFLIGHT_MAX = 4096
 
 
 def _dist_defaults() -> Tuple[int, int]:
@@ -140,6 +142,19 @@ class RatioBatchSampler(Sampler):
     written to the cache's cursor table under ``consumer``, throttled. A new sampler (no state
     loaded) treats every retained record as fresh.
 
+    No record is evicted between its draw and its read: each batch's synthetic indices carry a
+    ticket that the :class:`MixedDataset` marks when a DataLoader worker (or the main process)
+    has read them, and beside the cursor the sampler publishes a *hold*, the oldest record it may
+    still read — below every batch in flight (yielded, not read yet: up to ``num_workers ×
+    prefetch_factor`` batches, tracked up to 4,096), below the batch being drawn, and, under
+    ``on_exhausted="reuse"``, below the served records it keeps for reuse until a writer asks
+    for room (``cache.request_eviction``). Writers never evict at or above a live consumer's
+    hold, and the sampler never draws below its own. Read the batches through this sampler's
+    ``mixed`` dataset (the DataLoader's ``dataset``), so the tickets are seen. A sampler that stops
+    drawing keeps its hold while its process lives; :meth:`close` removes it. Each synthetic
+    index also carries the record's label and the shard stride, so a record found corrupt when
+    read is replaced by one of the same label and shard (:class:`MixedDataset`, ``on_corrupt``).
+
     Determinism contract: the batch shapes (which positions are synthetic, ``len``) and the real
     indices of every batch are a pure function of ``(seed, epoch, r, B, len(real), num_replicas,
     rank, drop_last, batches_per_epoch)``, identical on every rank and every run. The synthetic
@@ -233,16 +248,21 @@ class RatioBatchSampler(Sampler):
             wait_timeout=self.wait_timeout,
             counters=self._counters,
             describe=_weak_method(self, "_describe"),
-            publish=_weak_method(self, "_publish", force=True),
+            publish=_weak_method(self, "_publish"),
             group_of=_weak_method(self, "_group_of"),
+            before_map=mixed._refresh_label_names,
         )
+        # a consumer that never reuses releases what the DataLoader has read at once; one that
+        # reuses keeps served records until a writer asks for room
+        self._keeps_served = on_exhausted == "reuse" and max_reuse != 0
+        self._inflight: Deque[Tuple[int, int, int]] = deque()  # (ticket, lowest seq, synthetic items) per batch
         self._pos: Dict[str, Any] = {"epoch": 0, "batch": 0, "group_counts": [0] * len(self._groups)}
         self._resume_pending = False
         self._journal: Deque[Tuple[Dict[str, Any], List[tuple]]] = deque(maxlen=max(1, self.history))
         self._shards: Dict[int, np.ndarray] = {}
         self._offsets: Dict[int, int] = {0: 0}
         self._last_publish = -float("inf")
-        self._published: Optional[int] = None
+        self._published: Optional[Tuple[int, int, bool]] = None
         self._completed: set = set()
         self._warned_repeat = False
         self._epoch_hook = _EpochHook(self)
@@ -422,25 +442,55 @@ class RatioBatchSampler(Sampler):
         self._pos = {"epoch": epoch, "batch": start, "group_counts": list(group_counts)}
         self._journal.clear()
         pool = self._pool
+        # A new iteration starts once the DataLoader is done with the last one (every batch of
+        # it delivered, or the iterator dropped): nothing of it is in flight any more.
+        self._inflight.clear()
+        self._publish(force=True)  # register (or refresh) this consumer's hold before drawing
+        stride = self.cache_shard[1]
         for i in range(start, plan.num_batches):
             before = {"epoch": epoch, "batch": i, "group_counts": list(group_counts), "counters": dict(self._counters)}
-            ops: List[tuple] = []
-            pool.ops = ops
-            try:
-                batch: List[Any] = self._real_indices(plan, epoch, i)
-                n_real = len(batch)
-                k = plan.synthetic_in(i)
-                if k:
-                    rng = random.Random(f"synthaug.mixing:{self.seed}:{epoch}:{i}:{self.rank}")
-                    per_group = split_by_deficit(k, shares, self.batch_size, min(i, plan.full_batches), group_counts)
-                    for g, demand in enumerate(per_group):
-                        if demand:
-                            batch += [SyntheticIndex(s) for s in pool.draw(g, demand, rng)]
-            except BaseException:
-                self._rollback(before, ops)
-                raise
-            finally:
-                pool.ops = None
+            carried: List[tuple] = []  # scans made while waiting belong to the batch's journal
+            while True:
+                ops: List[tuple] = list(carried)
+                pool.ops = ops
+                pool.drawn = []
+                counts = list(before["group_counts"])
+                try:
+                    batch: List[Any] = self._real_indices(plan, epoch, i)
+                    n_real = len(batch)
+                    k = plan.synthetic_in(i)
+                    if k:
+                        rng = random.Random(f"synthaug.mixing:{self.seed}:{epoch}:{i}:{self.rank}")
+                        per_group = split_by_deficit(k, shares, self.batch_size, min(i, plan.full_batches), counts)
+                        ticket = self.mixed._new_ticket()
+                        for g, demand in enumerate(per_group):
+                            if demand:
+                                batch += [SyntheticIndex(s, pool.label_of(s), stride=stride, ticket=ticket) for s in pool.draw(g, demand, rng)]
+                        self._inflight.append((ticket, min(pool.drawn), k))
+                        if len(self._inflight) > _INFLIGHT_MAX:
+                            self._inflight.popleft()
+                except NeedRecords as need:
+                    # undo the draws (they must not pin a full cache), wait, draw the batch again
+                    self._rollback(before, ops)
+                    pool.drawn = []
+                    carried = []
+                    pool.ops = carried
+                    try:
+                        pool.wait_for(need)
+                    except BaseException:
+                        self._undo_live(carried)
+                        raise
+                    finally:
+                        pool.ops = None
+                    continue
+                except BaseException:
+                    self._rollback(before, ops)
+                    raise
+                finally:
+                    pool.ops = None
+                    pool.drawn = []
+                break
+            group_counts = counts
             self._bump("real", n_real)
             self._journal.append((before, ops))
             self._pos = {"epoch": epoch, "batch": i + 1, "group_counts": list(group_counts)}
@@ -449,11 +499,15 @@ class RatioBatchSampler(Sampler):
         self._completed.add(epoch)
         self._publish(force=True)
 
-    def _rollback(self, before: Dict[str, Any], ops: List[tuple]) -> None:
-        """Undo a batch that failed half-way (e.g. a wait that timed out), so the state stays exact."""
+    def _undo_live(self, ops: List[tuple]) -> None:
+        """Revert ``ops`` on the live pool."""
         live = {"scan_pos": self._pool.scan_pos, "pending": self._pool.pending, "buckets": self._pool.buckets}
         SyntheticPool.undo(live, ops)
         self._pool.scan_pos = live["scan_pos"]
+
+    def _rollback(self, before: Dict[str, Any], ops: List[tuple]) -> None:
+        """Undo a batch that failed half-way (e.g. a wait that timed out), so the state stays exact."""
+        self._undo_live(ops)
         waited = self._counters["waited_s"] - before["counters"]["waited_s"]
         self._counters.update(before["counters"])
         self._bump("waited_s", waited)  # the time was spent all the same
@@ -462,25 +516,67 @@ class RatioBatchSampler(Sampler):
         self._counters[name] += by
         self._counters["epoch_" + name] += by
 
+    def _inflight_min(self) -> Optional[int]:
+        """The lowest seq of the batches the DataLoader has not read yet (``None``: none)."""
+        lowest = None
+        inflight = self._inflight
+        while inflight and self.mixed._was_read(inflight[0][0], inflight[0][2]):
+            inflight.popleft()
+        for ticket, low, n in inflight:
+            if (lowest is None or low < lowest) and not self.mixed._was_read(ticket, n):
+                lowest = low
+        return lowest
+
+    def _hold_target(self, cursor: int) -> int:
+        """How far this consumer may release now: never past its cursor (records not handed out
+        yet), a record in flight, or one drawn for the batch being built; a consumer that
+        reuses keeps its served records until a writer asks for room (``evict_request``)."""
+        pool = self._pool
+        cap = cursor
+        for low in (self._inflight_min(), min(pool.drawn, default=None)):
+            if low is not None and low < cap:
+                cap = low
+        want = max(pool.hold, pool.request) if self._keeps_served else cap
+        return max(pool.hold, min(cap, want))
+
     def _publish(self, force: bool = False) -> None:
+        """Write the cursor and hold to the cache's cursor table when they changed: at once when
+        forced or when a writer waits for records this consumer may release, else at most every
+        ``cursor_interval`` seconds. The pool draws nothing below the new hold from then on."""
+        cache = self.mixed.cache
+        if cache.readonly:
+            return
+        pool = self._pool
         now = time.monotonic()
-        if not force and now - self._last_publish < self.cursor_interval:
+        cursor = pool.cursor()
+        hold = self._hold_target(cursor)
+        due = now - self._last_publish >= self.cursor_interval
+        urgent = hold > pool.hold and pool.request > pool.hold
+        if not (force or urgent or (due and (cursor, hold, pool.waiting) != self._published)):
             return
         self._last_publish = now
-        cursor = self._pool.cursor()
-        cache = self.mixed.cache
-        if cache.readonly or (cursor == self._published and not force):
-            return
         cache.set_cursor(
             self.consumer,
             cursor,
+            hold=hold,
+            waiting=pool.waiting,
             rank=self.rank,
             num_replicas=self.num_replicas,
             epoch=self._pos["epoch"],
             batch=self._pos["batch"],
             served=int(self._counters["served"]),
         )
-        self._published = cursor
+        pool.hold = hold
+        self._published = (cursor, hold, pool.waiting)
+
+    def close(self) -> None:
+        """Remove this consumer's cursor from the cache: writers stop keeping records for it
+        (its hold) and stop counting records as unseen by it. Call it when training with this
+        sampler is over but the process goes on; iterating again registers it anew."""
+        cache = self.mixed.cache
+        if not cache.readonly:
+            cache.remove_cursor(self.consumer)
+        self._published = None
 
     # ------------------------------------------------------------------ counters and state
     def stats(self) -> Dict[str, Any]:
@@ -491,11 +587,13 @@ class RatioBatchSampler(Sampler):
         (served / (served + real)), ``evicted_unseen`` (fresh records evicted before this
         consumer got to them), ``corrupt_skipped`` (records whose header could not be read),
         the same with an ``epoch_`` prefix for the current epoch, and ``epoch``, ``batch`` (the
-        next batch of the epoch), ``cursor``, ``consumer``.
+        next batch of the epoch), ``cursor``, ``hold`` (the oldest record it may still read, as
+        last published), ``consumer``.
         """
         c = self._counters
         out: Dict[str, Any] = {"consumer": self.consumer, "epoch": self._pos["epoch"], "batch": self._pos["batch"]}
         out["cursor"] = self._pool.cursor()
+        out["hold"] = self._pool.hold
         for prefix in ("", "epoch_"):
             for name in _COUNTER_NAMES:
                 v = c[prefix + name]

@@ -12,7 +12,7 @@ import numpy as np
 
 from synthaug.generation.base import GeneratedBatch, Generator, per_image_seeds
 
-__all__ = ["PatternGenerator", "FailingGenerator", "pattern_image"]
+__all__ = ["PatternGenerator", "FailingGenerator", "StampGenerator", "pattern_image", "stamp_of"]
 
 
 def pattern_image(seed: int, size: int = 8) -> np.ndarray:
@@ -62,3 +62,38 @@ class FailingGenerator(PatternGenerator):
             self.calls += 1
             raise RuntimeError(self.message)
         return super().generate(n, seed)
+
+
+def stamp_of(image) -> int:
+    """The seed a StampGenerator wrote into an image (H×W, H×W×1 or 1×H×W, array or tensor)."""
+    a = np.asarray(image)
+    a = a.reshape(a.shape[-2], a.shape[-1]) if a.ndim == 3 and a.shape[0] == 1 else (a[..., 0] if a.ndim == 3 else a)
+    return int.from_bytes(bytes(a[0, :8].astype(np.uint8)), "big")
+
+
+class StampGenerator(Generator):
+    """28×28 gray images whose first 8 pixels hold the per-image seed (``stamp_of`` reads it
+    back) and whose label is ``seed % classes``, so a reader can tell exactly which record it
+    got and whether its label belongs to it. ``label_names`` ``c0, c1, ...``; ``delay`` seconds
+    per ``generate`` call."""
+
+    def __init__(self, *, classes: int = 10, delay: float = 0.0, names: bool = True, device: Optional[str] = None, batch_size: Optional[int] = None) -> None:
+        self.classes, self.delay, self.names = int(classes), float(delay), bool(names)
+        self.label_names = [f"c{i}" for i in range(self.classes)] if self.names else None
+
+    @property
+    def spec(self) -> Dict[str, Any]:
+        overrides = {"classes": self.classes, "delay": self.delay, "names": self.names}
+        return {"factory": "tests.helpers.stub_generators:StampGenerator", "source": "stub:stamp", "overrides": overrides}
+
+    def generate(self, n: int, seed: int) -> GeneratedBatch:
+        if self.delay:
+            time.sleep(self.delay)
+        seeds = per_image_seeds(n, seed)
+        images = np.zeros((n, 28, 28, 1), np.uint8)
+        for i, s in enumerate(seeds):
+            images[i, 0, :8, 0] = np.frombuffer(int(s).to_bytes(8, "big"), np.uint8)
+            images[i, 1:, :, 0] = (s * 37) % 251  # some content below the stamp
+        labels = [s % self.classes for s in seeds]
+        metas = [{"source": "stub:stamp", "seed": s, "pid": os.getpid()} for s in seeds]
+        return GeneratedBatch(images=images, labels=labels, meta=metas)
