@@ -87,7 +87,7 @@ def test_bench_help_and_unknown_benchmark(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for name in ("loader", "cache", "generate", "overlap", "ratio", "--quick"):
+    for name in ("loader", "cache", "generate", "overlap", "ratio", "crash", "soak", "--quick"):
         assert name in text
     with pytest.raises(SystemExit):
         main(["bench", "nope"])
@@ -125,3 +125,90 @@ def test_freshness_report(tmp_path):
         list(capped)
     g = capped.freshness()
     assert g["served"] == 20 and g["fresh"] == 10 and g["max_reuse"] == 1 and g["waited_s"] >= 0.5
+
+
+def test_crash_campaign_quick_kills_a_real_writer_20_times(tmp_path, capsys):
+    """`synthaug bench crash --quick`: 20 SIGKILLs of a real writer process while two reader
+    processes read; nothing committed is lost or torn, and the campaign really exercised what it
+    claims (kills inside appends, map growth from 64 KiB, eviction, reads)."""
+    out = _bench(capsys, "crash", "--quick", "--no-progress", "--out", str(tmp_path))
+    assert "every check passed" in out and "| committed records lost | 0 | 0 |" in out
+    result = json.loads((tmp_path / "crash_quick.json").read_text())
+    assert result["ok"] is True and result["device"] and result["settings"]["kills"] == 20
+    assert result["bad"] and all(v == 0 for v in result["bad"].values()), result["problems"]
+    t = result["totals"]
+    assert t["kills"] == 20
+    assert t["kills_in_append"] >= 1, result["landings"]  # the writer's last line was "begin": killed mid-append
+    assert t["appends_committed"] >= 40 and t["records_committed"] > t["appends_committed"]
+    assert t["map_growths"] >= 4 and all(v > 4 * t["map_size_start"] for v in t["map_size_end"].values())
+    assert t["evictions"] > 0 and t["appends_evicting"] >= t["appends_committed"] // 3
+    assert t["reader_reads"] >= 200 and len(result["readers"]) == 2
+    assert {r["lane"] for r in result["lanes"]} == {"small", "large"}
+    assert "workdir" not in result  # the temp caches were removed after a clean run
+
+
+def test_crash_checks_catch_a_lost_and_a_torn_record(tmp_path):
+    """The campaign's checker is not vacuous: after a few real kills, a reported record deleted
+    behind the cache's back counts as lost, and a flipped byte in a record as torn."""
+    import lmdb
+
+    from synthaug.benchmarks.crash import _Campaign, default_lanes
+
+    lanes = default_lanes(tmp_path, seed=3)
+    camp = _Campaign(lanes, tmp_path, seed=3, n_readers=0)
+    small = next(lane for lane in lanes if lane.name == "small")
+    for k in range(30):  # until the writer has reported records in the small cache (a few kills; more on a loaded machine)
+        camp.kill_once(k)
+        if sum(b - a + 1 for a, b in camp.ledgers["small"].reported) >= 2:
+            break
+    assert sum(camp.bad.values()) == 0, camp.problems
+    last = max(b for a, b in camp.ledgers["small"].reported)
+    env = lmdb.open(small.path, max_dbs=4, map_size=1 << 30)
+    rec_db = env.open_db(b"records")
+    with env.begin(write=True) as txn:
+        assert txn.delete(last.to_bytes(8, "big"), db=rec_db)  # a committed record vanishes
+        cur = txn.cursor(db=rec_db)
+        assert cur.first()
+        value = bytearray(cur.value())
+        value[-1] ^= 0x01  # and one pixel byte of the oldest record flips
+        txn.put(cur.key(), bytes(value), db=rec_db)
+    env.close()
+    camp.check_lane(small)
+    assert camp.bad["committed_records_lost"] >= 1 and camp.bad["torn_or_corrupt_records"] >= 1, camp.problems
+
+
+def test_soak_quick_two_prefetching_trainers_beside_an_evicting_worker(tmp_path, capsys):
+    """`synthaug bench soak --quick`: 60 s of a worker keeping a 96-record cache turning over
+    while two training processes (4 DataLoader workers, prefetch 4 each) read it; every item the
+    training loops get is the one their sampler drew."""
+    out = _bench(capsys, "soak", "--quick", "--no-progress", "--out", str(tmp_path))
+    assert "every check passed" in out
+    result = json.loads((tmp_path / "soak_quick.json").read_text())
+    t = result["totals"]
+    assert result["ok"] is True and all(t[k] == 0 for k in ("wrong_items", "errors", "replaced", "missing", "evicted_unseen"))
+    assert t["synthetic_items"] >= 2000 and t["real_items"] > t["synthetic_items"]  # both trainers did read
+    assert t["evicted"] >= 1000 and t["final_count"] <= 96  # eviction never rested, within the limit
+    assert {r["name"] for r in result["trainers"]} == {"trainer0", "trainer1"} and all(r["batches"] > 0 for r in result["trainers"])
+
+
+def test_soak_check_tells_a_wrong_record_or_label_from_the_right_one(tmp_path):
+    """The soak's per-item check is not vacuous."""
+    import numpy as np
+
+    from synthaug import MixedDataset, SyntheticCache
+    from synthaug.benchmarks.soak import RealStandIn, StampGenerator, expected_image, item_is_right
+    from synthaug.mixing import SyntheticIndex
+
+    cache = SyntheticCache(tmp_path / "c", label_names=StampGenerator.label_names)
+    batch = StampGenerator().generate(20, 0)
+    cache.append(batch.images, batch.labels, batch.meta)
+    mixed = MixedDataset(RealStandIn(30), cache)
+    right = SyntheticIndex(13, 3)
+    assert item_is_right(right, expected_image(13), 3, mixed)
+    assert not item_is_right(right, expected_image(12), 3, mixed)  # another record
+    assert not item_is_right(right, expected_image(13), 2, mixed)  # another label
+    torn = expected_image(13).copy()
+    torn[20, 20] ^= 1
+    assert not item_is_right(right, torn, 3, mixed)  # one byte off
+    image, target = mixed.real_dataset[7]
+    assert item_is_right(7, image, target, mixed) and not item_is_right(8, image, target, mixed)

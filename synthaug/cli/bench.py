@@ -14,6 +14,8 @@ BENCHMARKS = {
     "generate": "generator images/s: the pixel DDPM on CPU; SD-1.5 at 512 px, diffusers' default vs ours, on CUDA",
     "overlap": "real-only vs pre-generate-then-train vs on-the-fly training: wall time, fresh share, waiting",
     "ratio": "per-batch synthetic share: our sampler vs per-sample coin flip vs WeightedRandomSampler, per DDP rank",
+    "crash": "SIGKILL a real cache writer --kills times (default 200) while readers read: no committed record lost, none torn",
+    "soak": "a worker evicting from a small cache while two trainers with 4 prefetching DataLoader workers each read it: every item checked",
 }
 
 
@@ -36,7 +38,7 @@ def register(sub) -> None:
     listing = "; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items())
     p = sub.add_parser(
         "bench",
-        help="run a benchmark (loader, cache, generate, overlap, ratio); --quick for a short run",
+        help="run a benchmark (loader, cache, generate, overlap, ratio, crash, soak); --quick for a short run",
         description=__doc__ + f" Benchmarks: {listing}. Flags after the name go to the benchmark: "
         "`synthaug bench overlap --help` lists them; every benchmark has --quick (a smoke test, not figures) and --out DIR.",
     )
