@@ -9,6 +9,7 @@ __all__ = [
     "SyntheticExhaustedError",
     "GenerationWorkerError",
     "CacheBusyError",
+    "CacheDiskFullError",
 ]
 
 
@@ -53,6 +54,11 @@ class CacheBusyError(SynthaugError):
 
     def __reduce__(self):
         return (type(self), (str(self), self.holder))
+
+
+class CacheDiskFullError(SynthaugError):
+    """A write to the cache failed because its file system is full. Nothing of that write was
+    stored; every record committed before it is intact and readable."""
 
 
 class SyntheticExhaustedError(SynthaugError):

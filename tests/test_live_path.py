@@ -403,3 +403,101 @@ print("no deadlock")
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV_1T, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "no deadlock", out.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------- full disk, read-only, deleted
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2 MiB tmpfs mounted for the test (needs root and the right to mount, as in CI)."""
+    mnt = tmp_path / "small-fs"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root; run the suite as root (CI does) to test a full disk")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); the full-disk test needs one")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_fails_the_append_clearly_and_loses_nothing_committed(small_fs):
+    cache = SyntheticCache(small_fs / "c", map_size=64 * 1024)
+    mixed = MixedDataset(Real(64), cache)
+    worker = GenerationWorker(cache, StampGenerator().spec, min_fresh=10**6, max_items=10**6, batch_size=16, poll_interval=0.01)
+    worker.start(wait=True, timeout=60)
+    _wait_for(lambda: not worker.is_alive(), timeout=120, what="the worker to fill the disk")
+    with pytest.raises(GenerationWorkerError, match=r"CacheDiskFullError: cache .*small-fs/c: the disk is full \(\d[\d,]* bytes free of 2,097,152"):
+        worker.raise_if_failed()
+    hb = cache.heartbeat()
+    assert hb["state"] == "failed" and hb["last_error"].startswith("CacheDiskFullError: cache ") and "disk is full" in hb["last_error"]
+    report = cache.verify()
+    n = len(cache)
+    assert n > 500 and report["corrupt"] == 0 and report["problems"] == []
+    assert all(stamp_of(cache.get(s).image) == s for s in cache.seqs()[:: max(1, n // 50)])
+    with pytest.raises(synthaug.errors.CacheDiskFullError, match="every record committed before it is intact"):
+        cache.append(StampGenerator().generate(64, 10**6).images, 0)
+    assert len(cache) == n  # nothing of the failed append
+    # readers go on with what exists
+    sampler = RatioBatchSampler(mixed, batch_size=8, synthetic_ratio=0.5, on_exhausted="reuse")
+    loader = DataLoader(mixed, batch_sampler=sampler, num_workers=2, collate_fn=lambda b: b)
+    got = [stamp_of(im) for items in loader for im, _ in items if np.asarray(im)[0, 0] != 255]
+    assert len(got) == 64 and all(0 <= s < n for s in got)
+    cache.close()
+
+
+def test_a_read_only_cache_folder_is_read_and_writers_are_refused_clearly(tmp_path, small_fs):
+    _stamped(small_fs / "c", 20).close()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    code = f"""
+import synthaug, numpy as np
+from synthaug.mixing import is_synthetic
+from tests.test_live_path import Real
+try:
+    synthaug.SyntheticCache({str(small_fs / "c")!r})
+except PermissionError as e:
+    print("writer:", e)
+c = synthaug.SyntheticCache({str(small_fs / "c")!r}, readonly=True)
+print("reader:", len(c), c.verify()["corrupt"])
+c.close()
+m = synthaug.MixedDataset(Real(16), {str(small_fs / "c")!r})
+s = synthaug.RatioBatchSampler(m, batch_size=4, synthetic_ratio=0.5)
+print("sampler:", sum(1 for b in s for i in b if is_synthetic(i)), m.cache.readonly)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV_1T, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "writer: [Errno 30] cache " in out.stdout and "is on a read-only file system; open it with SyntheticCache(path, readonly=True)" in out.stdout
+    assert "reader: 20 0" in out.stdout and "sampler: 16 True" in out.stdout  # 16 real items, r = 0.5
+
+
+def test_a_cache_deleted_while_in_use_is_still_read_and_stops_writers_and_waits(tmp_path):
+    import shutil
+
+    cache = _stamped(tmp_path / "c", 12)
+    mixed = MixedDataset(Real(40), cache)
+    cache.check_present()
+    shutil.rmtree(tmp_path / "c")
+    assert len(cache) == 12 and stamp_of(cache.get(7).image) == 7  # the open map still reads
+    with pytest.raises(FileNotFoundError, match="was deleted or replaced while this process used it"):
+        cache.check_present()
+    with pytest.raises(FileNotFoundError, match="no synthetic cache"):
+        SyntheticCache(tmp_path / "c", readonly=True)
+    waiting = RatioBatchSampler(mixed, batch_size=8, synthetic_ratio=0.5, on_exhausted="wait", wait_timeout=60)
+    it = iter(waiting)
+    next(it)
+    t0 = time.monotonic()
+    with pytest.raises(FileNotFoundError, match="deleted"):
+        next(it)  # 12 records, 4 per batch: the fourth batch waits, and learns why within a second
+        next(it)
+        next(it)
+    assert time.monotonic() - t0 < 10
+    # a worker on it stops instead of writing into a file no one can see
+    (tmp_path / "d").mkdir()
+    live = SyntheticCache(tmp_path / "d")
+    w = GenerationWorker(live, StampGenerator(delay=0.05).spec, min_fresh=10**6, max_items=10**6, batch_size=4, poll_interval=0.01)
+    w.start(wait=True, timeout=60)
+    shutil.rmtree(tmp_path / "d")
+    _wait_for(lambda: not w.is_alive(), what="the worker to notice")
+    with pytest.raises(GenerationWorkerError, match="FileNotFoundError: cache .* was deleted"):
+        w.raise_if_failed()

@@ -20,7 +20,9 @@ in the process. Spare-transaction caching is off for the same reason.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -28,7 +30,7 @@ from typing import Callable, Dict, Iterator, Optional
 
 import lmdb
 
-from synthaug.errors import CacheFormatError
+from synthaug.errors import CacheDiskFullError, CacheFormatError
 
 __all__ = ["EnvHandle", "acquire_env", "release_env", "DB_NAMES", "NotCreatedYetError"]
 
@@ -223,6 +225,11 @@ class EnvHandle:
                     except lmdb.MapFullError:
                         txn.abort()
                         grow = True
+                    except lmdb.Error as exc:
+                        txn.abort()
+                        if not _disk_full(self.path, exc):
+                            raise
+                        raise CacheDiskFullError(_disk_full_message(self.path)) from None
                     except BaseException:
                         txn.abort()
                         raise
@@ -292,7 +299,16 @@ def acquire_env(
                     "give the cache a new or empty folder, or restore the file"
                 ) from None
             except lmdb.Error as exc:
-                if "already open" in str(exc) and _FORK_STATE.get("busy_paths"):
+                text = str(exc)
+                if "Read-only file system" in text or "Permission denied" in text:
+                    code = errno.EROFS if "Read-only" in text else errno.EACCES
+                    how = "is on a read-only file system" if code == errno.EROFS else "is not writable by this user"
+                    raise PermissionError(
+                        code,
+                        f"cache {path} {how}; open it with SyntheticCache(path, readonly=True) to read it "
+                        "(writers — synthaug generate, a generation worker — need a writable folder)",
+                    ) from None
+                if "already open" in text and _FORK_STATE.get("busy_paths"):
                     raise RuntimeError(
                         f"cache {path} was in use by another thread when this process was forked, "
                         "so the child cannot open it safely; avoid reading the cache from a thread "
@@ -362,3 +378,30 @@ def _foreign_keys(env: lmdb.Environment, limit: int = 3) -> list:
                 if len(found) >= limit:
                     break
     return found
+
+
+def _disk_full(path: str, exc: lmdb.Error) -> bool:
+    """Whether a failed commit failed for want of disk space: ENOSPC, or an I/O error (a write to
+    a full tmpfs can fail with EIO) while the file system has next to nothing left."""
+    text = str(exc)
+    if "No space left" in text:
+        return True
+    if "Input/output error" not in text:
+        return False
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return False
+    return usage.free < max(1 << 20, usage.total // 100)
+
+
+def _disk_full_message(path: str) -> str:
+    try:
+        usage = shutil.disk_usage(path)
+        space = f"{usage.free:,} bytes free of {usage.total:,} on its file system"
+    except OSError:
+        space = "free space unknown"
+    return (
+        f"cache {path}: the disk is full ({space}); this write was not stored, and every record committed "
+        "before it is intact and readable. Free space on that file system, lower max_items, or move the cache"
+    )

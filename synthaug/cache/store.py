@@ -134,8 +134,12 @@ class SyntheticCache:
         self._handle: Optional[EnvHandle] = None
         self._pid: Optional[int] = None
         if not readonly:
-            self._path.mkdir(parents=True, exist_ok=True)
+            try:
+                self._path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise PermissionError(exc.errno, f"cannot create the cache folder {self._path}: {exc.strerror}") from None
         self._open(apply_settings=True)
+        self._identity = _file_identity(self._path)
 
     # ------------------------------------------------------------------ environment
     def _open(self, *, apply_settings: bool = False) -> EnvHandle:
@@ -175,6 +179,21 @@ class SyntheticCache:
             self._handle = handle
             self._pid = os.getpid()
             return handle
+
+    def check_present(self) -> None:
+        """Raise ``FileNotFoundError`` if the cache's data file is gone or was replaced since this
+        object first opened it (the folder deleted, or made anew, while this process used it).
+
+        A process that has the cache open goes on reading what it had: LMDB's map keeps the
+        deleted file alive. But nothing written to it reaches anyone else any more, so writers and
+        waiting readers check this (the worker at every poll, a waiting sampler once a second).
+        """
+        if _file_identity(self._path) != self._identity:
+            raise FileNotFoundError(
+                f"cache {self._path} was deleted or replaced while this process used it (its data.mdb is "
+                f"{'gone' if not (self._path / 'data.mdb').exists() else 'another file now'}); records written now would "
+                "reach no one. Recreate the cache and restart the writer and the training"
+            )
 
     def _env(self) -> EnvHandle:
         """This process's handle, opened here on first use (after fork or unpickling)."""
@@ -848,6 +867,15 @@ def _delete_oldest(txn, rec_db, n: int):
         if not cur.delete():
             break
     return deleted, freed
+
+
+def _file_identity(path: Path) -> Optional[Tuple[int, int]]:
+    """``(device, inode)`` of a cache's data file (``None`` when it does not exist)."""
+    try:
+        st = os.stat(path / "data.mdb")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _now() -> str:

@@ -335,6 +335,7 @@ class _WorkerLoop:
     def _plan(self) -> Optional[Tuple[int, int, int]]:
         """``(first seq, number of images, limit)`` to generate now, or ``None`` (and the state)
         to wait. Asks consumers for room ahead of need, so it is free by the time of the append."""
+        self.cache.check_present()  # a deleted cache would swallow every record
         snap = self.cache.supply()
         count, next_seq = snap["count"], snap["next_seq"]
         limit = min(self.s.max_items, snap["max_items"] or self.s.max_items)

@@ -9,6 +9,7 @@ cache read transaction.
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -234,7 +235,12 @@ class MixedDataset(Dataset):
                     "cache; fill one first with `synthaug generate`, start a GenerationWorker on it, or create it "
                     "with synthaug.SyntheticCache(path)"
                 )
-            cache = SyntheticCache(cache)  # writable, so the sampler can record its cursor
+            try:
+                cache = SyntheticCache(cache)  # writable, so the sampler can record its cursor
+            except PermissionError as exc:
+                if exc.errno != errno.EROFS:
+                    raise
+                cache = SyntheticCache(cache, readonly=True)  # a read-only file system: nobody writes it
         try:
             n = len(real_dataset)
         except TypeError:

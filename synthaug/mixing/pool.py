@@ -334,6 +334,7 @@ class SyntheticPool:
             while True:
                 elapsed = time.monotonic() - t0
                 if time.monotonic() >= next_beat:
+                    self.cache.check_present()
                     self._raise_if_worker_failed(g, failed_after)
                     next_beat = time.monotonic() + _HEARTBEAT_EVERY_S
                 if elapsed >= self.wait_timeout:
