@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -173,6 +174,8 @@ def _train(cache_path: str, cfg: Dict[str, Any], seconds: float, out: str) -> No
     from synthaug.mixing import is_synthetic
 
     torch.set_num_threads(1)
+    # 4 workers per trainer on a machine of fewer cores is the point (8 readers); say it once, here
+    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
     real = RealStandIn(4096)
     mixed = synthaug.MixedDataset(real, synthaug.SyntheticCache(cache_path))
     sampler = synthaug.RatioBatchSampler(mixed, batch_size=64, synthetic_ratio=cfg["ratio"], on_exhausted=cfg["on_exhausted"],

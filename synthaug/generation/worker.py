@@ -96,7 +96,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Iterator, Optional, Tuple, Union
 
-from synthaug.cache.writers import WriterLock
+from synthaug.cache.writers import WriterLock, seed_block
 from synthaug.errors import GenerationWorkerError, SyntheticExhaustedError
 
 __all__ = ["GenerationWorker", "WorkerSettings", "run_worker", "STATES"]
@@ -725,8 +725,6 @@ class GenerationWorker:
             return
         state = "stopped" if self._stopping else "failed"
         try:
-            from synthaug.cache.writers import seed_block
-
             hb = self._cache.heartbeats().get(seed_block(self._settings.seed)) or {}
             if hb.get("worker_id") not in (None, self.worker_id):
                 return  # another worker has taken over this seed block of the cache

@@ -174,8 +174,9 @@ class MixedDataset(Dataset):
             images may be PIL images, uint8 numpy arrays (H×W or H×W×C) or uint8 tensors (H×W or
             C×H×W); its targets class indices (int, numpy integer, 0-d tensor) or multi-hot
             vectors (1-D tensor/array/list, e.g. ChestX-ray14).
-        cache: the synthetic cache (a :class:`SyntheticCache`, or a path that is opened writable
-            so a sampler can record its cursor).
+        cache: the synthetic cache (a :class:`SyntheticCache`, or the path of an existing one,
+            opened writable so a sampler can record its cursor and hold; read-only when it lies
+            on a read-only file system, where no writer can run either).
         transform: applied to the image of every item, real and synthetic, as the last step.
         synthetic_transform: applied to synthetic images only, before ``transform``; it receives
             the image in the real dataset's form (a PIL image, or a uint8 array/tensor laid out as
