@@ -406,9 +406,10 @@ class SyntheticCache:
             evicted = 0
             excess = count + k - limit if limit else 0
             if excess > 0:
-                # the store's own limit: with no live consumer, oldest first (the new records
-                # too, for an append larger than the limit); the worker's: only released ones
-                evictable = sup["evictable"] if fit_within is not None else self._supply(txn, handle, evict_unheld=True)["evictable"]
+                # the store's own limit with no live consumer: oldest first, the new records too
+                # (an append larger than the limit keeps its newest); else only released ones,
+                # all older than this append
+                evictable = count + k if fit_within is None and not sup["consumers"] else sup["evictable"]
                 evicted, freed = _delete_oldest(txn, rec_db, min(excess, evictable))
                 value_bytes -= freed
                 if evicted < excess:
@@ -629,14 +630,14 @@ class SyntheticCache:
 
         Returns:
             ``{"count", "first_seq", "next_seq", "fresh", "evictable", "max_items",
-            "evict_request", "consumers", "waiting"}``: ``waiting`` counts the live consumers
-            blocked for want of a record (a writer generates for them even when ``fresh`` looks
-            plenty: a consumer restricted to some classes may want none of the fresh records);
-            ``fresh`` counts the records no live consumer has
-            been handed (at or after the smallest ``next_seq``; every record while no consumer
-            has a cursor); ``evictable`` the oldest records every live consumer has released
-            (below the smallest ``hold``; none while no consumer has a cursor, since then
-            nobody has seen them); ``first_seq`` is ``next_seq`` for an empty cache.
+            "evict_request", "consumers", "waiting"}``: ``fresh`` counts the records no live
+            consumer has been handed (at or after the smallest ``next_seq``; every record while
+            no consumer has a cursor); ``evictable`` the oldest records every live consumer has
+            released (below the smallest ``hold``; none while no consumer has a cursor, since
+            then nobody has seen them); ``waiting`` the live consumers blocked for want of a
+            record (a writer generates for them even when ``fresh`` looks plenty: a consumer
+            restricted to some classes may want none of the fresh records); ``first_seq`` is
+            ``next_seq`` for an empty cache.
         """
         handle = self._env()
         with handle.read() as txn:

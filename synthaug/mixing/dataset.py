@@ -466,10 +466,10 @@ class MixedDataset(Dataset):
         for index in indices:
             if index.ticket >= 0:
                 counts[index.ticket] = counts.get(index.ticket, 0) + 1
-        acks = self._acks
+        acks = self._ack_view()
         for ticket, n in counts.items():
             slot = ticket % _ACK_SLOTS
-            if int(acks[slot, 0]) == ticket:
+            if acks[slot, 0] == ticket:
                 acks[slot, 1] += n
             else:  # first read of this ticket: the count before the ticket, so a reader never
                 acks[slot, 1] = n  # sees this ticket with another ticket's count
@@ -477,9 +477,22 @@ class MixedDataset(Dataset):
 
     def _was_read(self, ticket: int, n: int) -> bool:
         """Whether the ``n`` synthetic items of the batch with ``ticket`` have been read."""
+        acks = self._ack_view()
         slot = ticket % _ACK_SLOTS
-        row = self._acks[slot]
-        return int(row[0]) == ticket and int(row[1]) >= n
+        return acks[slot, 0] == ticket and acks[slot, 1] >= n
+
+    def _ack_view(self) -> np.ndarray:
+        """A numpy view of the shared ack table (element access at numpy, not torch, cost);
+        made per process, never pickled: a copy would not be shared."""
+        view = self.__dict__.get("_acks_np")
+        if view is None:
+            view = self._acks_np = self._acks.numpy()
+        return view
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_acks_np", None)
+        return state
 
     # ------------------------------------------------------------------ reading, bad records
     def _read(self, indices: List[SyntheticIndex]) -> List[Record]:

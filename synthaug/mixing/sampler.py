@@ -548,10 +548,13 @@ class RatioBatchSampler(Sampler):
             return
         pool = self._pool
         now = time.monotonic()
+        due = now - self._last_publish >= self.cursor_interval
+        asked = pool.request > pool.hold  # a writer waits for records this consumer holds
+        if not (force or due or asked):
+            return  # the common case, once per batch: nothing to work out
         cursor = pool.cursor()
         hold = self._hold_target(cursor)
-        due = now - self._last_publish >= self.cursor_interval
-        urgent = hold > pool.hold and pool.request > pool.hold
+        urgent = asked and hold > pool.hold
         if not (force or urgent or (due and (cursor, hold, pool.waiting) != self._published)):
             return
         self._last_publish = now
