@@ -35,6 +35,8 @@ from typing import Any, Dict, Union
 
 import numpy as np
 
+from synthaug.version import __version__
+
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_SCHEMA_VERSION",
@@ -112,8 +114,6 @@ def read_adapter_config(path: Union[str, os.PathLike], *, require_weights: bool 
 def write_adapter_config(path: Union[str, os.PathLike], config: Dict[str, Any]) -> Path:
     """Write ``synthaug.json`` atomically (adds schema version, time and synthaug version)."""
     from datetime import datetime, timezone
-
-    from synthaug import __version__
 
     path = Path(path)
     cfg = {"synthaug_adapter": ADAPTER_SCHEMA_VERSION, **config}

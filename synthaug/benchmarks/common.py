@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from synthaug.environment import collect_env
+
 __all__ = [
     "device_record",
     "interleaved",
@@ -28,8 +30,6 @@ DEFAULT_RESULTS_DIR = Path("benchmarks") / "results"
 
 def device_record() -> Dict[str, Any]:
     """Where the figures were measured: CPU/GPU, thread count and library versions."""
-    from synthaug.cli.env import collect_env
-
     env = collect_env()
     cpu = platform.processor() or platform.machine()
     try:

@@ -36,6 +36,7 @@ from synthaug.cache.codec import Encoding, Label, Record
 from synthaug.cache import liveness
 from synthaug.cache.env import EnvHandle, NotCreatedYetError, acquire_env, release_env
 from synthaug.errors import CacheFormatError, CorruptRecordError
+from synthaug.version import __version__
 
 __all__ = ["SyntheticCache", "DEFAULT_ENCODING"]
 
@@ -238,8 +239,6 @@ class SyntheticCache:
         stored = read(txn)
         updates: Dict[bytes, Any] = {}
         if stored["format_version"] is None:
-            from synthaug import __version__
-
             updates.update(
                 {
                     b"format_version": codec.FORMAT_VERSION,

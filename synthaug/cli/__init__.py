@@ -13,6 +13,8 @@ import sys
 import traceback
 from typing import List, Optional
 
+from synthaug.version import __version__
+
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
 # module names under synthaug.cli, in the order --help lists them
@@ -20,8 +22,6 @@ SUBCOMMANDS = ["finetune", "generate", "worker", "cache", "bench", "sweep", "qua
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from synthaug import __version__
-
     parser = argparse.ArgumentParser(
         prog="synthaug",
         description="Synthetic rare-class images from LoRA-adapted diffusion models, streamed into training.",
@@ -30,13 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"synthaug.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"synthaug.cli.{name}":
-                continue  # subcommand not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"synthaug.cli.{name}").register(sub)
     return parser
 
 

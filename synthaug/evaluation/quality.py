@@ -63,6 +63,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from synthaug.version import __version__
+
 __all__ = [
     "ALEXNET_WEIGHTS_FILE",
     "SSIM_SETTINGS",
@@ -486,8 +488,6 @@ def _diversity(x: np.ndarray, *, max_pairs: int, rng_key: List[int], bar=None) -
 
 def _versions(with_lpips: bool) -> Dict[str, Optional[str]]:
     from importlib import metadata
-
-    from synthaug import __version__
 
     out: Dict[str, Optional[str]] = {"synthaug": __version__, "python": sys.version.split()[0]}
     for pkg in ("numpy", "scipy", "pillow") + (("torch", "torchvision", "lpips") if with_lpips else ()):

@@ -22,7 +22,6 @@ from synthaug.cache.codec import Label, Record
 from synthaug.cache.store import SyntheticCache
 from synthaug.errors import CorruptRecordError
 from synthaug.mixing.index import SyntheticIndex
-from synthaug.mixing.scan import read_labels
 
 __all__ = ["MixedDataset", "ON_CORRUPT"]
 
@@ -316,7 +315,7 @@ class MixedDataset(Dataset):
     def _check_cache_labels(self) -> None:
         start = 0
         while True:
-            labels, _corrupt = read_labels(self.cache, start, start + 65536)
+            labels, _corrupt = self.cache.scan_labels(start, start + 65536)
             for seq, label in labels.items():
                 self.map_label(label, seq=seq)
             seqs = self.cache.seqs(start + 65536, limit=1)
@@ -537,7 +536,7 @@ class MixedDataset(Dataset):
         seq, stride, label = index.seq, max(1, index.stride), index.label
         why = "was gone when its batch was read" if gone else "is corrupt"
         if label is None and not gone:
-            own, _ = read_labels(self.cache, seq, seq + 1)
+            own, _ = self.cache.scan_labels(seq, seq + 1)
             label = own.get(seq)  # None when the damage reaches the label or header
         if label is None:
             raise CorruptRecordError(
@@ -549,7 +548,7 @@ class MixedDataset(Dataset):
         label = tuple(label) if isinstance(label, list) else label
         lo = max(0, seq - _REPLACE_SEARCH)
         for hi in range(seq, lo, -_SCAN_WINDOW):
-            labels, _ = read_labels(self.cache, max(lo, hi - _SCAN_WINDOW), hi)
+            labels, _ = self.cache.scan_labels(max(lo, hi - _SCAN_WINDOW), hi)
             for cand in sorted(labels, reverse=True):
                 if cand % stride != seq % stride or labels[cand] != label:
                     continue

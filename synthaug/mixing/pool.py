@@ -43,7 +43,6 @@ from synthaug.cache.codec import Label
 from synthaug.cache.liveness import dead_writer
 from synthaug.cache.store import SyntheticCache
 from synthaug.errors import GenerationWorkerError, SyntheticExhaustedError
-from synthaug.mixing.scan import read_labels
 
 __all__ = ["SyntheticPool", "NeedRecords", "ON_EXHAUSTED"]
 
@@ -183,7 +182,7 @@ class SyntheticPool:
         came in through a loaded state; ``None`` when it is gone or unreadable)."""
         label = self.labels.get(seq)
         if label is None:
-            found, _ = read_labels(self.cache, seq, seq + 1)
+            found, _ = self.cache.scan_labels(seq, seq + 1)
             label = found.get(seq)
         return label
 
@@ -269,7 +268,7 @@ class SyntheticPool:
             self._log(("pos", self.scan_pos))
             self.scan_pos = self._first
         start = self.scan_pos
-        labels, corrupt = read_labels(self.cache, start, start + self.scan_window)
+        labels, corrupt = self.cache.scan_labels(start, start + self.scan_window)
         if not labels and not corrupt:
             return 0
         if self.before_map is not None:

@@ -136,7 +136,7 @@ class RatioBatchSampler(Sampler):
     number of batches.
 
     Synthetic records (rule 3): fresh first — never handed to this consumer, oldest first —
-    then ``on_exhausted``. A rank takes only records with ``seq % num_replicas == rank``. The
+    then ``on_exhausted``. A rank takes only the records of its ``cache_shard`` (``seq % count == index``). The
     records added by a generation worker during an epoch are used in that epoch: every batch reads
     the cache's current contents. The cursor (all records below it handed out or skipped) is
     written to the cache's cursor table under ``consumer``, throttled. A new sampler (no state

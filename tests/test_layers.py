@@ -1,0 +1,97 @@
+"""The package's layers (docs/DESIGN.md, "Layers"): a lower layer never imports a higher one, and
+reading a cache does not pull in the heavy libraries."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Set
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "synthaug"
+
+# a package -> the synthaug packages/modules it must never import (directly or in a function)
+FORBIDDEN = {
+    "cache": {"data", "mixing", "generation", "finetune", "evaluation", "benchmarks", "cli", "demo", "builtin"},
+    "data": {"mixing", "generation", "finetune", "evaluation", "benchmarks", "cli", "demo", "builtin"},
+    "mixing": {"generation", "finetune", "evaluation", "benchmarks", "cli", "demo", "builtin"},
+    "errors": {"cache", "data", "mixing", "generation", "finetune", "evaluation", "benchmarks", "cli", "demo"},
+    "version": {"cache", "data", "mixing", "generation", "finetune", "evaluation", "benchmarks", "cli", "demo"},
+}
+
+
+def _synthaug_imports(path: Path) -> Set[str]:
+    """The ``synthaug.<first part>`` names a module imports, wherever the import stands."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if path.name == "__init__.py":
+        package += ".__init__"
+    found: Set[str] = set()
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                base = package.split(".")[: -node.level]
+                names = [".".join(base + ([node.module] if node.module else []))]
+            else:
+                names = [node.module or ""]
+            if names[0] == "synthaug":
+                names = [f"synthaug.{alias.name}" for alias in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "synthaug" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def _modules() -> Dict[str, Set[str]]:
+    return {
+        str(path.relative_to(PACKAGE.parent)): _synthaug_imports(path)
+        for path in sorted(PACKAGE.rglob("*.py"))
+    }
+
+
+def test_the_scan_sees_imports_of_every_form(tmp_path):
+    probe = PACKAGE / "cache" / "codec.py"  # known to import synthaug.errors at the top
+    assert "errors" in _synthaug_imports(probe)
+    assert "cache" in _synthaug_imports(PACKAGE / "mixing" / "dataset.py")
+    assert "cli" in _synthaug_imports(PACKAGE / "__main__.py")
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_a_lower_layer_imports_nothing_above_it(layer):
+    bad = {}
+    for module, imports in _modules().items():
+        parts = Path(module).with_suffix("").parts  # ("synthaug", layer, ...)
+        if parts[1] != layer:
+            continue
+        wrong = imports & FORBIDDEN[layer]
+        if wrong:
+            bad[module] = sorted(wrong)
+    assert not bad, f"{layer} imports a higher layer: {bad}"
+
+
+def test_nothing_outside_the_command_line_imports_it():
+    bad = [
+        module
+        for module, imports in _modules().items()
+        if "cli" in imports and Path(module).parts[1] not in ("cli", "__main__.py")
+    ]
+    assert not bad, f"these modules import synthaug.cli: {bad}"
+
+
+def test_reading_a_cache_imports_no_heavy_library(tmp_path):
+    code = (
+        "import sys, synthaug\n"
+        f"cache = synthaug.SyntheticCache({str(tmp_path / 'c.lmdb')!r})\n"
+        "cache.close()\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'peft', 'transformers', 'matplotlib') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "", f"import synthaug + SyntheticCache imported {out.stdout.strip()}"
