@@ -1,5 +1,6 @@
-"""The package's layers (docs/DESIGN.md, "Layers"): a lower layer never imports a higher one, and
-reading a cache does not pull in the heavy libraries."""
+"""The package's layers: cache, data, errors and version import nothing above them; mixing
+imports nothing of generation, finetune, evaluation, benchmarks or the CLI; only the CLI and
+``__main__`` import the CLI; and reading a cache does not pull in the heavy libraries."""
 
 from __future__ import annotations
 
