@@ -2,7 +2,7 @@
 two ways published pipelines mix synthetic images in.
 
 * ``ratio_batch_sampler`` (ours): batch i holds ``floor(q(i+1)) - floor(q i)`` synthetic items,
-  ``q = r·B`` (DESIGN.md, rule 2), on every rank of a DDP job.
+  ``q = r·B`` (docs/DESIGN.md, rule 2), on every rank of a DDP job.
 * ``coin_flip``: each sample is replaced by a synthetic one with probability r (how DA-Fusion,
   Diff-Mix and SaSPA mix): the count per batch is Binomial(B, r).
 * ``weighted_random_sampler``: ``torch.utils.data.WeightedRandomSampler`` over the real and

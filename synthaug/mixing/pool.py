@@ -1,4 +1,4 @@
-"""Which synthetic records one sampler hands out (DESIGN.md, mixing rules 3 and 4).
+"""Which synthetic records one sampler hands out (docs/DESIGN.md, mixing rules 3 and 4).
 
 A :class:`SyntheticPool` belongs to one consumer (one sampler on one rank). It reads record
 labels from the cache in windows, keeps only records of its shard (``seq % world == rank``) and

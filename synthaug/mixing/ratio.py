@@ -1,7 +1,7 @@
-"""Exact batch composition (DESIGN.md, mixing rules 1 and 2): ratios as fractions, the synthetic
+"""Exact batch composition (docs/DESIGN.md, mixing rules 1 and 2): ratios as fractions, the synthetic
 count of each batch, and how many batches an epoch holds.
 
-Notation (as in DESIGN.md): ``B`` batch size, ``r`` the synthetic ratio read as the nearest fraction
+Notation (as in docs/DESIGN.md): ``B`` batch size, ``r`` the synthetic ratio read as the nearest fraction
 with denominator at most 10**6, ``q = r·B``, ``N`` the length of this rank's shard of real indices.
 Everything here is integer arithmetic on ``r = a / b``; no float is ever rounded.
 

@@ -70,7 +70,7 @@ def _int_arg(value: Any, name: str, minimum: int) -> int:
 
 
 class RatioBatchSampler(Sampler):
-    """Yields batches that hold real and synthetic items at an exact ratio (DESIGN.md, "Mixing rules").
+    """Yields batches that hold real and synthetic items at an exact ratio (docs/DESIGN.md, "Mixing rules").
 
     Use it as a DataLoader's ``batch_sampler`` over a :class:`~synthaug.mixing.dataset.MixedDataset`.
     Each batch is a list: the real items first, as ``int`` indices into the real dataset, then the
