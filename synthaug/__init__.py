@@ -21,8 +21,8 @@ _EXPORTS = {
     "CacheFormatError": "synthaug.errors",
     "SyntheticExhaustedError": "synthaug.errors",
     "GenerationWorkerError": "synthaug.errors",
-    "load_generator": "synthaug.generation.base",
-    "generator_from_spec": "synthaug.generation.base",
+    "load_generator": "synthaug.generation.loading",
+    "generator_from_spec": "synthaug.generation.loading",
     "Generator": "synthaug.generation.base",
     "GeneratedBatch": "synthaug.generation.base",
     "GenerationWorker": "synthaug.generation.worker",
@@ -65,7 +65,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from synthaug.finetune import finetune_lora
     from synthaug.finetune.common import FinetuneConfig
     from synthaug.evaluation.quality import image_quality_report, write_quality_report
-    from synthaug.generation.base import GeneratedBatch, Generator, generator_from_spec, load_generator
+    from synthaug.generation.base import GeneratedBatch, Generator
+    from synthaug.generation.loading import generator_from_spec, load_generator
     from synthaug.generation.worker import GenerationWorker
     from synthaug.mixing.dataset import MixedDataset
     from synthaug.mixing.index import SyntheticIndex

@@ -35,6 +35,7 @@ from typing import Any, Dict, Union
 
 import numpy as np
 
+from synthaug.imaging import to_hwc_uint8
 from synthaug.version import __version__
 
 __all__ = [
@@ -68,8 +69,6 @@ def file_sha256(path: Union[str, os.PathLike]) -> str:
 def image_sha256(image) -> str:
     """Hex SHA-256 of an image's decoded pixels (uint8, shape included), so the same picture
     stored as PNG or JPEG-decoded-then-PNG, or read from an IDX file, hashes alike."""
-    from synthaug.imaging import to_hwc_uint8
-
     arr = np.ascontiguousarray(to_hwc_uint8(image))
     h = hashlib.sha256()
     h.update(repr(arr.shape).encode())

@@ -7,27 +7,61 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["image_grid", "save_image_grid", "to_hwc_uint8"]
+__all__ = ["GRAY_MODES", "image_grid", "pil_channels", "pil_to_array", "save_image_grid", "to_hwc_uint8"]
+
+#: PIL modes read as one gray channel (besides "I;16" and the other "I;" modes)
+GRAY_MODES = ("1", "L", "LA", "I", "F")
 
 
-def to_hwc_uint8(image) -> np.ndarray:
-    """A uint8 H×W×C array (C = 1 or 3) from a PIL image, an H×W(×C) array or a C×H×W tensor."""
-    if hasattr(image, "mode") and hasattr(image, "size"):  # PIL
-        image = np.asarray(image.convert("L" if image.mode in ("L", "1", "I", "F") else "RGB"))
-    elif type(image).__module__.startswith("torch"):
+def pil_channels(mode: str) -> int:
+    """1 for PIL's gray modes (``1``, ``L``, ``LA``, ``I``, ``I;16``..., ``F``), 3 for the rest."""
+    return 1 if mode in GRAY_MODES or mode.startswith("I;") else 3
+
+
+def pil_to_array(image, channels: Optional[int] = None) -> np.ndarray:
+    """A PIL image as uint8 H×W×C: C = ``channels`` (1 gray, 3 RGB), or by its mode (gray modes
+    stay one channel, every other mode, alpha and palettes included, becomes RGB)."""
+    channels = channels or pil_channels(image.mode)
+    arr = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def to_hwc_uint8(image, *, name: str = "image") -> np.ndarray:
+    """A uint8 H×W×C array (C = 1 or 3) from a PIL image, an H×W or H×W×C uint8 array (or nested
+    lists of one), or an H×W or C×H×W uint8 tensor: the one conversion every synthaug reader of
+    images uses.
+
+    Float images are refused, never rescaled: whether 1.0 means white or almost black is the
+    caller's to say. ``name`` names the image in errors (e.g. ``"image 3"``).
+
+    Raises:
+        ValueError: a dtype other than uint8, a shape that is no image, or another type.
+    """
+    if hasattr(image, "mode") and hasattr(image, "size") and hasattr(image, "convert"):  # PIL
+        return pil_to_array(image)
+    if type(image).__module__.startswith("torch") and hasattr(image, "numpy"):
+        if str(image.dtype) != "torch.uint8":
+            raise ValueError(
+                f"{name} is a {image.dtype} tensor; images must be uint8 (0..255). "
+                "Convert float images with (x * 255).round().clamp(0, 255).to(torch.uint8)."
+            )
+        if image.ndim not in (2, 3):
+            raise ValueError(f"{name} tensor must be H×W or C×H×W, got shape {tuple(image.shape)}")
         image = image.detach().cpu()
-        if image.ndim == 3:
-            image = image.permute(1, 2, 0)
-        image = image.numpy()
-        if image.dtype != np.uint8:
-            image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-    image = np.asarray(image)
+        image = (image if image.ndim == 2 else image.permute(1, 2, 0)).numpy()
+    elif isinstance(image, (list, tuple)):  # nested lists of pixel values
+        image = np.asarray(image)
+    elif not isinstance(image, np.ndarray):
+        raise ValueError(f"{name} is a {type(image).__name__}; expected a PIL image, numpy array or tensor")
+    if image.dtype != np.uint8:
+        raise ValueError(
+            f"{name} has dtype {image.dtype}; images must be uint8 (0..255). "
+            "Convert float images with (x * 255).round().clip(0, 255).astype(np.uint8)."
+        )
     if image.ndim == 2:
         image = image[:, :, None]
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
     if image.ndim != 3 or image.shape[2] not in (1, 3):
-        raise ValueError(f"expected an H×W, H×W×1 or H×W×3 image, got shape {image.shape} (drop the alpha channel of RGBA images)")
+        raise ValueError(f"{name} must be H×W or H×W×C with C = 1 or 3, got shape {image.shape} (drop the alpha channel of RGBA images)")
     return image
 
 

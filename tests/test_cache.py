@@ -434,7 +434,7 @@ def test_cli_reports_a_damaged_lmdb_file_in_one_line(tmp_path, capsys):
 
     path = tmp_path / "c"
     SyntheticCache(path).append(_images(2), 0)
-    import synthaug.cache.env as env_mod
+    import synthaug.cache.lmdb_env as env_mod
 
     for handle in list(env_mod._ENVS.values()):  # close this process's handle before damaging the file
         if handle.path == os.path.realpath(path):

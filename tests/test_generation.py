@@ -219,6 +219,29 @@ def test_bad_inputs_give_clear_errors(tiny_sd_dir, tiny_sd_adapter, tmp_path, mo
 
 
 # ---------------------------------------------------------------------------------- worker protocol
+def test_one_reading_of_a_model_source_for_generation_and_finetuning(tiny_sd_dir, tiny_sd_adapter, tiny_ddpm_dir, tmp_path):
+    from synthaug.builtin import resolve_builtin
+    from synthaug.generation.sources import resolve_source
+
+    builtin = resolve_source("builtin:fashion-mnist-ddpm")
+    assert (builtin.backend, builtin.ref, builtin.path, builtin.adapter) == ("pixel-ddpm", "builtin:fashion-mnist-ddpm", resolve_builtin("builtin:fashion-mnist-ddpm"), None)
+    assert resolve_source(tiny_ddpm_dir).backend == "pixel-ddpm"
+    assert resolve_source(tiny_sd_dir) == resolve_source(tiny_sd_dir, adapters=False)
+    assert resolve_source(tiny_sd_dir).backend == "stable-diffusion"
+    adapter = resolve_source(tiny_sd_adapter)
+    assert (adapter.backend, adapter.adapter) == ("stable-diffusion", Path(tiny_sd_adapter))
+    assert adapter.ref == json.loads((Path(tiny_sd_adapter) / "synthaug.json").read_text())["base_model"]
+    assert resolve_source("org/model") == resolve_source("org/model", adapters=False)
+    assert resolve_source("org/model").path == "org/model"
+    with pytest.raises(ValueError, match="is a synthaug adapter; fine-tune its base model instead"):
+        resolve_source(tiny_sd_adapter, adapters=False)  # finetune_lora's reading
+    (tmp_path / "f.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"model .*f.bin is a file"):
+        resolve_source(tmp_path / "f.bin", what="model")
+    with pytest.raises(FileNotFoundError, match=r"model source './nowhere' not found"):
+        resolve_source("./nowhere")
+
+
 def test_worker_keeps_min_fresh_within_max_items(tmp_path):
     cache = SyntheticCache(tmp_path / "c")
     worker = GenerationWorker(cache, PatternGenerator(), min_fresh=12, max_items=20, batch_size=4, seed=100, poll_interval=0.02)

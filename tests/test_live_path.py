@@ -379,7 +379,7 @@ def test_a_cache_destructor_run_by_the_garbage_collector_inside_open_does_not_de
     code = f"""
 import faulthandler, gc, sys
 faulthandler.dump_traceback_later(20, exit=True)
-import synthaug, synthaug.cache.env as envmod
+import synthaug, synthaug.cache.lmdb_env as envmod
 a, b = {str(tmp_path / "a")!r}, {str(tmp_path / "b")!r}
 synthaug.SyntheticCache(a).close()
 class Holder:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from synthaug.data.fashion_mnist import FashionMNIST
 from synthaug.environment import collect_env
 
 __all__ = [
@@ -105,8 +106,6 @@ def realistic_images(n: int, size: int, channels: int, seed: int = 0, photo: Opt
     rng = np.random.default_rng(seed)
     if channels == 1 and size == 28 and photo is None:
         try:
-            from synthaug.data.fashion_mnist import FashionMNIST
-
             data = FashionMNIST(train=False).data.numpy()
             return data[rng.integers(0, len(data), n)][..., None].copy()
         except FileNotFoundError:

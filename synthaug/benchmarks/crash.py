@@ -43,6 +43,9 @@ Every bad count must be 0; ``main`` exits with status 1 otherwise and keeps the 
 caches and the writer's and readers' logs) for the evidence.
 
     python benchmarks/crash.py [--kills 200] [--seed 0] [--quick] [--readers 2] [--workdir DIR] [--out DIR]
+
+One concept in one module (longer than the ~600 lines the project aims at, on purpose): the
+campaign, whose writer and reader processes run this same file.
 """
 
 from __future__ import annotations
@@ -67,11 +70,18 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+import synthaug.cache
+from synthaug.benchmarks.common import print_table, write_result
+from synthaug.cache.store import SyntheticCache
+from synthaug.errors import CacheFormatError, CorruptRecordError
+from synthaug.outputs import output_dir
+
 __all__ = ["run", "main", "Lane", "default_lanes", "image_for", "label_for", "record_hash", "cache_code_fingerprint", "BAD_COUNTS"]
 
 INITIAL_MAP_SIZE = 64 * 1024
 ENCODINGS = ("raw", "png")
 QUICK_KILLS = 20
+_WORKDIR_HINT = "give a new or empty folder for the caches and logs"
 DEFAULT_KILLS = 200
 LANE_SEED_STRIDE = 1_000_000_000  # lane i's seeds are seed + i·10⁹ + q: disjoint between lanes
 _READY_TIMEOUT_S = 60.0
@@ -165,8 +175,6 @@ def cache_code_fingerprint() -> Dict[str, str]:
     """sha256 (first 12 hex) of each module of :mod:`synthaug.cache`: the code every writer and
     reader process imports when it starts. Compared before and after the campaign, since a
     writer restarted after an edit runs the edited code."""
-    import synthaug.cache
-
     folder = Path(synthaug.cache.__file__).parent
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:12] for f in sorted(folder.glob("*.py"))}
 
@@ -178,8 +186,6 @@ def _lanes_from_json(text: str) -> List[Lane]:
 # ---------------------------------------------------------------------------------------- writer
 def writer_main(lanes: Sequence[Lane], run_index: int, seed: int) -> None:
     """The writer process: append forever, announcing each append before and after (never returns)."""
-    from synthaug.cache.store import SyntheticCache
-
     rng = random.Random(f"crash-writer-{seed}-{run_index}")
     caches: Dict[str, Dict[str, SyntheticCache]] = {}
     for lane in lanes:
@@ -217,9 +223,6 @@ def writer_main(lanes: Sequence[Lane], run_index: int, seed: int) -> None:
 def _open_reader(lane: Lane):
     """The lane's cache opened read-only with a tiny map (so every growth is adopted), or
     ``None`` while the writer has not created it yet."""
-    from synthaug.cache.store import SyntheticCache
-    from synthaug.errors import CacheFormatError
-
     try:
         return SyntheticCache(lane.path, readonly=True, map_size=4096)
     except (FileNotFoundError, CacheFormatError):
@@ -550,9 +553,6 @@ class _Campaign:
     # ------------------------------------------------------------------ checks
     def check_lane(self, lane: Lane) -> Optional[int]:
         """Check one lane's cache against everything known of it; returns its last stored seq."""
-        from synthaug.cache.store import SyntheticCache
-        from synthaug.errors import CacheFormatError, CorruptRecordError
-
         led = self.ledgers[lane.name]
         reported = sum(b - a + 1 for a, b in led.reported)
         try:
@@ -672,8 +672,6 @@ def run(kills: int = DEFAULT_KILLS, *, seed: int = 0, quick: bool = False, reade
     """
     from tqdm.auto import tqdm
 
-    from synthaug.benchmarks.common import print_table, write_result
-
     if kills < 1:
         raise ValueError(f"kills must be >= 1, got {kills}")
     if readers < 0:
@@ -681,9 +679,7 @@ def run(kills: int = DEFAULT_KILLS, *, seed: int = 0, quick: bool = False, reade
     own_tmp = workdir is None
     folder = Path(tempfile.mkdtemp(prefix="synthaug-crash-")) if own_tmp else Path(workdir)
     if not own_tmp:
-        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-            raise ValueError(f"--workdir {folder} exists and is not an empty folder; give a new or empty folder for the caches and logs")
-        folder.mkdir(parents=True, exist_ok=True)
+        output_dir(folder, what="--workdir", hint=_WORKDIR_HINT)
     lanes = default_lanes(folder, seed)
     camp = _Campaign(lanes, folder, seed, readers)
     code_before = cache_code_fingerprint()
@@ -770,9 +766,6 @@ def run(kills: int = DEFAULT_KILLS, *, seed: int = 0, quick: bool = False, reade
 
 
 def _final_stats(lane: Lane) -> Dict[str, Any]:
-    from synthaug.cache.store import SyntheticCache
-    from synthaug.errors import CacheFormatError
-
     try:
         with SyntheticCache(lane.path, readonly=True, map_size=4096) as cache:
             return cache.stats()
@@ -841,8 +834,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         p.error(f"--kills must be at least 1, got {kills}")
     if args.readers < 0:
         p.error(f"--readers must be 0 or more, got {args.readers}")
-    if args.workdir and Path(args.workdir).exists() and (not Path(args.workdir).is_dir() or any(Path(args.workdir).iterdir())):
-        p.error(f"--workdir {args.workdir} exists and is not an empty folder; give a new or empty folder")
+    if args.workdir:
+        try:  # refused here, before the campaign starts, with the usage line
+            output_dir(args.workdir, what="--workdir", hint=_WORKDIR_HINT)
+        except FileExistsError as exc:
+            p.error(str(exc))
     result = run(kills, seed=args.seed, quick=args.quick, readers=args.readers, workdir=args.workdir, out=args.out,
                  progress=not args.no_progress)
     if not result["ok"]:

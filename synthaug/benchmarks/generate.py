@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from synthaug.benchmarks.common import interleaved, print_table, rate, write_result
+from synthaug.generation.base import dtype_kwargs
+from synthaug.generation.loading import load_generator
+from synthaug.generation.sd import StableDiffusionGenerator
 
 __all__ = [
     "run", "main", "compare_sd", "write_random_sd_pipeline", "write_sd15_random_pipeline", "GPU_CONFIGS",
@@ -169,8 +172,6 @@ def write_random_sd_pipeline(folder: Path, arch: str = "sd15", seed: int = 0) ->
 
 # ---------------------------------------------------------------------------------- CPU: pixel DDPM
 def _cpu_rows(model: str, quick: bool, repeats: int) -> List[Dict[str, Any]]:
-    from synthaug.generation.base import load_generator
-
     label = 0
     steps = 4 if quick else 40
     fast_steps = 2 if quick else 20
@@ -225,9 +226,6 @@ def compare_sd(
     steps and guidance. One row per configuration, the default first."""
     import torch
     from diffusers import StableDiffusionPipeline
-
-    from synthaug.generation.base import dtype_kwargs
-    from synthaug.generation.sd import StableDiffusionGenerator
 
     def sync() -> None:
         if device.startswith("cuda"):

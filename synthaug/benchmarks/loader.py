@@ -27,6 +27,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from synthaug.benchmarks.common import interleaved, print_table, rate, realistic_images, write_result
+from synthaug.cache.store import SyntheticCache
+from synthaug.data.fashion_mnist import FashionMNIST
+from synthaug.mixing import MixedDataset, RatioBatchSampler
 
 __all__ = ["run", "main"]
 
@@ -61,8 +64,6 @@ def _real_dataset(size: int, channels: int, n: int):
     if size == 28 and channels == 1:
         try:
             from torch.utils.data import Subset
-
-            from synthaug.data.fashion_mnist import FashionMNIST
 
             return Subset(FashionMNIST(train=True), range(n))
         except FileNotFoundError:
@@ -107,9 +108,6 @@ def run(
 def _run(quick, repeats, batches, configs, ratios, workers, n_real) -> Dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader, Subset
-
-    from synthaug.cache.store import SyntheticCache
-    from synthaug.mixing import MixedDataset, RatioBatchSampler
 
     rows: List[Dict[str, Any]] = []
     headline: Dict[str, float] = {}

@@ -30,6 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from synthaug.benchmarks.common import print_table, write_result
+from synthaug.cache.store import SyntheticCache
+from synthaug.mixing import MixedDataset, RatioBatchSampler, is_synthetic
 
 __all__ = ["run", "main", "METHODS"]
 
@@ -51,8 +53,6 @@ class _Real:
 
 
 def _ours(mixed, r: float, batch_size: int, epochs: int, rank: int, world: int) -> List[int]:
-    from synthaug.mixing import RatioBatchSampler, is_synthetic
-
     sampler = RatioBatchSampler(mixed, batch_size=batch_size, synthetic_ratio=r, seed=0, num_replicas=world, rank=rank,
                                 consumer=f"ratio-bench-{r}-{rank}-of-{world}")
     counts, sizes = [], []
@@ -100,9 +100,6 @@ def _row(method: str, r: float, rank: int, counts: Sequence[int], sizes: Sequenc
 
 def run(quick: bool = False, *, ratios: Sequence[float] = (0.1, 0.25, 0.5), batch_size: int = 64, n_real: int = 9030,
         pool: int = 2000, epochs: Optional[int] = None, world: int = 2, out: Optional[str] = None) -> Dict[str, Any]:
-    from synthaug.cache.store import SyntheticCache
-    from synthaug.mixing import MixedDataset
-
     epochs = epochs or (1 if quick else 3)
     if quick:
         n_real, pool = min(n_real, 2000), min(pool, 200)

@@ -50,7 +50,10 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+import synthaug
+from synthaug.benchmarks.common import print_table, write_result
 from synthaug.generation.base import GeneratedBatch, Generator, per_image_seeds
+from synthaug.mixing import is_synthetic
 
 __all__ = ["run", "main", "StampGenerator", "RealStandIn", "expected_image", "item_is_right", "stamp_of", "BAD_COUNTS"]
 
@@ -126,8 +129,6 @@ def item_is_right(index, image: np.ndarray, target: int, mixed) -> bool:
     """Whether a loaded item is exactly what the sampler drew at its position: for a synthetic
     index, the record it names (the stamp), with that record's pixels and its label mapped into
     the real dataset's classes; for a real index, that real item."""
-    from synthaug.mixing import is_synthetic
-
     if is_synthetic(index):
         return (
             stamp_of(image) == index.seq
@@ -169,9 +170,6 @@ def _train(cache_path: str, cfg: Dict[str, Any], seconds: float, out: str) -> No
     import torch
 
     from torch.utils.data import DataLoader
-
-    import synthaug
-    from synthaug.mixing import is_synthetic
 
     torch.set_num_threads(1)
     # 4 workers per trainer on a machine of fewer cores is the point (8 readers); say it once, here
@@ -225,8 +223,6 @@ def _train(cache_path: str, cfg: Dict[str, Any], seconds: float, out: str) -> No
 def run(*, seconds: float = DEFAULT_SECONDS, max_items: int = 96, min_fresh: int = 48, worker_delay: float = 0.02,
         workdir: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
     """Run the soak for ``seconds``; returns the report (see the module docstring)."""
-    import synthaug
-
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="synthaug-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     cache = synthaug.SyntheticCache(work / "cache.lmdb", sync=False)
@@ -302,8 +298,6 @@ def run(*, seconds: float = DEFAULT_SECONDS, max_items: int = 96, min_fresh: int
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    from synthaug.benchmarks.common import print_table, write_result
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=None, help=f"how long the trainers train (default {DEFAULT_SECONDS}; --quick: {QUICK_SECONDS})")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_SECONDS} s (what the test suite runs)")

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from synthaug.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
+from synthaug.finetune.common import check_plain_state, load_plain_state
 
 __all__ = ["PretrainConfig", "UNET_CONFIG", "SCHEDULER_CONFIG", "GENERATION_DEFAULTS", "build_unet", "pretrain"]
 
@@ -148,8 +149,6 @@ def _atomic_torch_save(obj: Dict[str, Any], path: Path) -> None:
     Raises:
         TypeError: ``obj`` holds another kind of object (checked before anything is written).
     """
-    from synthaug.finetune.common import check_plain_state
-
     check_plain_state(obj, "checkpoint.pt")
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -163,8 +162,6 @@ def _load_checkpoint(path: Path) -> Dict[str, Any]:
         ValueError: the file holds pickled objects (an older version of this script's checkpoint,
             or not one of its checkpoints); it is refused rather than unpickled.
     """
-    from synthaug.finetune.common import load_plain_state
-
     return load_plain_state(path, fix=f"delete {path} to train from step 0, or pass another --out")
 
 

@@ -3,7 +3,7 @@
 One writer and many readers (DataLoader workers, DDP ranks, other processes) share one cache
 directory. Each ``append`` is one write transaction: a killed writer leaves every committed record
 intact and no partial one. Reads use short transactions, and the environment is opened lazily in
-each process that uses it (see :mod:`synthaug.cache.env`), so a cache object may be handed to
+each process that uses it (see :mod:`synthaug.cache.lmdb_env`), so a cache object may be handed to
 forked or spawned workers.
 
 Layout (named databases of one LMDB environment):
@@ -18,6 +18,9 @@ Layout (named databases of one LMDB environment):
   yet, or keeps served ones to reuse). Writers evict only records below every live consumer's
   ``hold``; ``meta["evict_request"]`` is how a writer that needs room asks consumers to raise it.
   See docs of :meth:`SyntheticCache.set_cursor` and :meth:`SyntheticCache.supply`.
+
+One concept in one module (longer than the ~600 lines the project aims at, on purpose): the
+``SyntheticCache`` class, whose methods share its environment handle and its transaction rules.
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from synthaug.cache import codec
+from synthaug.cache import codec, liveness
 from synthaug.cache.codec import Encoding, Label, Record
-from synthaug.cache import liveness
-from synthaug.cache.env import EnvHandle, NotCreatedYetError, acquire_env, release_env
+from synthaug.cache.lmdb_env import EnvHandle, NotCreatedYetError, acquire_env, release_env
+from synthaug.cache.writers import seed_block
 from synthaug.errors import CacheFormatError, CorruptRecordError
 from synthaug.version import __version__
 
@@ -657,8 +660,7 @@ class SyntheticCache:
             held = min(int(c.get("hold", c.get("next_seq", 0))) for c in cursors.values())
         else:
             handed, held = 0, (next_seq if evict_unheld else first)
-        # Sequence numbers are dense from first to next_seq - 1: eviction removes only the oldest.
-        fresh = max(0, next_seq - max(first, handed)) if count else 0
+        fresh = _fresh(count, first, next_seq, handed)
         evictable = max(0, min(held, next_seq) - first) if count else 0
         return {
             "count": count,
@@ -684,7 +686,7 @@ class SyntheticCache:
         with handle.read() as txn:
             start = self._cursors(txn, handle).get(consumer, {}).get("next_seq", 0)
             sup = self._supply(txn, handle, evict_unheld=False)
-        return max(0, sup["next_seq"] - max(start, sup["first_seq"])) if sup["count"] else 0
+        return _fresh(sup["count"], sup["first_seq"], sup["next_seq"], start)
 
     def bounds(self) -> Tuple[int, int, int]:
         """``(first_seq, next_seq, evict_request)`` in one short read: the oldest stored record
@@ -703,8 +705,6 @@ class SyntheticCache:
         see :mod:`synthaug.cache.writers`). ``time`` is always the time of this write (a failure
         written on a dead worker's behalf carries the time it was detected); ``pid``, ``host``
         and ``pid_start`` are this process's unless ``info`` names the writer."""
-        from synthaug.cache.writers import seed_block
-
         value = {**liveness.identity(), **info, "time": time.time()}
         key = _HEARTBEAT_PREFIX + str(seed_block(int(value.get("seed") or 0))).encode()
         handle = self._env()
@@ -853,6 +853,13 @@ class SyntheticCache:
         except Exception:
             n = "?"
         return f"SyntheticCache({str(self._path)!r}, count={n}, encoding={self.encoding!r})"
+
+
+def _fresh(count: int, first_seq: int, next_seq: int, handed: int) -> int:
+    """The fresh-count rule: the stored records at or after ``handed`` (a consumer's cursor, or
+    the smallest live one; 0 when no consumer has one, so every record is fresh). Sequence
+    numbers are dense from ``first_seq`` to ``next_seq - 1``: eviction removes only the oldest."""
+    return max(0, next_seq - max(first_seq, handed)) if count else 0
 
 
 def _delete_oldest(txn, rec_db, n: int):

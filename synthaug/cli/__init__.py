@@ -13,6 +13,7 @@ import sys
 import traceback
 from typing import List, Optional
 
+from synthaug.errors import SynthaugError
 from synthaug.version import __version__
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
@@ -40,7 +41,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from synthaug.errors import SynthaugError
 
     try:
         result = args.func(args)

@@ -6,12 +6,12 @@ import argparse
 import json
 import warnings
 
+from synthaug.finetune import finetune_lora
+
 __all__ = ["register"]
 
 
 def run(args: argparse.Namespace) -> int:
-    from synthaug.finetune import finetune_lora
-
     settings = {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,

@@ -15,6 +15,12 @@ import signal
 import time
 from typing import Any, Dict
 
+from synthaug.cache.store import SyntheticCache
+from synthaug.cache.writers import SEED_BLOCK, WriterLock
+from synthaug.generation.fill import fill_cache
+from synthaug.generation.loading import load_generator
+from synthaug.generation.stopping import StopSignal
+
 __all__ = ["register", "add_generator_arguments", "add_seed_arguments", "generator_source", "generator_overrides", "HelpFormatter"]
 
 
@@ -84,9 +90,6 @@ def generator_overrides(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from synthaug.cache.store import SyntheticCache
-    from synthaug.cache.writers import SEED_BLOCK, WriterLock
-
     if args.count < 1:
         raise ValueError(f"--count must be >= 1, got {args.count}")
     if args.seed < 0:
@@ -106,50 +109,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace, cache, source: str, seed: int) -> int:
-    from tqdm.auto import tqdm
-
-    from synthaug.generation.base import load_generator
-    from synthaug.generation.worker import _Stop, _StopSignal
-
     t_load = time.perf_counter()
     generator = load_generator(source, **generator_overrides(args))
     t_load = time.perf_counter() - t_load
     if getattr(generator, "label_names", None) and cache.label_names is None:
         cache.set_label_names(generator.label_names)
-    chunk = max(1, int(getattr(generator, "batch_size", None) or args.batch_size or 8))
-    stop = _StopSignal()
+    stop = StopSignal()
     old_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     stop.install()  # Ctrl-C / SIGTERM: finish the append in progress, then stop
-    written, first_seq, last_seq = 0, None, None
-    t0 = time.perf_counter()
-    bar = tqdm(total=args.count, desc="generate", unit="img", dynamic_ncols=True)
-    interrupted = False
     try:
-        while written < args.count:
-            k = min(chunk, args.count - written)
-            next_seq = cache.stats()["next_seq"]
-            batch = generator.generate(k, seed + next_seq)
-            with stop.critical():
-                seqs = cache.append(batch.images, batch.labels, batch.meta)
-            first_seq = seqs[0] if first_seq is None else first_seq
-            last_seq = seqs[-1]
-            written += k
-            bar.update(k)
-    except (_Stop, KeyboardInterrupt):
-        interrupted = True
+        result = fill_cache(generator, cache, args.count, seed=seed, batch_size=args.batch_size, stop=stop, progress=True)
     finally:
-        bar.close()
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
-    elapsed = time.perf_counter() - t0
-    where = f"seq {first_seq}..{last_seq}, seeds {seed + first_seq}..{seed + last_seq}" if written else "nothing"
-    rate = written / elapsed if elapsed > 0 else 0.0
-    verb = "interrupted after writing" if interrupted else "wrote"
+    seqs = result.seqs
+    where = f"seq {seqs[0]}..{seqs[-1]}, seeds {seed + seqs[0]}..{seed + seqs[-1]}" if seqs else "nothing"
+    verb = "interrupted after writing" if result.interrupted else "wrote"
     print(
-        f"synthaug generate: {verb} {written} images ({where}) from {source} to {cache.path} "
-        f"in {elapsed:.1f} s ({rate:.2f} images/s; model load {t_load:.1f} s); cache holds {len(cache)}"
+        f"synthaug generate: {verb} {result.written} images ({where}) from {source} to {cache.path} "
+        f"in {result.seconds:.1f} s ({result.images_per_s:.2f} images/s; model load {t_load:.1f} s); cache holds {len(cache)}"
     )
-    return 130 if interrupted else 0
+    return 130 if result.interrupted else 0
 
 
 def register(sub) -> None:

@@ -13,16 +13,16 @@ from __future__ import annotations
 import argparse
 import signal
 
+from synthaug.cache.store import SyntheticCache
+from synthaug.cache.writers import SEED_BLOCK
+from synthaug.cli.generate import HelpFormatter, add_generator_arguments, add_seed_arguments, generator_overrides, generator_source
+from synthaug.generation.worker import run_worker
+
 __all__ = ["register"]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
-
-    from synthaug.cache.store import SyntheticCache
-    from synthaug.cache.writers import SEED_BLOCK
-    from synthaug.cli.generate import generator_overrides, generator_source
-    from synthaug.generation.worker import run_worker
 
     source = generator_source(args)
     spec = {"source": source, "overrides": generator_overrides(args)}
@@ -57,8 +57,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from synthaug.cli.generate import HelpFormatter, add_generator_arguments, add_seed_arguments
-
     p = sub.add_parser(
         "worker",
         help="keep a cache topped up with fresh synthetic images (foreground)",

@@ -9,6 +9,8 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
+from synthaug.imaging import pil_to_array
+
 __all__ = ["IMAGE_EXTENSIONS", "LoadedImages", "list_image_files", "load_image_folder", "read_image"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".pgm", ".ppm")
@@ -46,9 +48,7 @@ def read_image(path: Union[str, os.PathLike], *, channels: Optional[int] = None)
 
     with Image.open(path) as pil:
         pil.load()
-        mode = {1: "L", 3: "RGB"}.get(channels) or ("L" if pil.mode in ("L", "1", "I;16", "I", "F", "LA") else "RGB")
-        arr = np.asarray(pil.convert(mode))
-    return arr[:, :, None] if arr.ndim == 2 else arr
+        return pil_to_array(pil, channels)
 
 
 def load_image_folder(folder: Union[str, os.PathLike], *, channels: Optional[int] = None) -> LoadedImages:

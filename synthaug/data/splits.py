@@ -14,6 +14,8 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
+from synthaug.imaging import to_hwc_uint8
+
 __all__ = ["FewShotSplit", "class_index", "few_shot_split", "targets_of", "write_images"]
 
 
@@ -101,8 +103,6 @@ def few_shot_split(dataset, rare_class: Union[str, int], *, shots: int, per_clas
 def write_images(dataset, indices: Sequence[int], folder: Union[str, os.PathLike], *, prefix: str = "img") -> List[Path]:
     """Save ``dataset[i]`` images (PIL or uint8 arrays) as PNG files ``{prefix}_{i:06d}.png``."""
     from PIL import Image
-
-    from synthaug.imaging import to_hwc_uint8
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -747,29 +747,25 @@ def _seed_adapter(cfg: SweepConfig, data: StudyData, seed: int, rare_idx, seed_d
 
 def _prefill(cfg: SweepConfig, data: StudyData, seed: int, adapter: Path, seed_dir: Path, log, progress: bool):
     """This seed's synthetic pool: ``synthetic_images`` images from ``adapter``, labelled as the rare class."""
-    from tqdm.auto import tqdm
-
     from synthaug.cache.store import SyntheticCache
-    from synthaug.generation.base import load_generator
+    from synthaug.generation.fill import fill_cache
+    from synthaug.generation.loading import load_generator
 
     cache = SyntheticCache(seed_dir / "synthetic.lmdb", label_names=data.classes)
     missing = cfg.synthetic_images - len(cache)
     if missing <= 0:
         return cache
-    t0 = time.time()
-    base_seed = seed * 1_000_000
+    mode = "L" if data.channels == 1 else "RGB"
+
+    def to_study_size(image):
+        if data.prepare is None and image.shape[:2] == (data.size, data.size):
+            return image
+        return np.asarray(_resize(image, data.size, mode))
+
     with load_generator(adapter, **_gen_overrides(cfg)) as gen:
-        with tqdm(total=cfg.synthetic_images, initial=len(cache), desc=f"generate seed {seed}", unit="img", disable=not progress, leave=False, dynamic_ncols=True) as bar:
-            while len(cache) < cfg.synthetic_images:
-                k = min(32, cfg.synthetic_images - len(cache))
-                next_seq = cache.stats()["next_seq"]
-                batch = gen.generate(k, base_seed + next_seq)
-                images = batch.images
-                if data.prepare is not None or np.asarray(images[0]).shape[:2] != (data.size, data.size):
-                    images = [np.asarray(_resize(im, data.size, "L" if data.channels == 1 else "RGB")) for im in images]
-                cache.append(images, data.rare, batch.meta)
-                bar.update(k)
-    log(f"seed {seed}: generated {missing} synthetic '{data.classes[data.rare]}' images in {time.time() - t0:.0f} s ({missing / max(time.time() - t0, 1e-9):.1f} images/s)")
+        done = fill_cache(gen, cache, missing, seed=seed * 1_000_000, label=data.rare, transform=to_study_size, batch_size=32,
+                          progress=progress, desc=f"generate seed {seed}", leave=False)
+    log(f"seed {seed}: generated {done.written} synthetic '{data.classes[data.rare]}' images in {done.seconds:.0f} s ({done.images_per_s:.1f} images/s)")
     return cache
 
 

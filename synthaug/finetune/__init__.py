@@ -6,7 +6,10 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from synthaug.finetune.common import FinetuneConfig
+from synthaug.finetune.common import FinetuneConfig, load_training_images, prepare_output_dir
+from synthaug.finetune.ddpm import finetune_pixel_ddpm, resolve_label
+from synthaug.finetune.sd import check_settings, finetune_stable_diffusion
+from synthaug.generation.sources import resolve_source
 
 __all__ = ["FinetuneConfig", "finetune_lora"]
 
@@ -39,27 +42,17 @@ def finetune_lora(
     Returns:
         ``out``, ready for ``synthaug.load_generator(out)``.
     """
-    from synthaug.finetune.common import load_training_images, prepare_output_dir, resolve_model_source
-
     if config is not None and settings:
         raise TypeError("pass either config= or individual settings, not both")
     cfg = config or FinetuneConfig.from_kwargs(**settings)
     cfg.check()
-    source = resolve_model_source(model)
+    source = resolve_source(model, adapters=False, what="model")
     train = load_training_images(images, min_images=cfg.min_images)  # checked before `out` is touched
     if source.backend == "pixel-ddpm":
-        from synthaug.finetune.ddpm import resolve_label
-
         resolve_label(source, cfg)
     else:
-        from synthaug.finetune.sd import check_settings
-
         check_settings(source, cfg)
     out = prepare_output_dir(out, resume=resume, overwrite=overwrite)
     if source.backend == "pixel-ddpm":
-        from synthaug.finetune.ddpm import finetune_pixel_ddpm
-
         return finetune_pixel_ddpm(source, train, out, cfg, resume=resume, progress=progress)
-    from synthaug.finetune.sd import finetune_stable_diffusion
-
     return finetune_stable_diffusion(source, train, out, cfg, resume=resume, progress=progress)

@@ -21,13 +21,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from synthaug.adapter import image_sha256
+from synthaug.data.folders import load_image_folder
+from synthaug.outputs import output_dir
+
 __all__ = [
     "FinetuneConfig",
-    "ModelSource",
     "TrainingImages",
     "load_training_images",
     "prepare_output_dir",
-    "resolve_model_source",
     "step_generator",
     "CheckpointManager",
     "check_plain_state",
@@ -128,44 +130,6 @@ class FinetuneConfig:
 
 
 @dataclass
-class ModelSource:
-    """A resolved base model: its backend, its folder (or hub id) and how provenance names it."""
-
-    backend: str  # "pixel-ddpm" | "stable-diffusion"
-    ref: str  # as the user named it (builtin:..., folder, hub id)
-    path: Union[Path, str]
-
-
-def resolve_model_source(model: Union[str, os.PathLike]) -> ModelSource:
-    """Which backend trains ``model``.
-
-    Raises:
-        ValueError: unknown ``builtin:`` name, or a folder that is no model.
-        FileNotFoundError: a path that does not exist (and is no hub id).
-    """
-    from synthaug.builtin import BUILTIN_PREFIX, resolve_builtin
-    from synthaug.generation.base import _looks_like_hub_id
-
-    ref = str(model)
-    if ref.startswith(BUILTIN_PREFIX):
-        return ModelSource("pixel-ddpm", ref, resolve_builtin(ref))
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        if (path / "synthaug_model.json").is_file():
-            return ModelSource("pixel-ddpm", ref, path)
-        if (path / "model_index.json").is_file():
-            return ModelSource("stable-diffusion", ref, path)
-        if (path / "synthaug.json").is_file():
-            raise ValueError(f"{path} is a synthaug adapter; fine-tune its base model instead (see its synthaug.json)")
-        raise ValueError(f"{path} is not a model folder (no model_index.json or synthaug_model.json)")
-    if path.exists():
-        raise ValueError(f"model {path} is a file; give a model folder, a hub id, or builtin:<name>")
-    if _looks_like_hub_id(ref):
-        return ModelSource("stable-diffusion", ref, ref)
-    raise FileNotFoundError(f"model {ref!r} not found: no such folder, and not a hub id (org/name) or builtin:<name>")
-
-
-@dataclass
 class TrainingImages:
     """The real images a LoRA is trained on, with their provenance records."""
 
@@ -184,9 +148,6 @@ def load_training_images(folder: Union[str, os.PathLike], *, min_images: int) ->
         FileNotFoundError / ValueError: missing or empty folder, no readable image, fewer than
             ``min_images`` images (warns below 20, the method's intended minimum).
     """
-    from synthaug.adapter import image_sha256
-    from synthaug.data.folders import load_image_folder
-
     loaded = load_image_folder(folder)
     if len(loaded) < min_images:
         raise ValueError(
@@ -209,21 +170,17 @@ def prepare_output_dir(out: Union[str, os.PathLike], *, resume: bool, overwrite:
     otherwise refused, so a trained adapter is never lost silently.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()):
-        is_adapter = (out / "synthaug.json").is_file() or (out / "checkpoints").is_dir()
-        if resume and is_adapter:
-            return out
-        if overwrite:
-            shutil.rmtree(out)
-        elif not is_adapter:
-            raise FileExistsError(f"output folder {out} exists and is not a synthaug adapter; choose another folder or pass --overwrite")
-        else:
-            raise FileExistsError(f"{out} already holds an adapter; pass --resume to continue it or --overwrite to replace it")
-    if resume and not (out / "checkpoints").is_dir():
-        raise FileNotFoundError(f"--resume given but {out} holds no checkpoints to resume from")
-    out.mkdir(parents=True, exist_ok=True)
+    holds_adapter = (out / "synthaug.json").is_file() or (out / "checkpoints").is_dir()
+    if resume and holds_adapter:
+        return out
+    nothing_to_resume = FileNotFoundError(f"--resume given but {out} holds no checkpoints to resume from")
+    if resume and not out.exists():
+        raise nothing_to_resume
+    hint = ("it already holds an adapter; pass --resume to continue it or --overwrite to replace it" if holds_adapter
+            else "it is not a synthaug adapter; choose another folder or pass --overwrite")
+    output_dir(out, overwrite=overwrite, empty=True, hint=hint)
+    if resume:  # an empty folder, or one --overwrite just emptied
+        raise nothing_to_resume
     return out
 
 

@@ -16,10 +16,10 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
+from synthaug.adapter import ADAPTER_WEIGHTS, file_sha256, write_adapter_config
 from synthaug.finetune.common import (
     CheckpointManager,
     FinetuneConfig,
-    ModelSource,
     TrainingImages,
     to_gray,
     noise_prediction_loss,
@@ -28,6 +28,10 @@ from synthaug.finetune.common import (
     step_generator,
     write_training_log,
 )
+from synthaug.generation.base import default_device
+from synthaug.generation.ddpm import make_scheduler, model_generation_settings, sample_pixel_ddpm
+from synthaug.generation.sources import ModelSource
+from synthaug.imaging import save_image_grid
 
 __all__ = ["finetune_pixel_ddpm", "resolve_label", "PIXEL_TARGET_MODULES"]
 
@@ -54,7 +58,6 @@ def _canvas(images: List[np.ndarray], size: int, crop) -> "torch.Tensor":
 def generation_defaults(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The generation settings an adapter of this model records: sampler, steps and guidance as
     the generator would use them for the bare model."""
-    from synthaug.generation.ddpm import model_generation_settings
 
     settings = model_generation_settings(model_cfg)
     return {k: settings[k] for k in ("num_inference_steps", "guidance_scale", "scheduler")}
@@ -62,8 +65,6 @@ def generation_defaults(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 def _validation_grid(unet, model_dir: Path, label: int, null_class: int, size: int, crop, real: List[np.ndarray], steps: int, path: Path,
                      generation: Dict[str, Any]) -> None:
-    from synthaug.generation.ddpm import make_scheduler, sample_pixel_ddpm
-    from synthaug.imaging import save_image_grid
 
     was_training = unet.training
     unet.eval()
@@ -118,8 +119,6 @@ def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, c
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from synthaug.adapter import ADAPTER_WEIGHTS, file_sha256, write_adapter_config
-    from synthaug.generation.base import default_device
 
     model_dir = Path(source.path)
     model_cfg = json.loads((model_dir / "synthaug_model.json").read_text())

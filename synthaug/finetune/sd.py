@@ -18,10 +18,10 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from synthaug.adapter import ADAPTER_WEIGHTS, file_sha256, write_adapter_config
 from synthaug.finetune.common import (
     CheckpointManager,
     FinetuneConfig,
-    ModelSource,
     TrainingImages,
     noise_prediction_loss,
     peak_rss_mb,
@@ -29,6 +29,9 @@ from synthaug.finetune.common import (
     step_generator,
     write_training_log,
 )
+from synthaug.generation.base import default_device, dtype_kwargs
+from synthaug.generation.sources import ModelSource
+from synthaug.imaging import save_image_grid
 
 __all__ = ["finetune_stable_diffusion", "SD_TARGET_MODULES", "load_sd_pipeline"]
 
@@ -40,7 +43,6 @@ def load_sd_pipeline(source: ModelSource, torch_dtype):
     """``AutoPipelineForText2Image.from_pretrained`` with errors that say what to do offline."""
     from diffusers import AutoPipelineForText2Image
 
-    from synthaug.generation.base import dtype_kwargs
 
     try:
         return AutoPipelineForText2Image.from_pretrained(source.path, safety_checker=None, **dtype_kwargs(torch_dtype))
@@ -97,9 +99,6 @@ def finetune_stable_diffusion(source: ModelSource, train: TrainingImages, out: P
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from tqdm.auto import tqdm
 
-    from synthaug.adapter import ADAPTER_WEIGHTS, file_sha256, write_adapter_config
-    from synthaug.generation.base import default_device
-    from synthaug.imaging import save_image_grid
 
     check_settings(source, cfg)
     device = default_device(cfg.device)

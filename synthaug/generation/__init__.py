@@ -3,7 +3,8 @@
 Heavy libraries (torch, diffusers) are imported only by the backends, when a generator is built.
 """
 
-from synthaug.generation.base import GeneratedBatch, Generator, generator_from_spec, load_generator
+from synthaug.generation.base import GeneratedBatch, Generator
+from synthaug.generation.loading import generator_from_spec, load_generator
 from synthaug.generation.worker import GenerationWorker
 
 __all__ = ["GeneratedBatch", "GenerationWorker", "Generator", "generator_from_spec", "load_generator"]

@@ -1,4 +1,4 @@
-"""The generator contract shared by every backend, and ``load_generator``.
+"""The generator contract shared by every backend (``load_generator`` is in :mod:`synthaug.generation.loading`).
 
 A generator turns ``(n, seed)`` into ``n`` images with labels and per-image provenance:
 
@@ -6,7 +6,7 @@ A generator turns ``(n, seed)`` into ``n`` images with labels and per-image prov
   comes from a CPU ``torch.Generator`` seeded with it. So ``generate(1, seed + i)`` reproduces
   image ``i``, the internal batch size does not change what is made, and a record's ``meta["seed"]``
   is all ``synthaug generate --seed`` needs to make it again (same device and dtype).
-* ``spec`` is a JSON-serializable dict; :func:`generator_from_spec` rebuilds an equivalent
+* ``spec`` is a JSON-serializable dict; :func:`~synthaug.generation.loading.generator_from_spec` rebuilds an equivalent
   generator in another process (the GenerationWorker does exactly that).
 * Per-image ``meta`` holds at least: ``source`` and ``overrides`` (the spec), ``model`` (base
   model ref), ``adapter`` and ``adapter_hash`` (or ``None``), ``backend``, ``mode``
@@ -19,9 +19,7 @@ A generator turns ``(n, seed)`` into ``n`` images with labels and per-image prov
 from __future__ import annotations
 
 import abc
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -32,8 +30,6 @@ __all__ = [
     "default_device",
     "default_dtype",
     "dtype_kwargs",
-    "generator_from_spec",
-    "load_generator",
     "per_image_seeds",
 ]
 
@@ -137,97 +133,3 @@ class Generator(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def generator_from_spec(spec: Dict[str, Any]) -> Generator:
-    """Rebuild a generator from its ``spec`` (e.g. in a worker process).
-
-    A spec is ``{"source": ..., "overrides": {...}}`` (:func:`load_generator` arguments). A
-    generator class of your own can travel to a worker too: give its spec a ``"factory"`` key,
-    ``"package.module:callable"``, and the callable is imported and called with ``overrides``.
-    """
-    if not isinstance(spec, dict) or not ("source" in spec or "factory" in spec):
-        raise ValueError(f"a generator spec is a dict with 'source' (or 'factory') and 'overrides', got {spec!r}")
-    overrides = dict(spec.get("overrides") or {})
-    if spec.get("factory"):
-        import importlib
-
-        module_name, _, attr = str(spec["factory"]).partition(":")
-        if not module_name or not attr:
-            raise ValueError(f"spec factory must be 'package.module:callable', got {spec['factory']!r}")
-        factory = importlib.import_module(module_name)
-        for part in attr.split("."):
-            factory = getattr(factory, part)
-        return factory(**overrides)
-    return load_generator(spec["source"], **overrides)
-
-
-def _looks_like_hub_id(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
-
-
-def load_generator(source: Union[str, os.PathLike], **overrides: Any) -> Generator:
-    """A generator for ``source``.
-
-    ``source`` is one of:
-
-    * a synthaug adapter directory (holds ``synthaug.json``, written by ``synthaug finetune``):
-      the base model it names with the LoRA applied, and its prompt/label as defaults;
-    * ``builtin:<name>``: a model shipped in the package (e.g. ``builtin:fashion-mnist-ddpm``);
-    * a pixel-DDPM folder (holds ``synthaug_model.json``);
-    * a diffusers pipeline folder (holds ``model_index.json``) or a Hugging Face hub id of a
-      Stable-Diffusion-family model (SD 1.x/2.x/SDXL).
-
-    ``overrides`` are backend settings: ``prompt``, ``negative_prompt``, ``height``, ``width``,
-    ``num_inference_steps``, ``guidance_scale``, ``scheduler``, ``label``, ``batch_size``,
-    ``device``, ``dtype``, and for image-to-image ``mode="img2img"``, ``source_images``,
-    ``strength``. Unknown keys raise ``TypeError`` naming them.
-
-    Raises:
-        FileNotFoundError: a path that does not exist, or an adapter whose base model is missing.
-        ValueError: an unknown ``builtin:`` name, or a folder that is none of the above.
-    """
-    from synthaug.adapter import is_adapter_dir, read_adapter_config
-    from synthaug.builtin import BUILTIN_PREFIX, resolve_builtin
-
-    ref = str(source)
-    if ref.startswith(BUILTIN_PREFIX):
-        folder = resolve_builtin(ref)
-        return _pixel_ddpm(folder, ref, None, overrides)
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        if is_adapter_dir(path):
-            cfg = read_adapter_config(path)
-            if cfg["backend"] == "pixel-ddpm":
-                base = cfg["base_model"]
-                folder = resolve_builtin(base) if base.startswith(BUILTIN_PREFIX) else Path(base)
-                if not folder.is_dir():
-                    raise FileNotFoundError(f"adapter {path} needs its base model {base}, which does not exist")
-                return _pixel_ddpm(folder, base, path, overrides)
-            return _stable_diffusion(cfg["base_model"], path, overrides)
-        if (path / "synthaug_model.json").is_file():
-            return _pixel_ddpm(path, ref, None, overrides)
-        if (path / "model_index.json").is_file():
-            return _stable_diffusion(ref, None, overrides)
-        raise ValueError(
-            f"{path} is not a synthaug adapter (synthaug.json), a pixel-DDPM folder (synthaug_model.json) "
-            "or a diffusers pipeline folder (model_index.json)"
-        )
-    if path.exists():
-        raise ValueError(f"{path} is a file; give a model or adapter folder, a hub id, or builtin:<name>")
-    if _looks_like_hub_id(ref):
-        return _stable_diffusion(ref, None, overrides)
-    raise FileNotFoundError(f"model source {ref!r} not found: no such folder, and not a hub id (org/name) or builtin:<name>")
-
-
-def _pixel_ddpm(folder: Path, model_ref: str, adapter: Optional[Path], overrides: Dict[str, Any]) -> Generator:
-    from synthaug.generation.ddpm import PixelDDPMGenerator
-
-    return PixelDDPMGenerator(folder, model_ref=model_ref, adapter=adapter, **overrides)
-
-
-def _stable_diffusion(model: str, adapter: Optional[Path], overrides: Dict[str, Any]) -> Generator:
-    from synthaug.generation.sd import StableDiffusionGenerator
-
-    return StableDiffusionGenerator(model, adapter=adapter, **overrides)

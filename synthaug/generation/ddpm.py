@@ -16,7 +16,10 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from synthaug.adapter import image_sha256, read_adapter_config
+from synthaug.data.folders import load_image_folder, read_image
 from synthaug.generation.base import GeneratedBatch, Generator, default_device, default_dtype, dtype_kwargs, per_image_seeds
+from synthaug.imaging import to_hwc_uint8
 
 __all__ = ["PixelDDPMGenerator", "SCHEDULERS", "load_lora_into_unet", "make_scheduler", "model_generation_settings", "sample_pixel_ddpm", "MODEL_CONFIG"]
 
@@ -139,8 +142,6 @@ class PixelDDPMGenerator(Generator):
         self.adapter = Path(adapter) if adapter is not None else None
         self.adapter_config: Dict[str, Any] = {}
         if self.adapter is not None:
-            from synthaug.adapter import read_adapter_config
-
             self.adapter_config = read_adapter_config(self.adapter)
         if prompt is not None or negative_prompt is not None:
             raise ValueError(
@@ -221,22 +222,14 @@ class PixelDDPMGenerator(Generator):
 
     # ------------------------------------------------------------------ helpers
     def _load_sources(self, source_images):
-        from synthaug.adapter import image_sha256
-        from synthaug.imaging import to_hwc_uint8
-
         if source_images is None:
             return [], []
         if isinstance(source_images, (str, Path)):
-            from synthaug.data.folders import load_image_folder
-
             source_images = load_image_folder(source_images, channels=1).images
         arrays = []
         for i, im in enumerate(source_images):
             if isinstance(im, (str, Path)):
-                from PIL import Image
-
-                with Image.open(im) as pil:
-                    im = pil.convert("L")
+                im = read_image(im, channels=1)
             arr = to_hwc_uint8(im)
             if arr.shape[2] == 3:
                 arr = (arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(np.uint8)[..., None]

@@ -38,7 +38,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from synthaug.adapter import image_sha256, read_adapter_config
+from synthaug.data.folders import load_image_folder, read_image
 from synthaug.generation.base import GeneratedBatch, Generator, default_device, default_dtype, dtype_kwargs, per_image_seeds
+from synthaug.imaging import to_hwc_uint8
 
 __all__ = ["StableDiffusionGenerator", "SCHEDULERS", "ATTENTION", "resolve_pipeline_source"]
 
@@ -213,8 +216,6 @@ class StableDiffusionGenerator(Generator):
         self.adapter = Path(adapter) if adapter is not None else None
         self.adapter_config: Dict[str, Any] = {}
         if self.adapter is not None:
-            from synthaug.adapter import read_adapter_config
-
             self.adapter_config = read_adapter_config(self.adapter)
             if self.adapter_config["backend"] != "stable-diffusion":
                 raise ValueError(f"adapter {self.adapter} is for backend {self.adapter_config['backend']!r}, not stable-diffusion")
@@ -373,12 +374,7 @@ class StableDiffusionGenerator(Generator):
         """img2img sources as RGB PIL images of the generation size, and their pixel hashes."""
         from PIL import Image
 
-        from synthaug.adapter import image_sha256
-        from synthaug.imaging import to_hwc_uint8
-
         if isinstance(source_images, (str, os.PathLike)):
-            from synthaug.data.folders import load_image_folder
-
             arrays = load_image_folder(source_images).images
         else:
             arrays = []
@@ -386,8 +382,7 @@ class StableDiffusionGenerator(Generator):
                 if isinstance(im, (str, os.PathLike)):
                     if not Path(im).is_file():
                         raise FileNotFoundError(f"img2img source image {im} does not exist")
-                    with Image.open(im) as pil:
-                        im = pil.convert("L") if pil.mode in ("L", "1", "I", "F", "LA") else pil.convert("RGB")
+                    im = read_image(im)
                 arrays.append(to_hwc_uint8(im))
         if not arrays:
             raise ValueError("source_images holds no images")

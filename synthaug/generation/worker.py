@@ -2,7 +2,7 @@
 
 The worker runs in its own process (``spawn`` start method: it never inherits the training
 process's CUDA context, threads or open LMDB handles). It rebuilds the generator there from its
-``spec`` (:func:`~synthaug.generation.base.generator_from_spec`, with ``device`` overridden when
+``spec`` (:func:`~synthaug.generation.loading.generator_from_spec`, with ``device`` overridden when
 given) and reopens the cache from its path. The same loop runs in the foreground as
 ``synthaug worker`` (:func:`run_worker`).
 
@@ -78,6 +78,10 @@ killed worker can be started again, or a new one started on the same cache: it c
 the heartbeat and sent to the parent with its traceback; :meth:`GenerationWorker.raise_if_failed`
 and the context manager's exit raise it as :class:`~synthaug.errors.GenerationWorkerError`. The
 cache stays valid: a failure can only happen between transactions.
+
+One concept in one module (longer than the ~600 lines the project aims at, on purpose): the worker,
+its protocol (above), its loop and the process that runs it. The generate-and-append step is
+:func:`synthaug.generation.fill.generate_into`; stopping is :mod:`synthaug.generation.stopping`.
 """
 
 from __future__ import annotations
@@ -91,12 +95,15 @@ import time
 import traceback
 import uuid
 from collections import deque
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Callable, Deque, Dict, Iterator, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
+from synthaug.cache.store import SyntheticCache
 from synthaug.cache.writers import WriterLock, seed_block
+from synthaug.generation.base import Generator
+from synthaug.generation.fill import generate_into
+from synthaug.generation.loading import generator_from_spec
+from synthaug.generation.stopping import StopRequested, StopSignal
 from synthaug.errors import GenerationWorkerError, SyntheticExhaustedError
 
 __all__ = ["GenerationWorker", "WorkerSettings", "run_worker", "STATES"]
@@ -120,42 +127,6 @@ class WorkerSettings:
     num_threads: Optional[int] = None
 
 
-class _Stop(BaseException):
-    """Raised in the worker's main thread when a stop was requested outside a critical section.
-    A BaseException, so ``except Exception`` in generator code does not swallow it."""
-
-
-class _StopSignal:
-    """SIGTERM/SIGINT -> a stop at the next safe point.
-
-    Inside :meth:`critical` (cache transactions) the signal only sets a flag, checked after the
-    section ends; anywhere else (generating, sleeping) the handler raises :class:`_Stop` at once.
-    """
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._critical = 0
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame) -> None:
-        self.signum = signum
-        if self._critical == 0:
-            raise _Stop()
-
-    @contextmanager
-    def critical(self) -> Iterator[None]:
-        self._critical += 1
-        try:
-            yield
-        finally:
-            self._critical -= 1
-        if self.signum is not None and self._critical == 0:
-            raise _Stop()
-
-
 def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:1000]
 
@@ -168,7 +139,7 @@ class _WorkerLoop:
         cache,
         spec: Dict[str, Any],
         settings: WorkerSettings,
-        stop: _StopSignal,
+        stop: StopSignal,
         *,
         shared: Optional[Tuple[Any, Any]] = None,
         parent_alive: Optional[Callable[[], bool]] = None,
@@ -277,8 +248,6 @@ class _WorkerLoop:
 
     # ------------------------------------------------------------------ the loop
     def run(self):
-        from synthaug.generation.base import generator_from_spec
-
         self.start_pulse()
         self.beat("starting", force=True)
         if self.s.num_threads:
@@ -300,32 +269,34 @@ class _WorkerLoop:
                     continue
                 first_seq, k, limit = plan
                 t0 = time.perf_counter()
-                batch = generator.generate(k, self.s.seed + first_seq)
-                with self.stop.critical():
-                    # evicting for it (only what every consumer released) and appending are one
-                    # transaction: nothing a consumer holds can go between a decision and the trim
-                    seqs = self.cache.append(batch.images, batch.labels, batch.meta, fit_within=limit)
-                    if len(seqs) < k:  # another writer filled the room meanwhile
-                        self.discarded += k - len(seqs)
-                    if not seqs:
-                        self.beat("paused")
-                        continue
-                    k = len(seqs)
-                    self._window.append((k, time.perf_counter() - t0))
-                    self.generated += k
-                    self.next_seed = self.s.seed + seqs[-1] + 1
-                    self.fresh += k
-                    self.count += k
-                    if seqs[0] != first_seq and not self._warned_writer:
-                        self._warned_writer = True
-                        print(
-                            f"synthaug worker: another writer appended to {self.cache.path} while this worker generated; "
-                            "records' seeds no longer equal seed + seq (each record's meta holds its seed).",
-                            file=sys.stderr,
-                        )
-                    self.beat("running")
+                # evicting for it (only what every consumer released) and appending are one
+                # transaction: nothing a consumer holds can go between a decision and the trim
+                generate_into(generator, self.cache, k, first_seq, seed=self.s.seed, fit_within=limit, stop=self.stop,
+                              stored=lambda seqs: self._stored(seqs, first_seq, k, t0))
         finally:
             generator.close()
+
+    def _stored(self, seqs, first_seq: int, k: int, t0: float) -> None:
+        """Account for an append of ``k`` generated images (inside its critical section)."""
+        if len(seqs) < k:  # another writer filled the room meanwhile
+            self.discarded += k - len(seqs)
+        if not seqs:
+            self.beat("paused")
+            return
+        k = len(seqs)
+        self._window.append((k, time.perf_counter() - t0))
+        self.generated += k
+        self.next_seed = self.s.seed + seqs[-1] + 1
+        self.fresh += k
+        self.count += k
+        if seqs[0] != first_seq and not self._warned_writer:
+            self._warned_writer = True
+            print(
+                f"synthaug worker: another writer appended to {self.cache.path} while this worker generated; "
+                "records' seeds no longer equal seed + seq (each record's meta holds its seed).",
+                file=sys.stderr,
+            )
+        self.beat("running")
 
     def _prepare_cache(self, generator) -> None:
         names = getattr(generator, "label_names", None)
@@ -362,17 +333,17 @@ def _run_loop(loop: _WorkerLoop) -> Dict[str, Any]:
     try:
         try:
             loop.run()
-        except _Stop:
+        except StopRequested:
             pass
         except BaseException as exc:
             loop.last_error = _error_text(exc)
             try:
-                with _no_stop(loop.stop):
+                with loop.stop.final():
                     loop.beat("failed", force=True)
             except Exception:
                 pass
             raise
-        with _no_stop(loop.stop):
+        with loop.stop.final():
             loop.beat("stopped", force=True)
         return loop.info()
     finally:
@@ -380,28 +351,18 @@ def _run_loop(loop: _WorkerLoop) -> Dict[str, Any]:
         lock.release()
 
 
-@contextmanager
-def _no_stop(stop: _StopSignal) -> Iterator[None]:
-    """Final writes: a second signal must not interrupt them."""
-    stop._critical += 1
-    try:
-        yield
-    finally:
-        stop._critical -= 1
-
-
 def _child_main(cache, spec, settings: WorkerSettings, shared, conn) -> None:
     """Entry point of the worker process."""
     import multiprocessing
 
-    stop = _StopSignal()
+    stop = StopSignal()
     stop.install()
     parent = multiprocessing.parent_process()
     loop = _WorkerLoop(cache, spec, settings, stop, shared=shared, parent_alive=parent.is_alive if parent else None)
     try:
         _run_loop(loop)
     except BaseException as exc:
-        stop._critical += 1  # report the error even if a stop signal arrives now
+        stop.shield()  # report the error even if a stop signal arrives now
         tb = traceback.format_exc()
         if len(tb) > _MAX_TRACEBACK:
             tb = "...\n" + tb[-_MAX_TRACEBACK:]
@@ -441,7 +402,7 @@ def run_worker(
         Whatever the generator or the cache raised (after writing ``state="failed"``).
     """
     cache_obj, spec, settings = _prepare(cache, generator, min_fresh, max_items, batch_size, seed, device, worker_id, num_threads, poll_interval)
-    stop = _StopSignal()
+    stop = StopSignal()
     old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     stop.install()
     try:
@@ -455,9 +416,6 @@ def run_worker(
 
 def _prepare(cache, generator, min_fresh, max_items, batch_size, seed, device, worker_id, num_threads, poll_interval):
     """Checked (cache, spec, settings) from the user's arguments."""
-    from synthaug.cache.store import SyntheticCache
-    from synthaug.generation.base import Generator
-
     if isinstance(cache, (str, os.PathLike)):
         cache = SyntheticCache(cache)
     if not isinstance(cache, SyntheticCache):

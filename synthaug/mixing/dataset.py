@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from synthaug.cache.codec import Label, Record
 from synthaug.cache.store import SyntheticCache
 from synthaug.errors import CorruptRecordError
+from synthaug.imaging import pil_channels
 from synthaug.mixing.index import SyntheticIndex
 
 __all__ = ["MixedDataset", "ON_CORRUPT"]
@@ -59,7 +60,7 @@ class _ImageForm:
         if isinstance(sample, Image.Image):
             self.kind, self.mode = "pil", sample.mode
             self.size = (sample.size[1], sample.size[0])
-            self.channels = 1 if sample.mode in ("L", "1", "I", "F", "I;16") else 3
+            self.channels = pil_channels(sample.mode)
         elif isinstance(sample, np.ndarray) and sample.dtype == np.uint8:
             if sample.ndim == 2:
                 self.kind, self.layout, self.channels, self.size = "numpy", "HW", 1, sample.shape

@@ -3,6 +3,9 @@
 See the class docstring for the rules, the batch count and the determinism contract;
 :mod:`synthaug.mixing.ratio` holds the arithmetic and :mod:`synthaug.mixing.pool` the choice of
 synthetic records.
+
+One concept in one module (longer than the ~600 lines the project aims at, on purpose): the sampler,
+whose batch plan, resume state, holds and counters share its state.
 """
 
 from __future__ import annotations

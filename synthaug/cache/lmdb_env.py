@@ -26,7 +26,7 @@ import shutil
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator
 
 import lmdb
 
