@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import importlib
 import os
+from importlib import metadata
 import platform
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, Iterable, Optional
 
-__all__ = ["collect_env"]
+__all__ = ["collect_env", "package_versions"]
 
 _PACKAGES = ["synthaug", "torch", "torchvision", "diffusers", "peft", "transformers", "lmdb", "numpy", "PIL", "lpips", "xformers"]
 
@@ -19,7 +20,19 @@ def _version(name: str) -> str:
         module = importlib.import_module(name)
     except Exception as exc:  # not installed, or broken
         return f"not available ({type(exc).__name__})"
-    return str(getattr(module, "__version__", "installed"))
+    return str(getattr(module, "__version__", None) or package_versions([name]).get(name) or "installed")
+
+
+def package_versions(names: Iterable[str]) -> Dict[str, Optional[str]]:
+    """Installed distribution versions by package name (``None``: not installed), read from the
+    package metadata without importing anything: cheap enough for every report."""
+    out: Dict[str, Optional[str]] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def collect_env() -> Dict[str, Any]:

@@ -13,6 +13,7 @@ from synthaug.evaluation import quality as q
 from synthaug.evaluation.quality import (
     common_representation,
     image_quality_report,
+    metrics,
     pixel_distance,
     psnr,
     ssim,
@@ -157,17 +158,17 @@ def test_psnr_and_distance_known_answers():
 
 def test_blocked_nearest_search_is_exact(monkeypatch):
     """Force many tiny blocks: indices and squared distances must equal a brute-force search."""
-    monkeypatch.setattr(q, "_MAX_BLOCK_ROWS", 7)
+    monkeypatch.setattr(metrics, "_MAX_BLOCK_ROWS", 7)
     rng = np.random.default_rng(3)
     a = rng.integers(0, 256, (23, 12, 12, 1), dtype=np.uint8)
     b = rng.integers(0, 256, (31, 12, 12, 1), dtype=np.uint8)
     diff = a.reshape(23, 1, -1).astype(np.int64) - b.reshape(1, 31, -1)
     brute = (diff**2).sum(-1)
-    idx, ssd = q._nearest(a, b)
+    idx, ssd = metrics._nearest(a, b)
     assert idx.tolist() == brute.argmin(1).tolist() and ssd.tolist() == brute.min(1).tolist()
     self_diff = b.reshape(31, 1, -1).astype(np.int64) - b.reshape(1, 31, -1)
     self_brute = (self_diff**2).sum(-1) + np.diag([np.iinfo(np.int64).max // 2] * 31)
-    idx, ssd = q._nearest(b, b, exclude_self=True)
+    idx, ssd = metrics._nearest(b, b, exclude_self=True)
     assert idx.tolist() == self_brute.argmin(1).tolist() and ssd.tolist() == self_brute.min(1).tolist()
 
 

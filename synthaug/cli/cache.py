@@ -7,8 +7,12 @@ import json
 import random
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any, Dict, List
+
+from synthaug.cache.liveness import dead_writer
+from synthaug.cache.store import SyntheticCache
+from synthaug.imaging import save_image_grid
+from synthaug.outputs import output_dir
 
 __all__ = ["register", "provenance_summary"]
 
@@ -30,8 +34,6 @@ _SUMMARY_KEYS = [
 
 
 def _open(path: str):
-    from synthaug.cache.store import SyntheticCache
-
     return SyntheticCache(path, readonly=True)
 
 
@@ -62,8 +64,6 @@ def provenance_summary(metas: Dict[int, Dict[str, Any]], top: int = 5) -> Dict[s
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from synthaug.cache.liveness import dead_writer
-
     cache = _open(args.path)
     stats = cache.stats()
     corrupt: List[int] = []
@@ -142,10 +142,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     cache = _open(args.path)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"export folder {out} is not empty; pass --overwrite or choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out, overwrite=args.overwrite, what="export folder")
     seqs = _select(cache, args.limit, args.sample, args.seed)
     written = 0
     with open(out / "metadata.jsonl", "w") as f:
@@ -162,8 +159,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from synthaug.imaging import save_image_grid
-
     cache = _open(args.path)
     seqs = _select(cache, args.n, not args.last, args.seed)
     if not seqs:

@@ -12,6 +12,18 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
+from synthaug.data.fashion_mnist import FashionMNIST
+from synthaug.data.folders import load_image_folder
+from synthaug.data.splits import class_index, targets_of
+from synthaug.evaluation.quality import (
+    image_quality_report,
+    load_cache_images,
+    lpips_status,
+    train_images_from_adapter,
+    write_quality_report,
+)
+from synthaug.outputs import output_dir
+
 __all__ = ["register", "run"]
 
 DATASETS = ("fashion-mnist",)
@@ -22,8 +34,6 @@ def _load_real(args: argparse.Namespace) -> Tuple[List[Any], Dict[str, Any]]:
     if args.real is not None:
         if args.rare_class is not None or args.split is not None or args.data is not None:
             raise ValueError("--rare-class, --split and --data go with --dataset, not with --real")
-        from synthaug.data.folders import load_image_folder
-
         try:
             loaded = load_image_folder(args.real)
         except (FileNotFoundError, ValueError) as exc:
@@ -31,9 +41,6 @@ def _load_real(args: argparse.Namespace) -> Tuple[List[Any], Dict[str, Any]]:
         if loaded.skipped:
             print(f"synthaug quality: note: skipped {len(loaded.skipped)} file(s) of {args.real} that are not readable images", file=sys.stderr)
         return loaded.images, {"source": "folder", "folder": str(args.real), "ids": [p.name for p in loaded.files], "skipped": loaded.skipped}
-
-    from synthaug.data.fashion_mnist import FashionMNIST
-    from synthaug.data.splits import class_index, targets_of
 
     split = args.split or "train"
     ds = FashionMNIST(root=args.data, train=split == "train")
@@ -56,8 +63,6 @@ def _load_real(args: argparse.Namespace) -> Tuple[List[Any], Dict[str, Any]]:
 
 def _load_train(args: argparse.Namespace, real: List[Any]):
     if args.adapter is not None:
-        from synthaug.evaluation.quality import train_images_from_adapter
-
         matched, info = train_images_from_adapter(args.adapter, real)
         if info["unmatched_files"]:
             print(
@@ -67,8 +72,6 @@ def _load_train(args: argparse.Namespace, real: List[Any]):
             )
         return [real[i] for i in matched], {"source": "adapter", **info, "real_indices": matched}
     if args.train_images is not None:
-        from synthaug.data.folders import load_image_folder
-
         try:
             loaded = load_image_folder(args.train_images)
         except (FileNotFoundError, ValueError) as exc:
@@ -82,19 +85,15 @@ def _fmt(value, spec: str, none: str = "n/a") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from synthaug.evaluation.quality import image_quality_report, load_cache_images, write_quality_report
-
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"--out {out} is not empty; pass --overwrite or choose another folder")
+    # A file or a non-empty folder is refused now, before the work. A missing folder is not made
+    # yet (write_quality_report makes it), so a run that fails leaves nothing behind.
+    if out.exists():
+        output_dir(out, overwrite=args.overwrite, what="--out")
     if not (Path(args.cache) / "data.mdb").is_file():
         raise FileNotFoundError(f"--cache {args.cache}: no synthetic cache there (no data.mdb); give the folder `synthaug generate` filled")
 
     if args.lpips == "auto":
-        from synthaug.evaluation.quality import lpips_status
-
         _, reason = lpips_status(args.lpips_backbone)
         if reason is not None:
             print(f"synthaug quality: LPIPS will not be computed (the other metrics will): {reason}", file=sys.stderr)
