@@ -34,7 +34,7 @@ def _train_reference_cnn(train, steps=400, per_class=400, seed=0):
     """A small CNN trained on real images of all ten classes (about 81% test accuracy)."""
     import torch
 
-    from synthaug.evaluation.arms import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    from synthaug.data.transforms import FASHION_MNIST_MEAN, FASHION_MNIST_STD
     from synthaug.evaluation.classifier import build_classifier, train_classifier
 
     rng = np.random.default_rng(seed)
@@ -53,7 +53,7 @@ def _train_reference_cnn(train, steps=400, per_class=400, seed=0):
 def _classify(net, images_u8):
     import torch
 
-    from synthaug.evaluation.arms import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    from synthaug.data.transforms import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
     x = (torch.from_numpy(images_u8).float().permute(0, 3, 1, 2) / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
     with torch.no_grad():

@@ -351,7 +351,7 @@ def test_leakage_check_of_a_given_cache_names_its_adapters(tmp_path, tiny_ddpm_d
     from synthaug.adapter import read_adapter_config
     from synthaug.cache.store import SyntheticCache
     from synthaug.evaluation.leakage import DataLeakageError
-    from synthaug.evaluation.sweep import _leakage
+    from synthaug.evaluation.sweep_pools import check_leakage
     from synthaug.finetune import finetune_lora
 
     shots = tmp_path / "shots"
@@ -366,10 +366,10 @@ def test_leakage_check_of_a_given_cache_names_its_adapters(tmp_path, tiny_ddpm_d
     data = SimpleNamespace(name="test data")
     cfg = SweepConfig(cache=str(tmp_path / "pool.lmdb"))
     with pytest.raises(ValueError, match=r"made by adapter\(s\) \['/elsewhere/adapter'\] that are not here"):
-        _leakage(cfg, None, data, ["0" * 64])
-    assert _leakage(cfg, adapter, data, ["0" * 64])["checked"] is True
+        check_leakage(cfg, None, data, ["0" * 64])
+    assert check_leakage(cfg, adapter, data, ["0" * 64])["checked"] is True
     from synthaug.adapter import image_sha256
 
     test_hashes = [image_sha256(np.full((12, 12), 80, np.uint8))]  # shot 2 is in the "test set"
     with pytest.raises(DataLeakageError):
-        _leakage(cfg, adapter, data, test_hashes)
+        check_leakage(cfg, adapter, data, test_hashes)

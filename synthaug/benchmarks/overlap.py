@@ -99,7 +99,7 @@ def _fmnist(quick: bool, *, per_class: int, shots: int, adapter: Optional[str], 
 
     from synthaug.data.fashion_mnist import FashionMNIST
     from synthaug.data.splits import few_shot_split
-    from synthaug.evaluation.arms import fashion_mnist_transform
+    from synthaug.data.transforms import fashion_mnist_transform
 
     train = FashionMNIST(train=True)
     split = few_shot_split(train, "Shirt", shots=shots, per_class=200 if quick else per_class, seed=0)

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from synthaug.evaluation.demo import DemoConfig, run_demo
+
 __all__ = ["register"]
 
 
 def run(args: argparse.Namespace) -> int:
-    from synthaug.demo import DemoConfig, run_demo
-
     cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in DemoConfig.__dataclass_fields__})
     run_demo(cfg)
     return 0
 
 
 def register(sub) -> None:
-    from synthaug.demo import DemoConfig
-
     d = DemoConfig()
     p = sub.add_parser(
         "demo",

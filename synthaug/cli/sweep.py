@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from synthaug.evaluation.sweep import run_sweep
+from synthaug.evaluation.sweep_config import ARM_KINDS, SweepConfig
+
 __all__ = ["register"]
 
 
@@ -28,8 +31,6 @@ def _seeds(text: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from synthaug.evaluation.sweep import SweepConfig, run_sweep
-
     given = {k: v for k, v in vars(args).items() if k in SweepConfig.__dataclass_fields__ and v is not None}
     if args.overwrite is False:
         given.pop("overwrite", None)
@@ -43,8 +44,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from synthaug.evaluation.sweep import ARM_KINDS, SweepConfig
-
     d = SweepConfig()
     p = sub.add_parser(
         "sweep",

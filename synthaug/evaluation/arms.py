@@ -14,55 +14,24 @@ and are evaluated on the real held-out test set only.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
-import numpy as np
+from synthaug.cache.store import SyntheticCache
+from synthaug.data.transforms import WithTransform
+from synthaug.evaluation.classifier import build_classifier, predict, train_classifier
+from synthaug.evaluation.metrics import multilabel_rare_metrics, rare_class_metrics
+from synthaug.imaging import to_hwc_uint8
+from synthaug.outputs import jsonable
 
 __all__ = [
     "ArmResult",
-    "WithTransform",
-    "classic_augmentation",
-    "fashion_mnist_transform",
     "mixed_arm_loader",
     "real_only_loader",
     "real_rare_cache",
     "train_and_evaluate",
 ]
-
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
-
-
-def fashion_mnist_transform():
-    """PIL "L" 28×28 → float tensor 1×28×28, normalized with Fashion-MNIST's mean and std."""
-    from torchvision import transforms as T
-
-    return T.Compose([T.ToTensor(), T.Normalize((FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,))])
-
-
-def classic_augmentation(base: Optional[Callable] = None, *, size: int = 28):
-    """Standard light augmentation (flip, ±10° rotation, ±2 px shift, 0.9–1.1 scale) then ``base``."""
-    from torchvision import transforms as T
-
-    aug = T.Compose([T.RandomHorizontalFlip(), T.RandomAffine(degrees=10, translate=(2 / size, 2 / size), scale=(0.9, 1.1))])
-    return T.Compose([aug, base]) if base is not None else aug
-
-
-class WithTransform:
-    """A dataset whose images pass through ``transform`` (targets unchanged)."""
-
-    def __init__(self, dataset, transform: Callable) -> None:
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        x, y = self.dataset[i]
-        return self.transform(x), y
 
 
 def real_only_loader(real, *, batch_size: int, seed: int, transform: Callable, num_workers: int = 0):
@@ -78,9 +47,6 @@ def real_rare_cache(images: Sequence, label, path, *, label_names=None, indices:
     ``label``: one class index for all, or one label per image (a list of indices for a
     multi-label image); ``indices``: where each image sits in its dataset (recorded in the meta;
     default 0, 1, ...)."""
-    from synthaug.cache.store import SyntheticCache
-    from synthaug.imaging import to_hwc_uint8
-
     cache = SyntheticCache(path, label_names=label_names)
     if len(cache) == 0:
         arrays = [to_hwc_uint8(im) for im in images]
@@ -106,24 +72,26 @@ def mixed_arm_loader(
     classes: Optional[Sequence] = None,
 ):
     """``(DataLoader, RatioBatchSampler)`` mixing ``cache`` into ``real`` at ``ratio``
-    (``classes``: draw only records of these classes)."""
-    import torch
+    (``classes``: draw only records of these classes): the loader of
+    :func:`synthaug.mixing.loader.mixed_loader` and its sampler, ``loader.batch_sampler``."""
+    from synthaug.mixing.loader import mixed_loader  # imports torch, which the arms import only when they run
 
-    from synthaug.mixing import MixedDataset, RatioBatchSampler
-
-    mixed = MixedDataset(real, cache, transform=transform, synthetic_transform=synthetic_transform)
-    sampler = RatioBatchSampler(
-        mixed,
-        batch_size=batch_size,
-        synthetic_ratio=ratio,
+    loader = mixed_loader(
+        real,
+        cache,
+        batch_size,
+        ratio,
+        transform=transform,
+        synthetic_transform=synthetic_transform,
         seed=seed,
         on_exhausted=on_exhausted,
         wait_timeout=wait_timeout,
         max_reuse=max_reuse,
         consumer=consumer,
         classes=classes,
+        num_workers=num_workers,
     )
-    return torch.utils.data.DataLoader(mixed, batch_sampler=sampler, num_workers=num_workers), sampler
+    return loader, loader.batch_sampler
 
 
 @dataclass
@@ -165,9 +133,6 @@ def train_and_evaluate(
     is the finding's label index; the metrics are :func:`multilabel_rare_metrics`."""
     import torch
 
-    from synthaug.evaluation.classifier import build_classifier, predict, train_classifier
-    from synthaug.evaluation.metrics import multilabel_rare_metrics, rare_class_metrics
-
     torch.manual_seed(seed)
     net = build_classifier(model, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     rare_draws = [0]
@@ -181,16 +146,4 @@ def train_and_evaluate(
     metrics = multilabel_rare_metrics(y, scores, rare) if multilabel else rare_class_metrics(y, pred, rare, scores)
     training["wall_s_with_eval"] = time.time() - t0
     stats = sampler.stats() if sampler is not None and hasattr(sampler, "stats") else {}
-    return ArmResult(name, metrics, training, _jsonable(stats), rare_draws[0])
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    return obj
+    return ArmResult(name, metrics, training, jsonable(stats), rare_draws[0])

@@ -19,15 +19,23 @@ processes spinning on two threads each slow each other down a hundredfold here).
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+
+from synthaug.cache.store import SyntheticCache
+from synthaug.data.fashion_mnist import FashionMNIST
+from synthaug.data.splits import few_shot_split, write_images
+from synthaug.data.transforms import WithTransform, fashion_mnist_transform
+from synthaug.evaluation.arms import mixed_arm_loader, real_only_loader, real_rare_cache, train_and_evaluate
+from synthaug.finetune import finetune_lora
+from synthaug.generation.worker import GenerationWorker
+from synthaug.imaging import image_grid
+from synthaug.outputs import jsonable, output_dir, write_json
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -67,12 +75,8 @@ class DemoConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not ((out / "report.json").exists() or (out / "demo.log").exists() or overwrite):
-            raise FileExistsError(f"{out} is not empty and not an earlier demo report; choose another --out or pass --overwrite")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def _is_demo_report(out: Path) -> bool:
+    return (out / "report.json").exists() or (out / "demo.log").exists()
 
 
 def _log(out: Path, message: str) -> None:
@@ -85,24 +89,11 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> Dict[str, Any]:
     """Run the demo; returns the report (also written to ``OUT/report.json``)."""
     import torch
 
-    from synthaug.cache.store import SyntheticCache
-    from synthaug.data.fashion_mnist import FashionMNIST
-    from synthaug.data.splits import few_shot_split, write_images
-    from synthaug.evaluation.arms import (
-        WithTransform,
-        fashion_mnist_transform,
-        mixed_arm_loader,
-        real_only_loader,
-        real_rare_cache,
-        train_and_evaluate,
-    )
-    from synthaug.finetune import finetune_lora
-    from synthaug.generation.worker import GenerationWorker
-
     cfg = config
     cfg.check()
-    out = Path(cfg.out)
-    _prepare_out(out, cfg.overwrite)
+    # an earlier demo report is replaced; any other non-empty folder only with --overwrite
+    out = output_dir(cfg.out, overwrite=cfg.overwrite, empty=True, ours=_is_demo_report, what="--out",
+                     hint="it is not an earlier demo report; choose another --out or pass --overwrite")
     timings: Dict[str, float] = {}
     t_start = time.time()
 
@@ -172,22 +163,18 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> Dict[str, Any]:
         "rare_class": {"index": rare, "name": classes[rare]},
         "data": {"train": len(real_train), "rare_train": cfg.shots, "test": len(test), "rare_test": arms[0]["metrics"]["rare_support"]},
         "arms": arms,
-        "worker": _plain(worker_status),
-        "cache": _plain(cache_stats),
+        "worker": jsonable(worker_status),
+        "cache": jsonable(cache_stats),
         "adapter": str(adapter),
         "timings": timings,
         "files": {"report": "report.json", "arms": "arms.png", "samples": "samples.png", "validation": "adapter/validation.png", "loss": "adapter/loss.png"},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json(out / "report.json", report)
     cache.close()
     rare_cache.close()
     _log(out, _table(arms))
     _log(out, f"demo done in {timings['total_s']:.0f} s: report, plots and samples in {out}/ (report.json, arms.png, samples.png)")
     return report
-
-
-def _plain(obj):
-    return json.loads(json.dumps(obj, default=str))
 
 
 def _arm_line(arm: Dict[str, Any]) -> str:
@@ -215,8 +202,6 @@ def _plot_samples(real: List[np.ndarray], synthetic: List[np.ndarray], path: Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from synthaug.imaging import image_grid
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.8), dpi=110)
     for ax, images, title in ((axes[0], real, f"real '{name}' (training shots)"), (axes[1], synthetic, f"synthetic '{name}' (LoRA, newest records)")):

@@ -1,0 +1,207 @@
+"""Settings of ``synthaug sweep``: :class:`SweepConfig` (from YAML, the command line or code), their
+checks, and the arms each seed trains (:meth:`SweepConfig.arm_plan`).
+
+A light module (no torch): the command line reads its defaults to build ``--help``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from synthaug.data.study import parse_dataset_spec
+from synthaug.evaluation.classifier import CLASSIFIERS
+
+__all__ = ["ARM_KINDS", "SweepConfig"]
+
+ARM_KINDS = ("real_only", "oversampled", "classic_aug", "synthetic", "synthetic+classic_aug")
+
+
+@dataclass
+class SweepConfig:
+    """Settings of ``synthaug sweep`` (YAML keys = these field names; see ``synthaug sweep --help``)."""
+
+    dataset: str = "fashion-mnist"
+    data: Optional[str] = None
+    rare_class: Optional[str] = None  # fashion-mnist: Shirt
+    shots: int = 30
+    per_class: Optional[int] = 1000
+    ratios: List[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75])
+    seeds: Union[int, List[int]] = 5
+    epochs: float = 4.0
+    steps: Optional[int] = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    model: str = "small-cnn"
+    arms: List[str] = field(default_factory=lambda: ["real_only", "oversampled", "classic_aug", "synthetic"])
+    adapter: Optional[str] = None
+    cache: Optional[str] = None
+    base_model: str = "builtin:fashion-mnist-ddpm"
+    prompt: Optional[str] = None
+    lora_steps: int = 400
+    lora_rank: int = 8
+    synthetic_images: int = 1000
+    set_sizes: List[int] = field(default_factory=lambda: [30, 100, 300])
+    set_size_ratio: float = 0.25
+    generation_steps: Optional[int] = None
+    scheduler: Optional[str] = None
+    guidance_scale: Optional[float] = None
+    worker: bool = False
+    image_size: int = 64
+    channels: Optional[int] = None
+    test_size: Optional[int] = None
+    num_workers: int = 0
+    device: str = "auto"
+    leakage_check: bool = True
+    bootstrap: int = 10_000
+    out: str = "sweep-report"
+    overwrite: bool = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any], *, source: str = "config") -> "SweepConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+        return cls(**{k: _coerce(k, v, source) for k, v in values.items()})
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, os.PathLike], **overrides: Any) -> "SweepConfig":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"sweep config {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a mapping of settings, not a {type(values).__name__}")
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(values, source=str(path))
+
+    @property
+    def seed_list(self) -> List[int]:
+        if isinstance(self.seeds, int):
+            return list(range(self.seeds))
+        return [int(s) for s in self.seeds]
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first bad setting."""
+        self.ratios = [float(r) for r in (self.ratios or [])]
+        self.set_sizes = [int(n) for n in (self.set_sizes or [])]
+        if isinstance(self.arms, str):
+            self.arms = [a.strip() for a in self.arms.split(",") if a.strip()]
+        bad = [a for a in self.arms if a not in ARM_KINDS]
+        if bad:
+            raise ValueError(f"unknown arm(s) {bad}; choose from {list(ARM_KINDS)}")
+        if not self.arms:
+            raise ValueError("no arms to train")
+        needs_ratio = any(a != "real_only" for a in self.arms)
+        if needs_ratio and not self.ratios:
+            raise ValueError("give at least one ratio (--ratios)")
+        for r in self.ratios + ([self.set_size_ratio] if self.set_sizes else []):
+            if not 0 < r < 1:
+                raise ValueError(f"ratios must be in (0, 1), got {r}")
+        if len(set(self.ratios)) != len(self.ratios):
+            raise ValueError(f"--ratios holds duplicates: {self.ratios}")
+        seeds = self.seed_list
+        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ValueError(f"--seeds must be a positive count or distinct non-negative seeds, got {self.seeds!r}")
+        for name in ("shots", "batch_size", "lora_steps", "lora_rank", "synthetic_images", "image_size", "bootstrap"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.per_class is not None and self.per_class < 1:
+            raise ValueError(f"--per-class must be >= 1, got {self.per_class}")
+        if self.steps is None and not self.epochs > 0:
+            raise ValueError(f"--epochs must be > 0, got {self.epochs}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if any(n < 1 for n in self.set_sizes):
+            raise ValueError(f"--set-sizes must be >= 1, got {self.set_sizes}")
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"--channels must be 1 or 3, got {self.channels}")
+        if self.cache and self.worker:
+            raise ValueError("--worker fills the sweep's own pool from the adapter; with --cache given, run `synthaug worker` on that cache instead")
+        if self.model not in CLASSIFIERS:
+            raise ValueError(f"--model must be one of {CLASSIFIERS}, got {self.model!r}")
+        parse_dataset_spec(self.dataset)
+
+    def arm_plan(self) -> List[Dict[str, Any]]:
+        """The arms each seed trains, in order: ``[{"arm", "kind", "ratio", "pool"}]``."""
+        plan: List[Dict[str, Any]] = []
+        if "real_only" in self.arms:
+            plan.append({"arm": "real_only", "kind": "real_only", "ratio": 0.0, "pool": None})
+        ratios = sorted(self.ratios)
+        for r in ratios:
+            for kind in ARM_KINDS[1:]:
+                if kind in self.arms:
+                    plan.append({"arm": f"{kind}@{r:g}", "kind": kind, "ratio": r, "pool": None})
+        if "synthetic" in self.arms:
+            for n in sorted(set(self.set_sizes)):
+                if self.cache is None and n >= self.synthetic_images:
+                    continue
+                plan.append({"arm": f"synthetic@{self.set_size_ratio:g}/n={n}", "kind": "synthetic", "ratio": self.set_size_ratio, "pool": n})
+            if self.set_sizes and self.set_size_ratio not in ratios:
+                r = self.set_size_ratio
+                plan.append({"arm": f"synthetic@{r:g}", "kind": "synthetic", "ratio": r, "pool": None})
+                if "oversampled" in self.arms:
+                    plan.append({"arm": f"oversampled@{r:g}", "kind": "oversampled", "ratio": r, "pool": None})
+        return plan
+
+    def identity(self) -> Dict[str, Any]:
+        """The settings that decide the results (not where they go, nor how they are displayed)."""
+        d = asdict(self)
+        for k in ("out", "overwrite", "bootstrap"):
+            d.pop(k)
+        d["seeds"] = self.seed_list
+        return d
+
+
+_FLOAT_FIELDS = ("epochs", "lr", "set_size_ratio", "guidance_scale")
+_INT_FIELDS = ("shots", "per_class", "steps", "batch_size", "lora_steps", "lora_rank", "synthetic_images", "generation_steps",
+               "image_size", "channels", "test_size", "num_workers", "bootstrap")
+_BOOL_FIELDS = ("worker", "overwrite", "leakage_check")
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """A config value of the field's type (YAML reads ``1e-3`` as a string, ``5`` as an int)."""
+    if value is None:
+        return None
+
+    def bad(kind: str):
+        return ValueError(f"{source}: {key} must be {kind}, got {value!r}")
+
+    try:
+        if key in _FLOAT_FIELDS:
+            if isinstance(value, bool):
+                raise bad("a number")
+            return float(value)
+        if key in _INT_FIELDS:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise bad("an integer")
+            return int(value)
+        if key in ("ratios", "set_sizes"):
+            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+            return [float(v) if key == "ratios" else int(v) for v in items]
+        if key == "seeds":
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, int):
+                return value
+            if isinstance(value, str):
+                return int(value) if "," not in value else [int(v) for v in value.split(",") if v.strip()]
+            return [int(v) for v in value]
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith(f"{source}: "):
+            raise
+        raise bad({"ratios": "a list of numbers", "set_sizes": "a list of integers", "seeds": "a count or a list of seeds"}.get(
+            key, "a number" if key in _FLOAT_FIELDS else "an integer")) from None
+    if key in _BOOL_FIELDS and not isinstance(value, bool):
+        raise bad("true or false")
+    return value

@@ -1,0 +1,133 @@
+"""The sweep's statistics and report: per-arm mean ± std over seeds, every synthetic arm paired
+against ``real_only`` and its matched controls (``summary.json``), the markdown tables
+(``summary.md``) and the two figures (drawn by :mod:`synthaug.evaluation.sweep_plots`).
+
+The paired statistics themselves are in :mod:`synthaug.evaluation.stats`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from synthaug.evaluation.stats import describe, format_mean_std, paired_comparison
+from synthaug.evaluation.sweep_config import SweepConfig
+from synthaug.evaluation.sweep_plots import plot_ratio_curves, plot_set_size
+from synthaug.outputs import write_json
+
+__all__ = ["COMPARED_METRICS", "markdown_summary", "summarize_results"]
+
+COMPARED_METRICS = ("rare_recall", "rare_f1", "rare_precision", "rare_average_precision", "accuracy")
+
+
+def summarize_results(rows: Sequence[Dict[str, Any]], out: Optional[Path] = None, cfg: Optional[SweepConfig] = None, *,
+                      meta: Optional[Dict[str, Any]] = None, n_boot: Optional[int] = None) -> Dict[str, Any]:
+    """Per-arm statistics and paired comparisons from ``results.json`` rows; with ``out``, also
+    write ``summary.json``, ``summary.md``, ``ratio_curves.png`` and ``set_size.png`` there."""
+    n_boot = n_boot or (cfg.bootstrap if cfg is not None else 10_000)
+    by_arm: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    info: Dict[str, Dict[str, Any]] = {}
+    for r in rows:
+        by_arm.setdefault(r["arm"], {})[int(r["seed"])] = r
+        info.setdefault(r["arm"], {"kind": r["kind"], "ratio": r["ratio"], "pool": r.get("pool")})
+    arms = {}
+    for arm, per_seed in by_arm.items():
+        seeds = sorted(per_seed)
+        metric_names = sorted({k for r in per_seed.values() for k, v in r["metrics"].items() if isinstance(v, (int, float))})
+        arms[arm] = {**info[arm], "seeds": seeds,
+                     "metrics": {k: {**describe([per_seed[s]["metrics"].get(k, float("nan")) for s in seeds]),
+                                     "values": [per_seed[s]["metrics"].get(k) for s in seeds]} for k in metric_names},
+                     "rare_draws": describe([per_seed[s]["rare_draws"] for s in seeds]),
+                     "fresh_share": _fresh_share(per_seed.values())}
+    comparisons = []
+    for arm, per_seed in by_arm.items():
+        kind, r = info[arm]["kind"], info[arm]["ratio"]
+        if not kind.startswith("synthetic"):
+            continue
+        baselines = ["real_only", f"oversampled@{r:g}"]
+        if kind == "synthetic+classic_aug":
+            baselines.append(f"classic_aug@{r:g}")
+        for base in baselines:
+            if base not in by_arm:
+                continue
+            seeds = sorted(set(per_seed) & set(by_arm[base]))
+            if not seeds:
+                continue
+            for metric in COMPARED_METRICS:
+                a = [per_seed[s]["metrics"].get(metric, float("nan")) for s in seeds]
+                b = [by_arm[base][s]["metrics"].get(metric, float("nan")) for s in seeds]
+                comparisons.append({"arm": arm, "baseline": base, "metric": metric, "seeds": seeds, **paired_comparison(a, b, n_boot=n_boot)})
+    summary = {"arms": arms, "comparisons": comparisons, "meta": meta or {}, "config": cfg.identity() if cfg is not None else None}
+    if out is not None:
+        out = Path(out)
+        write_json(out / "summary.json", summary)
+        (out / "summary.md").write_text(markdown_summary(summary))
+        plot_ratio_curves(summary, out / "ratio_curves.png")
+        plot_set_size(summary, out / "set_size.png")
+    return summary
+
+
+def _fresh_share(rows) -> Optional[float]:
+    served = sum(int((r.get("sampler") or {}).get("served", 0) or 0) for r in rows)
+    fresh = sum(int((r.get("sampler") or {}).get("fresh", 0) or 0) for r in rows)
+    return fresh / served if served else None
+
+
+def _arm_order(summary) -> List[str]:
+    def key(arm):
+        a = summary["arms"][arm]
+        order = {"real_only": 0, "oversampled": 1, "classic_aug": 2, "synthetic": 3, "synthetic+classic_aug": 4}[a["kind"]]
+        return (a["pool"] is not None and a["kind"] == "synthetic" and "/n=" in arm, a["ratio"], order, a["pool"] or 0)
+
+    return sorted(summary["arms"], key=key)
+
+
+def markdown_summary(summary: Dict[str, Any]) -> str:
+    """The arm table (mean ± std over seeds) and the paired-comparison table, in markdown."""
+    lines = []
+    leak = [v for v in (summary.get("meta") or {}).get("leakage", {}).values() if v]
+    if leak:
+        if all(v.get("checked") for v in leak):
+            lines += [f"Leakage check passed for every seed: none of the {leak[0]['test_images']} test images is among the adapters' "
+                      f"training images ({', '.join(str(v['train_images']) for v in leak)} per seed).", ""]
+        else:
+            lines += [f"**Leakage check skipped**: {next(v['why'] for v in leak if not v.get('checked'))}.", ""]
+    lines += ["## Arms (mean ± std over seeds; real test set)", "",
+             "| arm | seeds | rare recall | rare precision | rare F1 | rare AP | accuracy | rare draws/run |", "|---|---|---|---|---|---|---|---|"]
+    for arm in _arm_order(summary):
+        a = summary["arms"][arm]
+        m = a["metrics"]
+        lines.append(f"| {arm} | {len(a['seeds'])} | " + " | ".join(format_mean_std(m.get(k, {})) for k in
+                     ("rare_recall", "rare_precision", "rare_f1", "rare_average_precision", "accuracy")) + f" | {a['rare_draws']['mean']:.0f} |")
+    shown = ("rare_recall", "rare_f1", "rare_average_precision")
+    comps = [c for c in summary["comparisons"] if c["metric"] in shown]
+    n_seeds = max((c["n"] for c in comps), default=0)
+    if comps:
+        lines += ["", "## Synthetic arms against the controls (paired over seeds)", "",
+                  "Δ = arm − baseline, mean over seeds, with its 95% bootstrap CI; p: two-sided sign-flip permutation test "
+                  + (f"(exact; with {n_seeds} seeds its smallest possible value is {2 / 2 ** n_seeds:.4g})" if n_seeds <= 16 else "(Monte Carlo)")
+                  + " and paired t-test; "
+                  "W/L: seeds where the arm is better/worse. AP (average precision) does not depend on the decision threshold: "
+                  "it tells whether the arm ranks real rare-class images better, not only predicts the class more often.", "",
+                  "| arm | baseline | Δ recall [95% CI] | p (perm / t) | W/L | Δ F1 [95% CI] | p (perm / t) | W/L | Δ AP [95% CI] | p (perm / t) | W/L |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        pairs: Dict[tuple, Dict[str, Any]] = {}
+        for c in comps:
+            pairs.setdefault((c["arm"], c["baseline"]), {})[c["metric"]] = c
+        order = {a: i for i, a in enumerate(_arm_order(summary))}
+        for (arm, base), cs in sorted(pairs.items(), key=lambda kv: (order.get(kv[0][0], 0), kv[0][1] != "real_only")):
+            cells = []
+            for metric in shown:
+                c = cs.get(metric)
+                if c is None:
+                    cells += ["–", "–", "–"]
+                    continue
+                cells += [f"{c['mean_diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]", f"{c['p_sign_flip']:.3f} / {_fmt_p(c['p_ttest'])}",
+                          f"{c['wins']}/{c['losses']}"]
+            lines.append(f"| {arm} | {base} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt_p(p: float) -> str:
+    return "–" if p is None or (isinstance(p, float) and math.isnan(p)) else f"{p:.3f}"
