@@ -17,12 +17,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "synthaug"
 
 # a package -> the synthaug packages/modules it must never import (directly or in a function)
 FORBIDDEN = {
-    "cache": {"data", "mixing", "generation", "finetune", "evaluation", "benchmarks", "cli", "demo", "builtin"},
-    "data": {"mixing", "generation", "finetune", "evaluation", "benchmarks", "cli", "demo", "builtin"},
-    "mixing": {"generation", "finetune", "evaluation", "benchmarks", "cli", "demo", "builtin"},
+    "cache": {"data", "mixing", "adapter", "builtin", "generation", "finetune", "evaluation", "benchmarks", "cli"},
+    "data": {"cache", "mixing", "adapter", "builtin", "generation", "finetune", "evaluation", "benchmarks", "cli"},
+    "mixing": {"data", "adapter", "builtin", "generation", "finetune", "evaluation", "benchmarks", "cli"},
 }
 # the leaves: standard library, numpy and PIL only; any module may import them
-_ALL = {"adapter", "builtin", "cache", "data", "mixing", "generation", "finetune", "evaluation", "benchmarks", "cli", "demo"}
+_ALL = {"adapter", "builtin", "cache", "data", "mixing", "generation", "finetune", "evaluation", "benchmarks", "cli"}
 for _leaf in ("errors", "version", "imaging", "outputs", "environment"):
     FORBIDDEN[_leaf] = _ALL | ({"errors", "version", "imaging", "outputs", "environment"} - {_leaf})
 

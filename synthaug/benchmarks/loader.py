@@ -29,6 +29,7 @@ import numpy as np
 from synthaug.benchmarks.common import interleaved, print_table, rate, realistic_images, write_result
 from synthaug.cache.store import SyntheticCache
 from synthaug.data.fashion_mnist import FashionMNIST
+from synthaug.data.transforms import WithTransform
 from synthaug.mixing import MixedDataset, RatioBatchSampler
 
 __all__ = ["run", "main"]
@@ -128,7 +129,7 @@ def _run(quick, repeats, batches, configs, ratios, workers, n_real) -> Dict[str,
                 plain_ds = Subset(real, range(m * b))
                 common = dict(num_workers=w, persistent_workers=w > 0)
                 mixed = MixedDataset(real, cache, transform=tf)
-                plain_tf = _TransformedSubset(plain_ds, tf)
+                plain_tf = WithTransform(plain_ds, tf)  # the real items with the mixed loader's transform
                 loaders["plain"] = DataLoader(plain_tf, batch_size=b, shuffle=True, **common, generator=torch.Generator().manual_seed(0))
                 for r in ratios:
                     sampler = RatioBatchSampler(mixed, batch_size=b, synthetic_ratio=r, batches_per_epoch=m, consumer=f"bench-{r}")
@@ -181,20 +182,6 @@ def _run(quick, repeats, batches, configs, ratios, workers, n_real) -> Dict[str,
         "(median of per-run ratios; the smaller of the image configs)",
         "rows": rows,
     }
-
-
-class _TransformedSubset:
-    """The plain contender: real items with the same transform the mixed loader applies."""
-
-    def __init__(self, dataset, transform) -> None:
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        image, label = self.dataset[i]
-        return self.transform(image), label
 
 
 COLUMNS = ["images", "workers", "batch", "loader", "samples/s", "min", "max", "vs plain"]

@@ -57,7 +57,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from synthaug.benchmarks.common import print_table, write_result
+from synthaug.benchmarks.common import print_table, realistic_images, write_result
+from synthaug.benchmarks.generate import write_random_sd_pipeline
+from synthaug.cache.store import SyntheticCache
+from synthaug.data.fashion_mnist import FashionMNIST
+from synthaug.data.splits import few_shot_split
+from synthaug.data.transforms import fashion_mnist_transform
+from synthaug.evaluation.arms import mixed_arm_loader, real_only_loader
+from synthaug.evaluation.classifier import build_classifier, train_classifier
+from synthaug.generation.worker import GenerationWorker
 
 __all__ = ["run", "main"]
 
@@ -97,10 +105,6 @@ def _cpu_has_bf16() -> bool:
 def _fmnist(quick: bool, *, per_class: int, shots: int, adapter: Optional[str], worker_device: str) -> Setting:
     import torch
 
-    from synthaug.data.fashion_mnist import FashionMNIST
-    from synthaug.data.splits import few_shot_split
-    from synthaug.data.transforms import fashion_mnist_transform
-
     train = FashionMNIST(train=True)
     split = few_shot_split(train, "Shirt", shots=shots, per_class=200 if quick else per_class, seed=0)
     generation = {"num_inference_steps": 20, "scheduler": "dpm++", "guidance_scale": 2.0}
@@ -115,9 +119,6 @@ def _rgb256(quick: bool, folder: Path, *, shots: int, sd_folder: Optional[str], 
     from PIL import Image
     from torchvision import datasets
     from torchvision import transforms as T
-
-    from synthaug.benchmarks.common import realistic_images
-    from synthaug.benchmarks.generate import write_random_sd_pipeline
 
     size = 256
     for name, photo, n, seed in (("china", 0, 16 if quick else 600, 1), ("flower", 1, 4 if quick else shots, 2)):
@@ -142,8 +143,6 @@ def _rgb256(quick: bool, folder: Path, *, shots: int, sd_folder: Optional[str], 
 def _train(name: str, setting: Setting, loader, *, steps: int, device: str, sampler=None) -> Dict[str, Any]:
     import torch
 
-    from synthaug.evaluation.classifier import build_classifier, train_classifier
-
     torch.manual_seed(0)
     net = build_classifier(setting.model, in_channels=setting.in_channels, num_classes=len(setting.classes), image_size=setting.image_size)
     t0 = time.perf_counter()
@@ -158,8 +157,6 @@ def _train(name: str, setting: Setting, loader, *, steps: int, device: str, samp
 
 
 def _worker(cache, setting: Setting, *, threads: int, min_fresh: int, seed: int):
-    from synthaug.generation.worker import GenerationWorker
-
     spec = {"source": setting.source, "overrides": dict(setting.generation, batch_size=setting.worker_batch)}
     return GenerationWorker(cache, spec, min_fresh=min_fresh, max_items=max(min_fresh, 1_000_000), batch_size=setting.worker_batch,
                             seed=seed, num_threads=threads, device=setting.worker_device)
@@ -167,8 +164,6 @@ def _worker(cache, setting: Setting, *, threads: int, min_fresh: int, seed: int)
 
 def _pregenerate(folder: Path, setting: Setting, n: int, threads: int) -> Dict[str, Any]:
     """The worker alone: time to fill ``n`` images and its rate after the first append."""
-    from synthaug.cache.store import SyntheticCache
-
     from tqdm.auto import tqdm
 
     cache = SyntheticCache(folder, label_names=setting.classes)
@@ -195,9 +190,6 @@ def run(quick: bool = False, *, setting: str = "fmnist", steps: Optional[int] = 
         threads: int = 1, adapter: Optional[str] = None, per_class: int = 1000, shots: int = 30, sd_folder: Optional[str] = None,
         device: str = "cpu", worker_device: str = "cpu", out: Optional[str] = None) -> Dict[str, Any]:
     import torch
-
-    from synthaug.cache.store import SyntheticCache
-    from synthaug.evaluation.arms import mixed_arm_loader, real_only_loader
 
     if setting not in SETTINGS:
         raise ValueError(f"unknown setting {setting!r}; choose one of {SETTINGS}")

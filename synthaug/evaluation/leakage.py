@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Sequence, Union
 
+from synthaug.adapter import image_sha256, read_adapter_config
+from synthaug.data.folders import read_image
 from synthaug.errors import SynthaugError
 
 __all__ = ["DataLeakageError", "adapter_image_hashes", "check_no_leakage", "dataset_image_hashes", "file_image_hashes"]
@@ -29,8 +31,6 @@ def adapter_image_hashes(adapter: Union[str, os.PathLike]) -> Dict[str, str]:
         ValueError: the adapter records no training-image hashes (made by something other than
             ``synthaug finetune``): the guard cannot run, and the sweep will not pretend it did.
     """
-    from synthaug.adapter import read_adapter_config
-
     cfg = read_adapter_config(adapter, require_weights=False)
     images = cfg.get("train_images") or []
     hashes = {im["sha256"]: im.get("file", "?") for im in images if im.get("sha256")}
@@ -43,8 +43,6 @@ def dataset_image_hashes(dataset, *, progress: bool = False, desc: str = "hash t
     """The :func:`~synthaug.adapter.image_sha256` of every image of ``dataset`` (``dataset[i][0]``)."""
     from tqdm.auto import tqdm
 
-    from synthaug.adapter import image_sha256
-
     return [image_sha256(dataset[i][0]) for i in tqdm(range(len(dataset)), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)]
 
 
@@ -54,9 +52,6 @@ def file_image_hashes(paths, *, progress: bool = False, desc: str = "hash test i
     same picture among an adapter's training images hash alike whatever the dataset's loader
     converts them to."""
     from tqdm.auto import tqdm
-
-    from synthaug.adapter import image_sha256
-    from synthaug.data.folders import read_image
 
     return [image_sha256(read_image(p)) for p in tqdm(list(paths), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)]
 
