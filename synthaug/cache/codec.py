@@ -625,7 +625,9 @@ def as_image_batch(images) -> List[np.ndarray]:
         if images.ndim != 4:
             hint = "; pass images[None] for a single image" if images.ndim == 2 else ""
             raise ValueError(f"images array must be N×H×W×C or N×H×W, got shape {images.shape}{hint}")
-        return [_check_image(im, i) for i, im in enumerate(images)]
+        if len(images):
+            _check_image(images[0], 0)  # one array: every image has the first one's dtype and shape
+        return list(images)
     if _is_tensor(images):
         if images.ndim == 3:
             shape = tuple(images.shape)
