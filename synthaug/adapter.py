@@ -36,6 +36,7 @@ from typing import Any, Dict, Union
 import numpy as np
 
 from synthaug.imaging import to_hwc_uint8
+from synthaug.outputs import write_json
 from synthaug.version import __version__
 
 __all__ = [
@@ -121,7 +122,4 @@ def write_adapter_config(path: Union[str, os.PathLike], config: Dict[str, Any]) 
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
         raise ValueError(f"adapter config lacks {', '.join(missing)}")
-    tmp = path / (ADAPTER_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(cfg, indent=2, default=str) + "\n")
-    os.replace(tmp, path / ADAPTER_CONFIG)
-    return path / ADAPTER_CONFIG
+    return write_json(path / ADAPTER_CONFIG, cfg)

@@ -1,8 +1,8 @@
 """What every command that writes results does the same way: JSON from numpy-laden dicts, written
 atomically, into an output folder that is never a stranger's.
 
-A leaf module (standard library and numpy only): the cache, the CLI, the evaluation and the
-benchmarks all use it.
+A leaf module (standard library and numpy only), so that any layer may use it: fine-tuning, the
+evaluation, the CLI and the benchmarks do.
 """
 
 from __future__ import annotations

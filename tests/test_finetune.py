@@ -271,3 +271,27 @@ def test_help_documents_every_flag_with_its_default():
     for flag in ("--rank", "--alpha", "--lr", "--steps", "--batch-size", "--resolution", "--target-modules", "--seed",
                  "--mixed-precision", "--gradient-checkpointing", "--validation-every", "--resume", "--label", "--class-name"):
         assert re.search(re.escape(flag) + r"\b", text), flag
+
+
+def test_the_output_folder_is_never_lost_silently(tmp_path):
+    from synthaug.finetune.common import prepare_output_dir
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    for resume, overwrite in ((True, True), (True, False), (False, False)):
+        with pytest.raises(FileExistsError, match="is not a synthaug adapter"):
+            prepare_output_dir(theirs, resume=resume, overwrite=overwrite)
+    assert (theirs / "notes.txt").read_text() == "keep me"  # --resume never deletes, --overwrite was not given alone
+    assert prepare_output_dir(theirs, resume=False, overwrite=True) == theirs and not any(theirs.iterdir())
+    with pytest.raises(FileNotFoundError, match="holds no checkpoints"):
+        prepare_output_dir(tmp_path / "new", resume=True, overwrite=False)
+    assert not (tmp_path / "new").exists()
+    adapter = tmp_path / "adapter"
+    (adapter / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="already holds an adapter; pass --resume"):
+        prepare_output_dir(adapter, resume=False, overwrite=False)
+    assert prepare_output_dir(adapter, resume=True, overwrite=False) == adapter and (adapter / "checkpoints").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        prepare_output_dir(tmp_path / "file", resume=False, overwrite=True)

@@ -99,3 +99,15 @@ def test_reading_a_cache_imports_no_heavy_library(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "", f"import synthaug + SyntheticCache imported {out.stdout.strip()}"
+
+
+def test_building_the_command_line_imports_no_heavy_library():
+    code = (
+        "import sys\n"
+        "from synthaug.cli import build_parser\n"
+        "build_parser()\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'diffusers', 'peft', 'transformers', 'matplotlib', 'lpips') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "", f"synthaug --help imported {out.stdout.strip()}"

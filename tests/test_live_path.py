@@ -425,7 +425,8 @@ def small_fs(tmp_path):
 def test_a_full_disk_fails_the_append_clearly_and_loses_nothing_committed(small_fs):
     cache = SyntheticCache(small_fs / "c", map_size=64 * 1024)
     mixed = MixedDataset(Real(64), cache)
-    worker = GenerationWorker(cache, StampGenerator().spec, min_fresh=10**6, max_items=10**6, batch_size=16, poll_interval=0.01)
+    # 10 ms per batch: the disk fills in ~1 s, not before start(wait=True) has seen the worker run
+    worker = GenerationWorker(cache, StampGenerator(delay=0.01).spec, min_fresh=10**6, max_items=10**6, batch_size=16, poll_interval=0.01)
     worker.start(wait=True, timeout=60)
     _wait_for(lambda: not worker.is_alive(), timeout=120, what="the worker to fill the disk")
     with pytest.raises(GenerationWorkerError, match=r"CacheDiskFullError: cache .*small-fs/c: the disk is full \(\d[\d,]* bytes free of 2,097,152"):

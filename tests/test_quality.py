@@ -164,11 +164,11 @@ def test_blocked_nearest_search_is_exact(monkeypatch):
     b = rng.integers(0, 256, (31, 12, 12, 1), dtype=np.uint8)
     diff = a.reshape(23, 1, -1).astype(np.int64) - b.reshape(1, 31, -1)
     brute = (diff**2).sum(-1)
-    idx, ssd = metrics._nearest(a, b)
+    idx, ssd = metrics.nearest_images(a, b)
     assert idx.tolist() == brute.argmin(1).tolist() and ssd.tolist() == brute.min(1).tolist()
     self_diff = b.reshape(31, 1, -1).astype(np.int64) - b.reshape(1, 31, -1)
     self_brute = (self_diff**2).sum(-1) + np.diag([np.iinfo(np.int64).max // 2] * 31)
-    idx, ssd = metrics._nearest(b, b, exclude_self=True)
+    idx, ssd = metrics.nearest_images(b, b, exclude_self=True)
     assert idx.tolist() == self_brute.argmin(1).tolist() and ssd.tolist() == self_brute.min(1).tolist()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -15,6 +14,7 @@ import numpy as np
 
 from synthaug.data.fashion_mnist import FashionMNIST
 from synthaug.environment import collect_env
+from synthaug.outputs import write_json
 
 __all__ = [
     "device_record",
@@ -90,10 +90,7 @@ def write_result(name: str, result: Dict[str, Any], out_dir: Optional[os.PathLik
     """Write ``result`` (plus the device record) to ``OUT_DIR/NAME.json``; returns the path."""
     out = Path(out_dir) if out_dir is not None else DEFAULT_RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
-    payload = {"benchmark": name, **device_record(), **result}
-    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    return path
+    return write_json(out / f"{name}.json", {"benchmark": name, **device_record(), **result})
 
 
 def realistic_images(n: int, size: int, channels: int, seed: int = 0, photo: Optional[int] = None) -> np.ndarray:

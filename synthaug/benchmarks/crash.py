@@ -81,7 +81,6 @@ __all__ = ["run", "main", "Lane", "default_lanes", "image_for", "label_for", "re
 INITIAL_MAP_SIZE = 64 * 1024
 ENCODINGS = ("raw", "png")
 QUICK_KILLS = 20
-_WORKDIR_HINT = "give a new or empty folder for the caches and logs"
 DEFAULT_KILLS = 200
 LANE_SEED_STRIDE = 1_000_000_000  # lane i's seeds are seed + i·10⁹ + q: disjoint between lanes
 _READY_TIMEOUT_S = 60.0
@@ -679,7 +678,7 @@ def run(kills: int = DEFAULT_KILLS, *, seed: int = 0, quick: bool = False, reade
     own_tmp = workdir is None
     folder = Path(tempfile.mkdtemp(prefix="synthaug-crash-")) if own_tmp else Path(workdir)
     if not own_tmp:
-        output_dir(folder, what="--workdir", hint=_WORKDIR_HINT)
+        output_dir(folder, what="--workdir", hint="give a new or empty folder for the caches and logs")
     lanes = default_lanes(folder, seed)
     camp = _Campaign(lanes, folder, seed, readers)
     code_before = cache_code_fingerprint()
@@ -834,13 +833,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         p.error(f"--kills must be at least 1, got {kills}")
     if args.readers < 0:
         p.error(f"--readers must be 0 or more, got {args.readers}")
-    if args.workdir:
-        try:  # refused here, before the campaign starts, with the usage line
-            output_dir(args.workdir, what="--workdir", hint=_WORKDIR_HINT)
-        except FileExistsError as exc:
-            p.error(str(exc))
-    result = run(kills, seed=args.seed, quick=args.quick, readers=args.readers, workdir=args.workdir, out=args.out,
-                 progress=not args.no_progress)
+    try:
+        result = run(kills, seed=args.seed, quick=args.quick, readers=args.readers, workdir=args.workdir, out=args.out,
+                     progress=not args.no_progress)
+    except FileExistsError as exc:  # --workdir refused before the campaign starts: say it with the usage line
+        p.error(str(exc))
     if not result["ok"]:
         print(f"crash campaign FAILED (seed {args.seed}, {kills} kills): see the problems above, {result['path']} and the "
               f"logs in {result.get('workdir')}; rerun with the same --seed to reproduce", file=sys.stderr)

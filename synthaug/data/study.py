@@ -49,7 +49,7 @@ class StudyData:
     @property
     def mode(self) -> str:
         """The PIL mode of the study's images: ``"L"`` (1 channel) or ``"RGB"``."""
-        return "L" if self.channels == 1 else "RGB"
+        return _mode(self.channels)
 
     def split(self, *, shots: int, per_class: Optional[int], seed: int):
         """``(train_indices, rare_indices)`` of this seed's imbalanced training set."""
@@ -71,12 +71,16 @@ class StudyData:
         import torch
 
         subset = torch.utils.data.Subset(self.train, [int(i) for i in indices])
-        return subset if self.prepare is None else WithTransform(subset, PILResize(self.size, self.mode))
+        return subset if self.prepare is None else WithTransform(subset, self.prepare)
 
     def image(self, index: int):
         """Training image ``index`` at the study's size."""
         x = self.train[int(index)][0]
         return x if self.prepare is None else self.prepare(x)
+
+
+def _mode(channels: int) -> str:
+    return "L" if channels == 1 else "RGB"
 
 
 def parse_dataset_spec(spec: str) -> Tuple[str, Optional[str]]:
@@ -99,7 +103,7 @@ def load_study_dataset(
     *,
     data_dir: Optional[str] = None,
     rare_class: Optional[str] = None,
-    image_size: int = 64,
+    image_size: int,
     channels: Optional[int] = None,
 ) -> StudyData:
     """The training pool and test set named by ``spec`` (see :func:`parse_dataset_spec`), and
@@ -129,7 +133,7 @@ def load_study_dataset(
         if not (root / "train").is_dir() or not (root / "test").is_dir():
             raise FileNotFoundError(f"imagefolder:{root} needs {root}/train/<class>/ and {root}/test/<class>/ folders")
         channels = channels or 3
-        prep = PILResize(image_size, "L" if channels == 1 else "RGB")
+        prep = PILResize(image_size, _mode(channels))
         train, test = ImageFolder(str(root / "train")), ImageFolder(str(root / "test"))
         if train.classes != test.classes:
             raise ValueError(f"{root}: train classes {train.classes} differ from test classes {test.classes}")
@@ -140,7 +144,7 @@ def load_study_dataset(
                          image_size, np.asarray(train.targets), normalize_transform(channels), prep,
                          [Path(p) for p, _ in train.samples], [Path(p) for p, _ in test.samples])
     channels = channels or 1
-    prep = PILResize(image_size, "L" if channels == 1 else "RGB")
+    prep = PILResize(image_size, _mode(channels))
     train, test = CsvImageDataset(arg, "train", mode=prep.mode), CsvImageDataset(arg, "test", mode=prep.mode)
     if rare_class is None:
         raise ValueError(f"--rare-class is required for a CSV dataset (one of its findings: {', '.join(train.classes)})")

@@ -51,7 +51,7 @@ from synthaug.data.study import StudyData, load_study_dataset
 from synthaug.data.transforms import WithTransform, classic_augmentation
 from synthaug.evaluation.arms import mixed_arm_loader, real_only_loader, real_rare_cache, train_and_evaluate
 from synthaug.evaluation.leakage import dataset_image_hashes, file_image_hashes
-from synthaug.evaluation.sweep_config import SweepConfig
+from synthaug.evaluation.sweep_config import ARM_KINDS, SweepConfig
 from synthaug.evaluation.sweep_pools import (
     check_leakage,
     check_worker_labels,
@@ -66,7 +66,7 @@ from synthaug.generation.worker import GenerationWorker
 from synthaug.outputs import jsonable, output_dir, write_json
 
 # the sweep's entry points: its settings, the run, and the summary of a results.json
-__all__ = ["SweepConfig", "run_sweep", "summarize_results"]
+__all__ = ["ARM_KINDS", "SweepConfig", "run_sweep", "summarize_results"]
 
 _RESULTS_VERSION = 1
 

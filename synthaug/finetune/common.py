@@ -167,21 +167,20 @@ def prepare_output_dir(out: Union[str, os.PathLike], *, resume: bool, overwrite:
 
     An existing folder that is not a synthaug adapter is refused unless ``overwrite`` (then it is
     emptied). An existing adapter is continued with ``resume``, replaced with ``overwrite``, and
-    otherwise refused, so a trained adapter is never lost silently.
+    otherwise refused, so a trained adapter is never lost silently. ``resume`` never deletes
+    anything: with nothing to resume it is refused, whatever ``overwrite`` says.
     """
     out = Path(out)
     holds_adapter = (out / "synthaug.json").is_file() or (out / "checkpoints").is_dir()
-    if resume and holds_adapter:
-        return out
-    nothing_to_resume = FileNotFoundError(f"--resume given but {out} holds no checkpoints to resume from")
-    if resume and not out.exists():
-        raise nothing_to_resume
+    if resume:
+        if holds_adapter:
+            return out
+        if out.exists():  # a file or a stranger's folder is refused as such
+            output_dir(out, hint="it is not a synthaug adapter, so there is nothing to resume; choose the adapter's folder")
+        raise FileNotFoundError(f"--resume given but {out} holds no checkpoints to resume from")
     hint = ("it already holds an adapter; pass --resume to continue it or --overwrite to replace it" if holds_adapter
             else "it is not a synthaug adapter; choose another folder or pass --overwrite")
-    output_dir(out, overwrite=overwrite, empty=True, hint=hint)
-    if resume:  # an empty folder, or one --overwrite just emptied
-        raise nothing_to_resume
-    return out
+    return output_dir(out, overwrite=overwrite, empty=True, hint=hint)
 
 
 def step_generator(seed: int, step: int):

@@ -5,8 +5,9 @@ The rule it keeps (the worker protocol's seed rule): the images stored as sequen
 ``q, q+1, ...`` are made by ``generator.generate(k, seed + q)``, so record ``q`` has per-image
 seed ``seed + q``. ``q`` is the cache's ``next_seq`` read just before generating; a run on the
 same cache with the same ``seed`` continues where the last one stopped and never repeats a seed.
-The caller holds the cache's writer lock for the seed block (:mod:`synthaug.cache.writers`), so
-no other writer moves ``next_seq`` in between.
+The caller must be the only writer of its seed block meanwhile (the worker and ``synthaug
+generate`` hold the block's writer lock, :mod:`synthaug.cache.writers`; the sweep fills a cache
+of its own), so that no other writer moves ``next_seq`` in between.
 """
 
 from __future__ import annotations
@@ -116,13 +117,15 @@ def fill_cache(
     result = FillResult()
     t0 = time.perf_counter()
     with tqdm(total=count, desc=desc, unit="img", disable=not progress, leave=leave, dynamic_ncols=True) as bar:
+
+        def stored(seqs: List[int]) -> None:
+            result.seqs.extend(seqs)
+            bar.update(len(seqs))
+
         try:
             while result.written < count:
                 k = min(chunk, count - result.written)
-                first_seq = cache.bounds()[1]
-                generate_into(generator, cache, k, first_seq, seed=seed, label=label, transform=transform, stop=stop,
-                              stored=result.seqs.extend)
-                bar.update(k)
+                generate_into(generator, cache, k, cache.bounds()[1], seed=seed, label=label, transform=transform, stop=stop, stored=stored)
         except StopRequested:
             result.interrupted = True
     result.seconds = time.perf_counter() - t0

@@ -41,6 +41,7 @@ import numpy as np
 from synthaug.adapter import image_sha256, read_adapter_config
 from synthaug.data.folders import load_image_folder, read_image
 from synthaug.generation.base import GeneratedBatch, Generator, default_device, default_dtype, dtype_kwargs, per_image_seeds
+from synthaug.generation.sources import looks_like_hub_id
 from synthaug.imaging import to_hwc_uint8
 
 __all__ = ["StableDiffusionGenerator", "SCHEDULERS", "ATTENTION", "resolve_pipeline_source"]
@@ -90,8 +91,7 @@ def resolve_pipeline_source(model: str, *, adapter: Optional[Path] = None) -> Tu
 
     needed_by = f"adapter {adapter} needs its base model {model}, which " if adapter is not None else f"model {model} "
     path = Path(model).expanduser()
-    looks_like_path = path.is_absolute() or model.startswith((".", "~")) or path.exists() or model.count("/") != 1
-    if looks_like_path:
+    if path.exists() or not looks_like_hub_id(model):
         if not path.exists():
             raise FileNotFoundError(f"{needed_by}does not exist (no such folder)")
         if not path.is_dir():

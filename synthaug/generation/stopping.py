@@ -47,11 +47,8 @@ class StopSignal:
     @contextmanager
     def critical(self) -> Iterator[None]:
         """A section a stop must not interrupt; a stop requested meanwhile is raised at its end."""
-        self._critical += 1
-        try:
+        with self.final():
             yield
-        finally:
-            self._critical -= 1
         if self.signum is not None and self._critical == 0:
             raise StopRequested()
 

@@ -108,7 +108,7 @@ def _build_lpips(backbone: Path):
     return model.eval()
 
 
-def _lpips_scores(a: np.ndarray, b: np.ndarray, backbone: Path, *, progress: bool, batch: int = 32) -> np.ndarray:
+def lpips_scores(a: np.ndarray, b: np.ndarray, backbone: Path, *, progress: bool, batch: int = 32) -> np.ndarray:
     """LPIPS of each pair ``(a[i], b[i])`` of uint8 N×H×W×C arrays (C = 1 or 3): float64 (N,)."""
     import torch
     import torch.nn.functional as F

@@ -27,7 +27,7 @@ ImageSet = Union[np.ndarray, Sequence[Any]]
 
 
 # ---------------------------------------------------------------------------------- inputs
-def _as_image_list(images: ImageSet, name: str) -> List[np.ndarray]:
+def as_image_list(images: ImageSet, name: str) -> List[np.ndarray]:
     """uint8 H×W×C arrays (C = 1 or 3) from an N×H×W(×C) array or a sequence of images, each
     converted by :func:`synthaug.imaging.to_hwc_uint8` (whose errors then name ``name[i]``)."""
     if isinstance(images, np.ndarray):
@@ -40,7 +40,7 @@ def _as_image_list(images: ImageSet, name: str) -> List[np.ndarray]:
     return out
 
 
-def _common_target(real: List[np.ndarray]) -> Tuple[int, int, int]:
+def common_target(real: List[np.ndarray]) -> Tuple[int, int, int]:
     """``(height, width, channels)`` of the common representation the real images set."""
     sizes = Counter(im.shape[:2] for im in real)
     top = max(sizes.values())
@@ -62,7 +62,7 @@ def common_representation(images: ImageSet, *, height: int, width: int, channels
     """
     if channels not in (1, 3) or height < 1 or width < 1:
         raise ValueError(f"common_representation: need height, width >= 1 and channels 1 or 3, got {height}×{width}×{channels}")
-    images = _as_image_list(images, "images")
+    images = as_image_list(images, "images")
     out = np.empty((len(images), height, width, channels), np.uint8)
     resized = converted = 0
     for i, im in enumerate(images):
@@ -81,7 +81,7 @@ def common_representation(images: ImageSet, *, height: int, width: int, channels
 
 
 # ---------------------------------------------------------------------------------- distances
-def _flat(x: np.ndarray) -> np.ndarray:
+def flatten_images(x: np.ndarray) -> np.ndarray:
     return x.reshape(len(x), -1)
 
 
@@ -89,16 +89,16 @@ def _block_rows(dim: int) -> int:
     return int(max(1, min(_MAX_BLOCK_ROWS, _BLOCK_BYTES // (8 * dim))))
 
 
-def _to_distance(ssd, dim: int):
+def ssd_to_distance(ssd, dim: int):
     """Pixel distance from sums of squared uint8 differences over ``dim`` values."""
     return np.sqrt(np.asarray(ssd, np.float64) / (dim * 255.0**2))
 
 
-def _gram_blocks(a: np.ndarray, b: np.ndarray):
+def gram_blocks(a: np.ndarray, b: np.ndarray):
     """Yield ``(i0, j0, ssd_block)`` with the exact sums of squared differences of rows of ``a``
     and ``b`` (uint8, flattened). The float64 arithmetic is exact: every operand and partial sum
     is an integer below 2**53."""
-    fa, fb = _flat(a), _flat(b)
+    fa, fb = flatten_images(a), flatten_images(b)
     rows = _block_rows(fa.shape[1])
     for i0 in range(0, len(fa), rows):
         A = fa[i0 : i0 + rows].astype(np.float64)
@@ -109,13 +109,13 @@ def _gram_blocks(a: np.ndarray, b: np.ndarray):
             yield i0, j0, np.maximum(na[:, None] + nb[None, :] - 2.0 * (A @ B.T), 0.0)
 
 
-def _nearest(a: np.ndarray, b: np.ndarray, *, exclude_self: bool = False, bar=None) -> Tuple[np.ndarray, np.ndarray]:
+def nearest_images(a: np.ndarray, b: np.ndarray, *, exclude_self: bool = False, bar=None) -> Tuple[np.ndarray, np.ndarray]:
     """For each row of ``a``: index of the nearest row of ``b`` and the sum of squared
     differences to it (int64). ``exclude_self`` (``a is b``) skips the pair (i, i)."""
     best = np.full(len(a), np.inf)
     idx = np.zeros(len(a), np.int64)
     last_i0 = -1
-    for i0, j0, g in _gram_blocks(a, b):
+    for i0, j0, g in gram_blocks(a, b):
         if exclude_self:
             for r in range(g.shape[0]):
                 c = i0 + r - j0
@@ -164,7 +164,7 @@ def pixel_distance(x, y) -> Union[float, np.ndarray]:
         a float (one pair) or float64 array (N,), in [0, 1].
     """
     x, y, single = _pair(x, y, "pixel_distance")
-    out = _to_distance(_ssd(x, y), x[0].size)
+    out = ssd_to_distance(_ssd(x, y), x[0].size)
     return float(out[0]) if single else out
 
 
@@ -178,11 +178,11 @@ def psnr(x, y) -> Union[float, np.ndarray]:
         a float (one pair) or float64 array (N,); ``inf`` where the images are identical.
     """
     x, y, single = _pair(x, y, "psnr")
-    out = _psnr_from_ssd(_ssd(x, y), x[0].size)
+    out = psnr_from_ssd(_ssd(x, y), x[0].size)
     return float(out[0]) if single else out
 
 
-def _psnr_from_ssd(ssd: np.ndarray, dim: int) -> np.ndarray:
+def psnr_from_ssd(ssd: np.ndarray, dim: int) -> np.ndarray:
     ssd = np.asarray(ssd, np.float64)
     with np.errstate(divide="ignore"):
         return np.where(ssd > 0, 10.0 * np.log10(255.0**2 * dim / np.maximum(ssd, 1.0)), np.inf)

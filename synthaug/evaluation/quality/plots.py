@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from synthaug.evaluation.quality.metrics import ImageSet, _as_image_list, common_representation
+from synthaug.evaluation.quality.metrics import ImageSet, as_image_list, common_representation
 
 __all__ = ["plot_nearest_pairs", "plot_quality_histograms"]
 
@@ -110,8 +110,8 @@ def plot_nearest_pairs(
     d = np.asarray(mem["nearest_distance"])
     order = np.argsort(d, kind="stable")[: max(1, int(n))]
     ref_all = reference if isinstance(reference, np.ndarray) else list(reference)
-    syn = _as_image_list([synthetic[int(i)] for i in order], "synthetic")
-    ref = _as_image_list([ref_all[int(mem["nearest_index"][int(i)])] for i in order], "reference")
+    syn = as_image_list([synthetic[int(i)] for i in order], "synthetic")
+    ref = as_image_list([ref_all[int(mem["nearest_index"][int(i)])] for i in order], "reference")
     S, _ = common_representation(syn, height=h, width=w, channels=c)
     R, _ = common_representation(ref, height=h, width=w, channels=c)
     ref_name = "train" if mem["reference"] == "train" else "real"

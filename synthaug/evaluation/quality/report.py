@@ -25,17 +25,17 @@ from tqdm.auto import tqdm
 from synthaug.adapter import image_sha256, read_adapter_config
 from synthaug.cache.store import SyntheticCache
 from synthaug.environment import package_versions
-from synthaug.evaluation.quality.lpips_metric import LPIPS_MIN_SIDE, _lpips_scores, lpips_status
+from synthaug.evaluation.quality.lpips_metric import LPIPS_MIN_SIDE, lpips_scores, lpips_status
 from synthaug.evaluation.quality.metrics import (
     SSIM_SETTINGS,
     ImageSet,
-    _as_image_list,
-    _common_target,
-    _flat,
-    _gram_blocks,
-    _nearest,
-    _psnr_from_ssd,
-    _to_distance,
+    as_image_list,
+    common_target,
+    flatten_images,
+    gram_blocks,
+    nearest_images,
+    psnr_from_ssd,
+    ssd_to_distance,
     common_representation,
     ssim,
 )
@@ -79,17 +79,17 @@ def _distinct(x: np.ndarray) -> np.ndarray:
 def _diversity(x: np.ndarray, *, max_pairs: int, rng_key: List[int], bar=None) -> Dict[str, Any]:
     n = len(x)
     total = n * (n - 1) // 2
-    dim = _flat(x[:1]).shape[1]
+    dim = flatten_images(x[:1]).shape[1]
     if n < 2:
         return {"mean": None, "std": None, "n_images": n, "n_pairs": 0, "all_pairs": True, "note": "fewer than two images"}
     if total <= max_pairs:
         s = s2 = 0.0
-        for i0, j0, g in _gram_blocks(x, x):
+        for i0, j0, g in gram_blocks(x, x):
             if j0 + g.shape[1] <= i0:
                 continue
             rows = np.arange(i0, i0 + g.shape[0])[:, None]
             cols = np.arange(j0, j0 + g.shape[1])[None, :]
-            d = _to_distance(g[cols > rows], dim)
+            d = ssd_to_distance(g[cols > rows], dim)
             s += float(d.sum())
             s2 += float((d * d).sum())
             if bar is not None:
@@ -100,12 +100,12 @@ def _diversity(x: np.ndarray, *, max_pairs: int, rng_key: List[int], bar=None) -
     i = rng.integers(0, n, max_pairs)
     j = rng.integers(0, n - 1, max_pairs)
     j = j + (j >= i)  # uniform over j != i
-    fx = _flat(x)
+    fx = flatten_images(x)
     d = np.empty(max_pairs)
     step = max(1, (32 << 20) // (4 * dim))
     for s in range(0, max_pairs, step):
         diff = fx[i[s : s + step]].astype(np.int32) - fx[j[s : s + step]].astype(np.int32)
-        d[s : s + step] = _to_distance(np.einsum("nd,nd->n", diff, diff, dtype=np.int64), dim)
+        d[s : s + step] = ssd_to_distance(np.einsum("nd,nd->n", diff, diff, dtype=np.int64), dim)
         if bar is not None:
             bar.update(len(diff))
     return {"mean": float(d.mean()), "std": float(d.std()), "n_images": n, "n_pairs": int(max_pairs), "all_pairs": False, "pairs_available": total}
@@ -170,9 +170,9 @@ def image_quality_report(
         raise ValueError(f"threshold must be a pixel distance in (0, 1], got {threshold}")
     if int(max_pairs) < 1:
         raise ValueError(f"max_pairs must be >= 1, got {max_pairs}")
-    syn_list = _as_image_list(synthetic, "synthetic")
-    real_list = _as_image_list(real, "real")
-    train_list = _as_image_list(train_images, "train_images") if train_images is not None else None
+    syn_list = as_image_list(synthetic, "synthetic")
+    real_list = as_image_list(real, "real")
+    train_list = as_image_list(train_images, "train_images") if train_images is not None else None
 
     # LPIPS availability is settled first, so a required-but-missing backbone fails before the work.
     backbone: Optional[Path] = None
@@ -184,7 +184,7 @@ def image_quality_report(
         if lpips is True and lpips_reason is not None:
             raise ValueError(f"LPIPS was required but cannot be computed: {lpips_reason}")
 
-    h, w, c = _common_target(real_list)
+    h, w, c = common_target(real_list)
     if h < 11 or w < 11:
         raise ValueError(f"real images are {h}×{w}; SSIM needs at least 11×11 pixels")
     R, real_conv = common_representation(real_list, height=h, width=w, channels=c)
@@ -197,9 +197,9 @@ def image_quality_report(
 
     # nearest real image of each synthetic image (pixel distance)
     with bar(len(S), "nearest real") as b:
-        near_idx, near_ssd = _nearest(S, R, bar=b)
-    near_d = _to_distance(near_ssd, dim)
-    psnr_vals = _psnr_from_ssd(near_ssd, dim)
+        near_idx, near_ssd = nearest_images(S, R, bar=b)
+    near_d = ssd_to_distance(near_ssd, dim)
+    psnr_vals = psnr_from_ssd(near_ssd, dim)
     ssim_vals = np.empty(len(S))
     step = 256
     with bar(len(S), "SSIM") as b:
@@ -212,8 +212,8 @@ def image_quality_report(
     real_nn: Dict[str, Any]
     if len(uniq) >= 2:
         with bar(len(uniq), "real-real") as b:
-            nn_idx, nn_ssd = _nearest(R[uniq], R[uniq], exclude_self=True, bar=b)
-        nn_d = _to_distance(nn_ssd, dim)
+            nn_idx, nn_ssd = nearest_images(R[uniq], R[uniq], exclude_self=True, bar=b)
+        nn_d = ssd_to_distance(nn_ssd, dim)
         k = int(np.argmin(nn_ssd))
         tau_closest = float(nn_d[k])
         tau_pair = [int(uniq[k]), int(uniq[nn_idx[k]])]
@@ -234,12 +234,12 @@ def image_quality_report(
     # memorization against the training images (or the real set)
     if T is not None:
         with bar(len(S), "nearest train") as b:
-            ref_idx, ref_ssd = _nearest(S, T, bar=b)
+            ref_idx, ref_ssd = nearest_images(S, T, bar=b)
         reference = "train"
     else:
         ref_idx, ref_ssd = near_idx, near_ssd
         reference = "real"
-    ref_d = _to_distance(ref_ssd, dim)
+    ref_d = ssd_to_distance(ref_ssd, dim)
     memorized = ref_d < tau
 
     # diversity
@@ -251,7 +251,7 @@ def image_quality_report(
     # LPIPS
     lpips_block: Dict[str, Any]
     if backbone is not None:
-        vals = _lpips_scores(S, R[near_idx], backbone, progress=progress)
+        vals = lpips_scores(S, R[near_idx], backbone, progress=progress)
         lpips_block = {
             "available": True,
             "net": "alex",
