@@ -35,7 +35,7 @@ def _train_reference_cnn(train, steps=400, per_class=400, seed=0):
     import torch
 
     from synthaug.data.transforms import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    from synthaug.evaluation.classifier import build_classifier, train_classifier
+    from synthaug.classifier import build_classifier, train_classifier
 
     rng = np.random.default_rng(seed)
     targets = train.targets.numpy()

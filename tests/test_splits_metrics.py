@@ -72,7 +72,7 @@ def test_resnet18_stem_follows_the_image_size(size, channels):
     which shrinks 4× before the first block: the last feature map is size/8 against size/32 (rounded up)."""
     import torch
 
-    from synthaug.evaluation.classifier import SMALL_INPUT_MAX, build_classifier
+    from synthaug.classifier import SMALL_INPUT_MAX, build_classifier
 
     net = build_classifier("resnet18", in_channels=channels, num_classes=3, image_size=size).eval()
     small = size <= SMALL_INPUT_MAX

@@ -64,7 +64,7 @@ from synthaug.data.fashion_mnist import FashionMNIST
 from synthaug.data.splits import few_shot_split
 from synthaug.data.transforms import fashion_mnist_transform
 from synthaug.evaluation.arms import mixed_arm_loader, real_only_loader
-from synthaug.evaluation.classifier import build_classifier, train_classifier
+from synthaug.classifier import build_classifier, train_classifier
 from synthaug.generation.worker import GenerationWorker
 
 __all__ = ["run", "main"]

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from synthaug.cache.store import SyntheticCache
 from synthaug.data.transforms import WithTransform
-from synthaug.evaluation.classifier import build_classifier, predict, train_classifier
+from synthaug.classifier import build_classifier, predict, train_classifier
 from synthaug.evaluation.metrics import multilabel_rare_metrics, rare_class_metrics
 from synthaug.imaging import to_hwc_uint8
 from synthaug.outputs import jsonable

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from synthaug.data.study import parse_dataset_spec
-from synthaug.evaluation.classifier import CLASSIFIERS
+from synthaug.classifier import CLASSIFIERS
 
 __all__ = ["ARM_KINDS", "SweepConfig"]
 
