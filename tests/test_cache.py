@@ -515,3 +515,23 @@ def test_cli_inspect_export_grid_and_env(tmp_path, capsys):
     env_text = capsys.readouterr().out
     for name in ("python", "torch", "torchvision", "diffusers", "peft", "lmdb", "cuda", "xformers"):
         assert name in env_text.lower(), name
+
+
+def test_soft_labels_are_stored_validated_and_returned_exactly(tmp_path):
+    from synthaug.cache.codec import SoftLabel
+
+    cache = SyntheticCache(tmp_path / "c.lmdb", label_names=[f"c{i}" for i in range(10)])
+    images = np.zeros((3, 4, 4, 1), np.uint8)
+    seqs = cache.append(images, [{6: 0.7, 2: 0.3}, 5, {"c1": 0.25, "c3": 0.75}], {})
+    got = [cache.get(q).label for q in seqs]
+    assert got[0] == {6: 0.7, 2: 0.3} and isinstance(got[0], SoftLabel) and got[0].target == 6
+    assert got[1] == 5 and got[2] == {1: 0.25, 3: 0.75} and got[2].target == 1
+    assert cache.scan_labels()[0] == dict(zip(seqs, got)) and cache.verify()["corrupt"] == 0
+    assert cache.label_histogram() == {"1 (c1)": 1, "5 (c5)": 1, "6 (c6)": 1}  # filed under the class made for
+    for bad, message in [({6: 0.7, 2: 0.2}, "weights sum to 0.9, not 1"), ({6: 1.5, 2: -0.5}, "must be a finite number > 0"),
+                         ({"shirt": 1.0}, "names class 'shirt', which cannot be resolved"), ({}, "at least one class")]:
+        with pytest.raises(ValueError, match=message):
+            cache.append(images[:1], [bad])
+    assert len(cache) == 3  # nothing of a refused append
+    with pytest.raises(TypeError, match="immutable"):
+        got[0][6] = 1.0

@@ -77,9 +77,14 @@ def rewrite(value: bytes, **fields: int) -> bytes:
     return with_crc(head + value[HEADER_SIZE:])
 
 
+def label_bytes(h: Dict[str, Any]) -> int:
+    """Bytes of the label region: 4 per int label, 12 per (class, weight) of a soft label."""
+    return (12 if h["flags"] & 2 else 4) * h["n_labels"]
+
+
 def payload_of(value: bytes) -> bytes:
     h = header_of(value)
-    return value[HEADER_SIZE + 4 * h["n_labels"] + h["meta_len"] :]
+    return value[HEADER_SIZE + label_bytes(h) + h["meta_len"] :]
 
 
 def try_call(fn, *args, **kwargs):
@@ -118,8 +123,19 @@ def reference_image(payload: bytes, encoding: int, channels: int) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+INVALID = object()  # a label region that holds no valid label (soft weights that are no distribution)
+
+
 def expected_label(value: bytes):
     h = header_of(value)
+    if h["flags"] & 2:
+        pairs = [struct.unpack_from(">id", value, HEADER_SIZE + 12 * i) for i in range(h["n_labels"])]
+        if len({c for c, _ in pairs}) < len(pairs):
+            return INVALID  # a repeated class: the dict would hide an entry, so the sum tells
+        try:
+            return codec.SoftLabel(pairs)
+        except ValueError:
+            return INVALID
     labels = struct.unpack_from(f">{h['n_labels']}i", value, HEADER_SIZE)
     return labels if h["flags"] & 1 else labels[0]
 
@@ -127,7 +143,7 @@ def expected_label(value: bytes):
 def expected_meta(value: bytes) -> Optional[Dict[str, Any]]:
     """The metadata the header and bytes describe, or ``None`` if they are not a JSON object."""
     h = header_of(value)
-    start = HEADER_SIZE + 4 * h["n_labels"]
+    start = HEADER_SIZE + label_bytes(h)
     raw = value[start : start + h["meta_len"]]
     if not raw:
         return {}
@@ -190,11 +206,12 @@ def check_every_reader(value: bytes) -> None:
         if fields is None:  # a header the codec refuses is refused by every reader
             assert all(r is None for r in (*recs.values(), label, label_nocrc, meta, meta_nocrc))
         else:  # and what the header and bytes do describe is not refused
-            assert label_nocrc is not None and (label is not None) == crc_ok(value)
+            label_ok = expected_label(value) is not INVALID
+            assert (label_nocrc is not None) == label_ok and (label is not None) == (label_ok and crc_ok(value))
             if expected_meta(value) is not None:
                 assert meta_nocrc is not None and (meta is not None) == crc_ok(value)
             if h["encoding"] == 0 and h["image_len"] == h["height"] * h["width"] * h["channels"]:
-                assert recs[False] is not None and (recs[True] is not None) == crc_ok(value)
+                assert (recs[False] is not None) == label_ok and (recs[True] is not None) == (label_ok and crc_ok(value))
 
 
 # ------------------------------------------------------------------------------- strategies
@@ -203,7 +220,15 @@ json_scalars = st.one_of(
 )
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
 metas = st.dictionaries(st.text(max_size=10), json_values, max_size=4)
-labels = st.one_of(st.integers(-(2**31), 2**31 - 1), st.lists(st.integers(-(2**31), 2**31 - 1), max_size=5))
+
+
+def _distribution(weights: Dict[int, float]) -> "codec.SoftLabel":
+    total = sum(weights.values())
+    return codec.SoftLabel({k: v / total for k, v in weights.items()})
+
+
+soft_labels = st.dictionaries(st.integers(0, 2**31 - 1), st.floats(1e-3, 1.0), min_size=1, max_size=4).map(_distribution)
+labels = st.one_of(st.integers(-(2**31), 2**31 - 1), st.lists(st.integers(-(2**31), 2**31 - 1), max_size=5), soft_labels)
 
 
 class Sample(NamedTuple):
@@ -270,7 +295,7 @@ def header_rewrites(draw, value: bytes) -> bytes:
     out = rewrite(value, **new)
     if draw(st.booleans()):  # make the total length match the new header
         n = header_of(out)
-        want = HEADER_SIZE + 4 * n["n_labels"] + n["meta_len"] + n["image_len"]
+        want = HEADER_SIZE + label_bytes(n) + n["meta_len"] + n["image_len"]
         if want <= len(out) + 4096:
             body = out[HEADER_SIZE:want] + bytes(max(0, want - len(out)))
             out = with_crc(out[:HEADER_SIZE] + body)
@@ -308,7 +333,7 @@ def mutations(draw, value: bytes) -> Tuple[str, bytes]:
         return kind, with_crc(bytes(out))
     # resize+crc: insert or delete bytes inside the body, fix the length fields and the CRC
     h = header_of(value)
-    meta_start = HEADER_SIZE + 4 * h["n_labels"]
+    meta_start = HEADER_SIZE + label_bytes(h)
     img_start = meta_start + h["meta_len"]
     pos = draw(st.integers(meta_start, n))
     delete = draw(st.integers(0, min(16, n - pos)))
@@ -329,7 +354,7 @@ def header_prefixed_bytes(draw) -> bytes:
         "version": draw(st.sampled_from([1, 1, 1, 0, 2])),
         "encoding": enc,
         "channels": draw(st.sampled_from([1, 3, 1, 3, 0, 2, 4])),
-        "flags": draw(st.sampled_from([0, 1, 0, 1, 2, 255])),
+        "flags": draw(st.sampled_from([0, 1, 0, 1, 2, 2, 3, 255])),
         "height": draw(st.sampled_from([1, 2, 8, 0, 65535]) | st.integers(0, 65535)),
         "width": draw(st.sampled_from([1, 3, 8, 0, 65535]) | st.integers(0, 65535)),
         "n_labels": draw(st.sampled_from([1, 0, 2, 3])),
@@ -339,7 +364,15 @@ def header_prefixed_bytes(draw) -> bytes:
     image = draw(st.sampled_from(starts)) + draw(st.binary(max_size=96))
     if enc == 0 and image and draw(st.booleans()):  # a raw image the random bytes fill exactly
         fields.update(channels=1, height=1, width=len(image))
-    body = draw(st.binary(min_size=4 * fields["n_labels"], max_size=4 * fields["n_labels"])) + meta + image
+    n_label_bytes = label_bytes(fields)
+    if fields["flags"] == 2 and draw(st.booleans()):  # a soft label that is a distribution, or nearly
+        weights = draw(st.lists(st.floats(1e-3, 1.0), min_size=fields["n_labels"], max_size=fields["n_labels"]))
+        total = sum(weights) or 1.0
+        label_region = b"".join(struct.pack(">id", draw(st.integers(0, 2**31 - 1)), w / total * draw(st.sampled_from([1.0, 1.0, 1.1, -1.0])))
+                                for w in weights)
+    else:
+        label_region = draw(st.binary(min_size=n_label_bytes, max_size=n_label_bytes))
+    body = label_region + meta + image
     consistent = draw(st.booleans())
     fields["meta_len"] = len(meta) if consistent else draw(st.integers(0, 2**32 - 1))
     fields["image_len"] = len(image) if consistent else draw(st.integers(0, 2**32 - 1))
@@ -366,7 +399,7 @@ def test_bytes_behind_a_valid_header_prefix_raise_only_corrupt_record_error(data
 @settings(max_examples=EXAMPLES or 200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sample=samples())
 def test_valid_records_round_trip(sample):
-    """(c): every encoding, 1 or 3 channels, single and multi label, with meta."""
+    """(c): every encoding, 1 or 3 channels, single, multi and soft labels, with meta."""
     value, image, label, meta, enc = sample
     want_label = tuple(label) if isinstance(label, list) else label
     for buf in (value, memoryview(value)):
@@ -379,7 +412,8 @@ def test_valid_records_round_trip(sample):
             np.testing.assert_array_equal(rec.image, reference_image(payload_of(value), int(enc), image.shape[2]))
         assert rec.label == want_label and peek_label(buf, 3) == want_label  # (d)
         assert rec.meta == meta and peek_meta(buf, 3) == meta
-        assert read_header(buf)[:8] == (b"SAUG", codec.FORMAT_VERSION, int(enc), image.shape[2], int(isinstance(label, list)), *image.shape[:2], len(label) if isinstance(label, list) else 1)
+        flags = 2 if isinstance(label, codec.SoftLabel) else int(isinstance(label, list))
+        assert read_header(buf)[:8] == (b"SAUG", codec.FORMAT_VERSION, int(enc), image.shape[2], flags, *image.shape[:2], len(label) if isinstance(label, (list, dict)) else 1)
     check_every_reader(value)
 
 
@@ -423,7 +457,7 @@ def small_record(encoding: Encoding, c: int = 1, size: Tuple[int, int] = (4, 5),
 def with_payload(value: bytes, payload: bytes, **fields: int) -> bytes:
     """``value`` with its image bytes replaced (and header fields set), CRC recomputed."""
     h = header_of(value)
-    start = HEADER_SIZE + 4 * h["n_labels"] + h["meta_len"]
+    start = HEADER_SIZE + label_bytes(h) + h["meta_len"]
     return rewrite(value[:start] + payload, image_len=len(payload), **fields)
 
 
@@ -553,7 +587,9 @@ def test_header_fields_no_writer_produces_are_refused():
         ({"version": 2}, "newer than this synthaug"),
         ({"encoding": 4}, "unknown encoding code 4"),
         ({"channels": 2}, "2 channels"),
-        ({"flags": 2}, "unknown flag bits 0x02"),
+        ({"flags": 4}, "unknown flag bits 0x04"),
+        ({"flags": 3}, "both multi-label and soft"),
+        ({"flags": 2}, r"value holds (\d+) bytes, header says (\d+)"),  # a soft label takes 12 bytes, not 4
         ({"height": 0, "width": 0, "image_len": 0}, "0×0 image"),
         ({"n_labels": 0, "meta_len": header_of(value)["meta_len"] + 4}, "single-label record holds 0 labels"),
     ]:

@@ -7,7 +7,7 @@ A record value is::
         version     u8   FORMAT_VERSION
         encoding    u8   0 raw, 1 png, 2 jpeg, 3 webp
         channels    u8   1 (gray) or 3 (RGB)
-        flags       u8   bit 0: the label is a list (multi-label)
+        flags       u8   bit 0: the label is a list (multi-label); bit 1: a soft label
         height      u16
         width       u16
         n_labels    u16
@@ -15,7 +15,8 @@ A record value is::
         meta_len    u32
         image_len   u32
         crc32c      u32  CRC-32C (Castagnoli) over header bytes [0, 24) and everything after it
-    labels      n_labels × int32 (big-endian)
+    labels      n_labels × int32 (big-endian); a soft label: n_labels × (int32 class, float64
+                weight), its first entry the class the image was made for
     meta        meta_len bytes of compact UTF-8 JSON (the provenance dict)
     image       image_len bytes: raw H×W×C uint8, or a PNG/JPEG/WebP file
 
@@ -46,7 +47,7 @@ import math
 import struct
 from enum import IntEnum
 from pathlib import PurePath
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from crc32c import crc32c as _crc32c
@@ -59,6 +60,8 @@ __all__ = [
     "HEADER_SIZE",
     "Encoding",
     "Record",
+    "SoftLabel",
+    "label_class",
     "decode_image",
     "decode_record",
     "encode_image",
@@ -74,10 +77,72 @@ _HEADER = struct.Struct(">4sBBBBHHH2xIII")
 HEADER_SIZE = _HEADER.size  # 28
 _CRC_OFFSET = HEADER_SIZE - 4
 _FLAG_MULTILABEL = 1
-_KNOWN_FLAGS = _FLAG_MULTILABEL
+_FLAG_SOFT = 2
+_KNOWN_FLAGS = _FLAG_MULTILABEL | _FLAG_SOFT
 _MAX_ENCODING = 3
+_SOFT_PAIR = struct.Struct(">id")  # class, weight
+_SOFT_SUM_TOLERANCE = 1e-6
 
-Label = Union[int, Tuple[int, ...]]
+
+class SoftLabel(dict):
+    """A soft label: ``{class index: weight}``, weights > 0 that sum to 1 (within 1e-6).
+
+    Its first entry is the class the image was made for (a translation's target class, say); the
+    cache, the sampler's class targeting and per-class ratios file the record under that class,
+    while a classifier trained on it learns the whole distribution. It compares equal to the plain
+    dict of its entries (``SoftLabel({6: 0.7, 2: 0.3}) == {6: 0.7, 2: 0.3}``), is immutable and
+    hashable, and its weights survive the cache exactly (stored as float64).
+
+    Raises:
+        ValueError: no entries, a class that is not an int in [0, 2**31), or a weight that is not
+            finite and > 0, or weights that do not sum to 1.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, weights) -> None:
+        items = list(dict(weights).items())
+        if not items:
+            raise ValueError("a soft label needs at least one class")
+        clean = []
+        for cls, w in items:
+            if isinstance(cls, bool) or not isinstance(cls, (int, np.integer)) or not 0 <= int(cls) < 2**31:
+                raise ValueError(f"soft label {dict(weights)!r}: class {cls!r} is not a class index (int >= 0)")
+            if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) or not math.isfinite(float(w)) or float(w) <= 0:
+                raise ValueError(f"soft label {dict(weights)!r}: weight {w!r} of class {cls} must be a finite number > 0")
+            clean.append((int(cls), float(w)))
+        total = math.fsum(w for _, w in clean)
+        if abs(total - 1.0) > _SOFT_SUM_TOLERANCE:
+            raise ValueError(f"soft label {dict(weights)!r}: weights sum to {total:.9g}, not 1")
+        super().__init__(clean)
+
+    @property
+    def target(self) -> int:
+        """The class the image was made for: the first entry."""
+        return next(iter(self))
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+    def __repr__(self) -> str:
+        return f"SoftLabel({dict(self)!r})"
+
+    def __reduce__(self):
+        return (SoftLabel, (dict(self),))
+
+    def _immutable(self, *args, **kwargs):
+        raise TypeError("a SoftLabel is immutable; make a new one")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _immutable  # type: ignore[assignment]
+
+
+Label = Union[int, Tuple[int, ...], SoftLabel]
+
+
+def label_class(label: Label):
+    """The class a record is filed under: a soft label's :attr:`~SoftLabel.target`, any other
+    label itself (an int, or the tuple of a multi-label record)."""
+    return label.target if isinstance(label, SoftLabel) else label
 
 
 class Encoding(IntEnum):
@@ -110,7 +175,7 @@ class Record:
     Attributes:
         seq: its sequence number in the cache.
         image: uint8 numpy array H×W×C (C = 1 or 3), writable.
-        label: an int, or a tuple of ints for a multi-label record.
+        label: an int, a tuple of ints for a multi-label record, or a :class:`SoftLabel`.
         meta: the provenance dict, parsed from the record's UTF-8 JSON on first access (so the
             hot read path never parses it). Raises :class:`CorruptRecordError` if those bytes
             are not a JSON object in UTF-8 (possible only for a record decoded with
@@ -405,18 +470,19 @@ def encode_record(
 ) -> bytes:
     """One record value. ``image`` must already be uint8 H×W×C with C in (1, 3)."""
     h, w, c = image.shape
-    if isinstance(label, (tuple, list)):
-        labels = [int(v) for v in label]
-        flags = _FLAG_MULTILABEL
+    if isinstance(label, SoftLabel):
+        packed = b"".join(_SOFT_PAIR.pack(cls, weight) for cls, weight in label.items())
+        n_labels, flags = len(label), _FLAG_SOFT
     else:
-        labels = [int(label)]
-        flags = 0
-    for v in labels:
-        if not -(2**31) <= v < 2**31:
-            raise ValueError(f"label {v} does not fit in int32")
+        labels = [int(v) for v in label] if isinstance(label, (tuple, list)) else [int(label)]
+        for v in labels:
+            if not -(2**31) <= v < 2**31:
+                raise ValueError(f"label {v} does not fit in int32")
+        packed = struct.pack(f">{len(labels)}i", *labels)
+        n_labels, flags = len(labels), (_FLAG_MULTILABEL if isinstance(label, (tuple, list)) else 0)
     img = encode_image(image, encoding, quality=quality, png_level=png_level)
-    body = struct.pack(f">{len(labels)}i", *labels) + meta_bytes + img
-    head = _HEADER.pack(MAGIC, FORMAT_VERSION, int(encoding), c, flags, h, w, len(labels), len(meta_bytes), len(img), 0)
+    body = packed + meta_bytes + img
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, int(encoding), c, flags, h, w, n_labels, len(meta_bytes), len(img), 0)
     crc = _crc32c(body, _crc32c(head[:_CRC_OFFSET]))
     return head[:_CRC_OFFSET] + struct.pack(">I", crc) + body
 
@@ -426,8 +492,9 @@ def _parse_header(buf) -> Tuple:
 
     Beyond magic, version and total length, it refuses what no writer produces, so a header
     crafted to pass its CRC cannot describe something the decoders would misread: an unknown
-    encoding code, channels other than 1 or 3, unknown flag bits, a zero height or width, and a
-    single-label record (flag bit 0 clear) without exactly one label. The pad bytes are ignored.
+    encoding code, channels other than 1 or 3, unknown flag bits, both flag bits at once, a zero
+    height or width, a single-label record (no flag) without exactly one label, and a soft label
+    without one. The pad bytes are ignored.
     """
     n = len(buf)
     if n < HEADER_SIZE:
@@ -441,10 +508,12 @@ def _parse_header(buf) -> Tuple:
         or enc > _MAX_ENCODING
         or (channels != 1 and channels != 3)
         or flags & ~_KNOWN_FLAGS
+        or flags == _KNOWN_FLAGS
         or not h
         or not w
         or (n_labels != 1 and not flags)
-        or n != HEADER_SIZE + 4 * n_labels + meta_len + image_len
+        or (not n_labels and flags & _FLAG_SOFT)
+        or n != HEADER_SIZE + _label_bytes(n_labels, flags) + meta_len + image_len
     ):
         raise ValueError(_header_problem(n, fields))
     return fields
@@ -464,11 +533,15 @@ def _header_problem(n: int, fields: Tuple) -> str:
         return f"header says {channels} channels (1 or 3)"
     if flags & ~_KNOWN_FLAGS:
         return f"header has unknown flag bits 0x{flags & ~_KNOWN_FLAGS:02x}"
+    if flags == _KNOWN_FLAGS:
+        return "header says the label is both multi-label and soft"
     if not h or not w:
         return f"header says a {h}×{w} image"
     if n_labels != 1 and not flags:
         return f"single-label record holds {n_labels} labels"
-    expected = HEADER_SIZE + 4 * n_labels + meta_len + image_len
+    if not n_labels and flags & _FLAG_SOFT:
+        return "soft label without a class"
+    expected = HEADER_SIZE + _label_bytes(n_labels, flags) + meta_len + image_len
     return f"value holds {n} bytes, header says {expected}"
 
 
@@ -496,9 +569,20 @@ def _check_crc(buf, stored: int) -> None:
         raise ValueError(f"CRC-32C mismatch (stored {stored:08x}, computed {actual:08x})")
 
 
+def _label_bytes(n_labels: int, flags: int) -> int:
+    return (_SOFT_PAIR.size if flags & _FLAG_SOFT else 4) * n_labels
+
+
 def _labels_from(buf, n_labels: int, flags: int) -> Label:
+    """The label region of a record whose header was checked; a soft label is validated (a
+    record crafted to pass its CRC cannot hand out weights that are not a distribution)."""
     if n_labels == 1 and not flags:
         return _INT32.unpack_from(buf, HEADER_SIZE)[0]
+    if flags & _FLAG_SOFT:
+        label = SoftLabel([_SOFT_PAIR.unpack_from(buf, HEADER_SIZE + i * _SOFT_PAIR.size) for i in range(n_labels)])
+        if len(label) != n_labels:
+            raise ValueError(f"soft label repeats a class ({n_labels} entries, {len(label)} classes)")
+        return label
     return struct.unpack_from(f">{n_labels}i", buf, HEADER_SIZE)
 
 
@@ -517,7 +601,7 @@ def decode_record(buf, seq: Optional[int] = None, *, check_crc: bool = True, pat
     """
     try:
         _m, _v, enc, channels, flags, h, w, n_labels, meta_len, image_len, crc = _parse_header(buf)
-        meta_start = HEADER_SIZE + 4 * n_labels
+        meta_start = HEADER_SIZE + _label_bytes(n_labels, flags)
         img_start = meta_start + meta_len
         if enc == 0:
             # raw: copy out of the map first, then checksum the copy while it is in CPU cache
@@ -533,10 +617,7 @@ def decode_record(buf, seq: Optional[int] = None, *, check_crc: bool = True, pat
             if check_crc:
                 _check_crc(buf, crc)
             image = _decode_image(buf[img_start:], enc, h, w, channels)  # the image runs to the end
-        if n_labels == 1 and not flags:  # _parse_header refused any other flag bit
-            label = _INT32.unpack_from(buf, HEADER_SIZE)[0]
-        else:
-            label = struct.unpack_from(f">{n_labels}i", buf, HEADER_SIZE)
+        label = _labels_from(buf, n_labels, flags)
         meta_bytes = bytes(buf[meta_start:img_start])
     except MemoryError:
         # not a property of the bytes: the checks above bound every allocation by the value's
@@ -549,8 +630,8 @@ def decode_record(buf, seq: Optional[int] = None, *, check_crc: bool = True, pat
 
 
 def peek_label(buf, seq: Optional[int] = None, path=None, *, check_crc: bool = True) -> Label:
-    """The label of a record value without decoding its image: an int, or a tuple of ints for a
-    multi-label record.
+    """The label of a record value without decoding its image: an int, a tuple of ints for a
+    multi-label record, or a :class:`SoftLabel`.
 
     The CRC is checked by default (a flipped label byte would otherwise route a record to the
     wrong class); CRC-32C runs at memory speed, so this stays far cheaper than decoding.
@@ -585,7 +666,7 @@ def peek_meta(buf, seq: Optional[int] = None, path=None, *, check_crc: bool = Tr
             _check_crc(buf, fields[10])
     except Exception as exc:
         raise CorruptRecordError(seq, _reason(exc), path) from None
-    start = HEADER_SIZE + 4 * fields[7]
+    start = HEADER_SIZE + _label_bytes(fields[7], fields[4])
     return _parse_meta(buf[start : start + fields[8]], seq, path)
 
 
@@ -667,11 +748,15 @@ def _check_image(im, i: int) -> np.ndarray:
     return im
 
 
-def as_labels(labels, n: int) -> List[Label]:
-    """One label per image: an int, or a list/tuple of ints (multi-label). A single int is
-    broadcast to all ``n`` images."""
+def as_labels(labels, n: int, names: Optional[Callable[[], Optional[Sequence[str]]]] = None) -> List[Label]:
+    """One label per image: an int, a list/tuple of ints (multi-label), or a mapping
+    ``{class: weight}`` (a :class:`SoftLabel`; classes as indices, or as names among ``names()``,
+    the cache's label names, read only when a name is met). A single int or mapping is broadcast
+    to all ``n`` images."""
     if isinstance(labels, (int, np.integer)) and not isinstance(labels, bool):
         return [int(labels)] * n
+    if isinstance(labels, Mapping):
+        return [_soft_label(labels, 0, names)] * n
     if _is_tensor(labels):
         labels = labels.tolist()
     elif isinstance(labels, np.ndarray):
@@ -682,7 +767,9 @@ def as_labels(labels, n: int) -> List[Label]:
         raise ValueError(f"got {n} images but {len(labels)} labels; pass one label per image")
     out: List[Label] = []
     for i, lab in enumerate(labels):
-        if isinstance(lab, (list, tuple)):
+        if isinstance(lab, Mapping):
+            out.append(_soft_label(lab, i, names))
+        elif isinstance(lab, (list, tuple)):
             if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in lab):
                 raise ValueError(f"label {i} ({lab!r}) must be an int or a list of ints")
             out.append(tuple(int(v) for v in lab))
@@ -691,8 +778,25 @@ def as_labels(labels, n: int) -> List[Label]:
         elif isinstance(lab, float) and math.isfinite(lab) and lab == int(lab):
             out.append(int(lab))
         else:
-            raise ValueError(f"label {i} ({lab!r}) must be an int or a list of ints")
+            raise ValueError(f"label {i} ({lab!r}) must be an int, a list of ints or a soft label {{class: weight}}")
     return out
+
+
+def _soft_label(mapping: Mapping, i: int, names: Optional[Callable[[], Optional[Sequence[str]]]]) -> SoftLabel:
+    """Label ``i`` given as ``{class: weight}``; class names resolved through ``names()``."""
+    resolved = {}
+    for cls, w in mapping.items():
+        if isinstance(cls, str):
+            names = names() if callable(names) else names
+            if not names or cls not in names:
+                known = f"the cache's label names are {list(names)}" if names else "the cache has no label names (SyntheticCache(..., label_names=...))"
+                raise ValueError(f"label {i} names class {cls!r}, which cannot be resolved: {known}")
+            cls = list(names).index(cls)
+        resolved[cls] = w
+    try:
+        return SoftLabel(resolved)
+    except ValueError as exc:
+        raise ValueError(f"label {i}: {exc}") from None
 
 
 def as_metas(meta, n: int) -> List[Dict[str, Any]]:

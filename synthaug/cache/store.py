@@ -331,7 +331,10 @@ class SyntheticCache:
                 or N×H×W (gray, N not 3, W not 1 or 3); or a list of PIL images / H×W×C arrays /
                 C×H×W tensors. Pass one image as ``image[None]`` or ``[image]``: a 3-D array that
                 looks like one H×W×C image, or a 3×H×W tensor, is refused as ambiguous.
-            labels: one int (or list of ints, multi-label) per image; a single int for all.
+            labels: one label per image, or one for all: an int; a list of ints (multi-label); or
+                a soft label ``{class: weight}`` (classes as indices or label names, weights > 0
+                summing to 1; its first entry is the class the image was made for), returned
+                by :meth:`get` as a :class:`~synthaug.cache.codec.SoftLabel`.
             meta: one provenance dict per image (JSON-serializable), or one dict for all.
                 ``created_at`` is added where missing.
             fit_within: the generation worker's mode. Store only as many of the images (the
@@ -359,7 +362,7 @@ class SyntheticCache:
             raise ValueError(f"fit_within must be a number of records >= 1, got {fit_within!r}")
         imgs = codec.as_image_batch(images)
         n = len(imgs)
-        labs = codec.as_labels(labels, n)
+        labs = codec.as_labels(labels, n, lambda: self.label_names)
         metas = codec.as_metas(meta, n)
         if n == 0:
             return []
@@ -782,7 +785,8 @@ class SyntheticCache:
         }
 
     def label_histogram(self, *, corrupt: Optional[List[int]] = None) -> Dict[str, int]:
-        """Records per label (multi-label records count once per label), keyed by label text.
+        """Records per label (multi-label records count once per label, a soft label under the
+        class its image was made for), keyed by label text.
 
         Damaged records (bad header or CRC) are not counted; pass a list as ``corrupt`` to get
         their sequence numbers appended to it.
@@ -792,7 +796,7 @@ class SyntheticCache:
         if corrupt is not None:
             corrupt.extend(bad)
         for lab in labels.values():
-            counts.update(lab if isinstance(lab, tuple) else (lab,))
+            counts.update(lab if isinstance(lab, tuple) else (codec.label_class(lab),))
         names = self.label_names
         return {
             (f"{k} ({names[k]})" if names and 0 <= k < len(names) else str(k)): v for k, v in sorted(counts.items())
