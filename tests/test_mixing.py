@@ -833,3 +833,47 @@ def test_cache_shard_splits_a_node_local_cache_among_the_nodes_ranks(tmp_path, t
         RatioBatchSampler(mixed, batch_size=8, synthetic_ratio=0.5, cache_shard="local")
     with pytest.raises(ValueError, match=r"needs 0 <= index < count"):
         RatioBatchSampler(mixed, batch_size=8, synthetic_ratio=0.5, cache_shard=(2, 2))
+
+
+class _Garments(torch.utils.data.Dataset):
+    """Real items (28×28 uint8 arrays, class index) of four named classes."""
+
+    classes = ["T-shirt", "Pullover", "Coat", "Shirt"]
+
+    def __init__(self, n: int = 64) -> None:
+        self.targets = [i % 4 for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return np.full((28, 28), 10 * self.targets[i], np.uint8), self.targets[i]
+
+
+def test_a_soft_label_travels_from_the_cache_through_dataloader_workers_into_the_loss(tmp_path):
+    from synthaug.classifier import build_classifier, train_classifier
+
+    # the cache names its classes in another order than the real dataset: labels map by name
+    cache = SyntheticCache(tmp_path / "soft.lmdb", label_names=["Shirt", "Coat", "Pullover", "T-shirt"])
+    images = np.full((24, 28, 28, 1), 200, np.uint8)
+    labels = [{"Shirt": 0.7, "Pullover": 0.3} if i % 2 else {"Shirt": 0.55, "Coat": 0.45} for i in range(20)] + [0] * 4
+    cache.append(images, labels, [{"i": i} for i in range(24)])
+    with pytest.raises(ValueError, match="has a soft label .*pass soft_targets=True"):
+        MixedDataset(_Garments(), cache)
+    loader = mixed_loader(_Garments(), cache, 8, 0.25, soft_targets=True, mark_synthetic=True, classes=["Shirt"], drop_last=True,
+                          transform=lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)[None] / 255, num_workers=2)
+    want = {(0.0, 0.3, 0.0, 0.7), (0.0, 0.0, 0.45, 0.55), (0.0, 0.0, 0.0, 1.0)}  # real order: T-shirt, Pullover, Coat, Shirt
+    seen_soft = 0
+    for x, y, synthetic in loader:
+        assert y.dtype == torch.float32 and y.shape == (8, 4) and torch.allclose(y.sum(1), torch.ones(8))
+        assert int(synthetic.sum()) == 2  # r = 0.25 of 8, exactly
+        for row in y[synthetic]:
+            assert tuple(round(float(v), 6) for v in row) in want
+            seen_soft += int(row.max() < 1)
+        for row in y[~synthetic]:  # real items one-hot
+            assert sorted(row.tolist()) == [0.0, 0.0, 0.0, 1.0]
+    assert seen_soft >= 10  # records filed under "Shirt" (their first entry) are the ones drawn
+    model = build_classifier("small-cnn", in_channels=1, num_classes=4)
+    out = train_classifier(model, loader, steps=4, synthetic_weight=0.2)
+    assert math.isfinite(out["final_loss"]) and out["synthetic_samples"] == 8
+    loader.batch_sampler.close()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from synthaug.cache.codec import Label, Record
+from synthaug.cache.codec import Label, Record, SoftLabel
 from synthaug.cache.store import SyntheticCache
 from synthaug.errors import CorruptRecordError
 from synthaug.imaging import pil_channels
@@ -186,6 +186,15 @@ class MixedDataset(Dataset):
             dataset's own transform. Also required when the cache's image size differs from the
             real images' (e.g. a ``Resize``).
         target_transform: applied to the target of every item, real and synthetic.
+        soft_targets: every target becomes a float32 tensor of class probabilities over the real
+            label space: a real item's class one-hot, a synthetic record's soft label
+            (``{class: weight}``, e.g. from inter-class translation) as its weights. Needed for a
+            cache that holds soft labels (a single-label real dataset with a known number of
+            classes), so the items of a batch collate; train with a cross-entropy that takes
+            probabilities (``torch.nn.functional.cross_entropy`` does).
+        mark_synthetic: items become ``(image, target, is_synthetic)``, so a training loop can
+            weight the loss of synthetic items (``synthaug.classifier.train_classifier``'s
+            ``synthetic_weight``).
         on_corrupt: what a synthetic record that fails its CRC or decode when its batch is read,
             or is gone (deleted behind the sampler's back: the sampler's hold keeps writers from
             evicting it), does: ``"replace"`` (default) serves instead the nearest *older*
@@ -204,7 +213,9 @@ class MixedDataset(Dataset):
     ``class_to_idx``, otherwise by index. Label names stored after this dataset was built (a
     generation worker stores its generator's when it starts) are read as soon as they appear:
     while the cache has none, each read of records checks again. A multi-label record (a tuple of
-    labels) becomes the real dataset's multi-hot form. ``len(mixed)`` is ``len(real_dataset)``.
+    labels) becomes the real dataset's multi-hot form. A soft label ``{class: weight}`` keeps its
+    weights over the mapped classes (two classes that map to the same real class add up); it needs
+    ``soft_targets=True``. ``len(mixed)`` is ``len(real_dataset)``.
 
     Raises:
         FileNotFoundError: ``cache`` is a path with no cache (creating one is the writer's job:
@@ -224,6 +235,8 @@ class MixedDataset(Dataset):
         synthetic_transform: Optional[Callable] = None,
         target_transform: Optional[Callable] = None,
         on_corrupt: str = "replace",
+        soft_targets: bool = False,
+        mark_synthetic: bool = False,
     ) -> None:
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
@@ -256,6 +269,8 @@ class MixedDataset(Dataset):
         self.synthetic_transform = synthetic_transform
         self.target_transform = target_transform
         self.on_corrupt = on_corrupt
+        self.soft_targets = bool(soft_targets)
+        self.mark_synthetic = bool(mark_synthetic)
 
         sample = real_dataset[0]
         if not isinstance(sample, (tuple, list)) or len(sample) != 2:
@@ -278,6 +293,12 @@ class MixedDataset(Dataset):
         else:
             targets = _find_attr(real_dataset, "targets")
             self.num_classes = int(np.asarray(targets).max()) + 1 if targets is not None and len(targets) else None
+
+        if self.soft_targets and (self.multi_label or self.num_classes is None):
+            raise ValueError(
+                "soft_targets=True needs a single-label real dataset whose number of classes is known (a `classes` or "
+                "`targets` attribute); " + ("this one is multi-label" if self.multi_label else "this one has neither")
+            )
 
         cache_stats = cache.stats()
         self.label_names: Optional[List[str]] = cache_stats.get("label_names")
@@ -353,17 +374,22 @@ class MixedDataset(Dataset):
             self._by_name = True
             self._label_cache.clear()
 
-    def map_label(self, label: Label, *, seq: Optional[int] = None) -> Union[int, Tuple[int, ...]]:
-        """A synthetic record's label in the real label space: an int, or a tuple of ints for a
-        multi-label real dataset.
+    def map_label(self, label: Label, *, seq: Optional[int] = None) -> Union[int, Tuple[int, ...], SoftLabel]:
+        """A synthetic record's label in the real label space: an int, a tuple of ints for a
+        multi-label real dataset, or a :class:`~synthaug.cache.codec.SoftLabel` of real classes.
 
         Raises:
-            ValueError: the label (or its name) is outside the real label space.
+            ValueError: the label (or its name) is outside the real label space; a soft label
+                without ``soft_targets=True``.
         """
         try:
             return self._label_cache[label]
         except KeyError:
             pass
+        if isinstance(label, SoftLabel):
+            out = self._map_soft(label, seq)
+            self._label_cache[label] = out
+            return out
         raw = label if isinstance(label, tuple) else (label,)
         mapped = tuple(self._map_one(v, seq, label) for v in raw)
         if self.multi_label:
@@ -377,6 +403,19 @@ class MixedDataset(Dataset):
             out = mapped[0]
         self._label_cache[label] = out
         return out
+
+    def _map_soft(self, label: SoftLabel, seq: Optional[int]) -> SoftLabel:
+        where = f"synthetic record seq={seq} in {self.cache.path}" if seq is not None else f"synthetic label {label!r}"
+        if not self.soft_targets:
+            raise ValueError(
+                f"{where} has a soft label {dict(label)!r}; pass soft_targets=True (MixedDataset / mixed_loader) so every "
+                "target is a vector of class probabilities and a batch collates, and train with a loss that takes them"
+            )
+        weights: Dict[int, float] = {}
+        for value, weight in label.items():  # the target first, so the mapped label keeps it first
+            cls = self._map_one(value, seq, label)
+            weights[cls] = weights.get(cls, 0.0) + weight
+        return SoftLabel(weights)
 
     def _map_one(self, value: int, seq: Optional[int], label: Label) -> int:
         where = f"synthetic record seq={seq} in {self.cache.path}" if seq is not None else f"synthetic label {label!r}"
@@ -434,14 +473,22 @@ class MixedDataset(Dataset):
         return out
 
     def _finish_real(self, item: Any) -> Any:
-        if self.transform is None and self.target_transform is None:
+        if self.transform is None and self.target_transform is None and not self.soft_targets and not self.mark_synthetic:
             return item
         image, target = item
         if self.transform is not None:
             image = self.transform(image)
+        if self.soft_targets:
+            target = self._probabilities({int(target): 1.0})
         if self.target_transform is not None:
             target = self.target_transform(target)
-        return image, target
+        return (image, target, False) if self.mark_synthetic else (image, target)
+
+    def _probabilities(self, weights: Dict[int, float]) -> torch.Tensor:
+        out = torch.zeros(self.num_classes, dtype=torch.float32)
+        for cls, weight in weights.items():
+            out[cls] = weight
+        return out
 
     def _synthetic_item(self, rec: Record) -> Tuple[Any, Any]:
         image = self._image_form.convert(rec.image)
@@ -449,10 +496,14 @@ class MixedDataset(Dataset):
             image = self.synthetic_transform(image)
         if self.transform is not None:
             image = self.transform(image)
-        target = self._target_form.make(self.map_label(rec.label, seq=rec.seq))
+        mapped = self.map_label(rec.label, seq=rec.seq)
+        if self.soft_targets:
+            target = self._probabilities(mapped if isinstance(mapped, SoftLabel) else {mapped: 1.0})
+        else:
+            target = self._target_form.make(mapped)
         if self.target_transform is not None:
             target = self.target_transform(target)
-        return image, target
+        return (image, target, True) if self.mark_synthetic else (image, target)
 
     # ------------------------------------------------------------------ batches in flight
     def _new_ticket(self) -> int:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from synthaug.cache.codec import Label
+from synthaug.cache.codec import Label, label_class
 from synthaug.mixing.dataset import MixedDataset
 from synthaug.mixing.index import SyntheticIndex
 from synthaug.mixing.pool import ON_EXHAUSTED, NeedRecords, SyntheticPool
@@ -343,7 +343,7 @@ class RatioBatchSampler(Sampler):
         return plan
 
     def _group_of(self, label: Label, seq: int) -> Optional[int]:
-        mapped = self.mixed.map_label(label, seq=seq)
+        mapped = label_class(self.mixed.map_label(label, seq=seq))  # a soft label: the class it was made for
         if self._all_classes:
             return 0
         if isinstance(mapped, tuple):
