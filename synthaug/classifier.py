@@ -28,6 +28,7 @@ __all__ = [
     "ReferenceClassifier",
     "build_classifier",
     "predict",
+    "refit_last_layer",
     "train_classifier",
     "train_reference_classifier",
 ]
@@ -353,3 +354,49 @@ def train_reference_classifier(
     train_classifier(model, _Stream(), steps=steps, lr=lr, device=device, progress=progress, desc="reference classifier")
     model.eval()
     return ref
+
+
+def refit_last_layer(model, loader, *, steps: int, lr: float = 1e-3, batch_size: int = 64, seed: int = 0, device: str = "cpu") -> Dict[str, Any]:
+    """Re-fit the model's last linear layer on real data only, class-balanced (SYNAuG's last
+    step, a classifier re-training after representation learning): the features the rest of the
+    network computes for every item of ``loader`` (eval mode, one pass), then ``steps`` Adam steps
+    of the last layer alone on class-balanced batches of them. The rest of the network, batch
+    norm statistics included, is left as it is.
+
+    Returns ``{"steps", "features", "final_loss", "wall_s"}``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not heads:
+        raise ValueError("the model has no linear layer to re-fit")
+    head = heads[-1]
+    captured: List[Any] = []
+    hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach()))
+    t0 = time.time()
+    model.to(device).eval()
+    labels = []
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                model(batch[0].to(device))
+                labels.append(torch.as_tensor(batch[1]))
+    finally:
+        hook.remove()
+    features, y = torch.cat(captured), torch.cat(labels).to(device)
+    if y.ndim > 1:  # probability targets (one-hot for real items): the class
+        y = y.argmax(1)
+    counts = torch.bincount(y, minlength=head.out_features).double()
+    weights = 1.0 / counts[y]
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        idx = torch.multinomial(weights.cpu(), batch_size, replacement=True, generator=gen).to(device)
+        loss = F.cross_entropy(head(features[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.item()))
+    return {"steps": steps, "features": int(len(y)), "final_loss": float(np.mean(losses[-20:])) if losses else float("nan"), "wall_s": time.time() - t0}

@@ -11,6 +11,7 @@ import pytest
 
 from synthaug.data.fashion_mnist import find_fashion_mnist
 from synthaug.evaluation.sweep import SweepConfig, run_sweep
+from synthaug.evaluation.sweep_report import markdown_summary
 
 REPO = Path(__file__).resolve().parents[1]
 needs_fmnist = pytest.mark.skipif(find_fashion_mnist() is None, reason="Fashion-MNIST is not installed (scripts/bootstrap.sh installs it as root)")
@@ -373,3 +374,52 @@ def test_leakage_check_of_a_given_cache_names_its_adapters(tmp_path, tiny_ddpm_d
     test_hashes = [image_sha256(np.full((12, 12), 80, np.uint8))]  # shot 2 is in the "test set"
     with pytest.raises(DataLeakageError):
         check_leakage(cfg, adapter, data, test_hashes)
+
+
+def test_the_validation_split_is_outside_training_and_test_and_selection_never_reads_the_test_set():
+    from synthaug.data.study import load_study_dataset
+    from synthaug.evaluation.sweep_report import select_on_validation, summarize_results
+
+    data = load_study_dataset("fashion-mnist", image_size=28)
+    cfg = SweepConfig(shots=30, per_class=1000, val_shots=10)
+    for seed in (0, 1):
+        train, rare = data.split(shots=cfg.shots, per_class=cfg.per_class, seed=seed)
+        val = data.validation_split(train, val_shots=cfg.val_shots, val_per_class=cfg.val_per_class(), seed=seed)
+        assert not set(val) & set(train)  # disjoint from the training split (the test set is another file)
+        counts = np.bincount(data.targets[val], minlength=10)
+        assert counts[data.rare] == 10 and set(np.delete(counts, data.rare)) == {333}  # the training imbalance kept
+        again, _ = data.split(shots=cfg.shots, per_class=cfg.per_class, seed=seed)
+        assert np.array_equal(again, train)  # drawing the validation split leaves the training split as it was
+
+    rng = np.random.default_rng(0)
+    arms = [("real_only", "real_only", 0.0), ("oversampled@0.25", "oversampled", 0.25), ("oversampled@0.5", "oversampled", 0.5),
+            ("synthetic@0.25", "synthetic", 0.25), ("synthetic[img2img]@0.25", "synthetic", 0.25), ("synthetic[img2img]@0.5", "synthetic", 0.5),
+            ("oversampled+synthetic[translate]@0.25", "oversampled+synthetic", 0.25), ("synthetic@0.25/n=8", "synthetic", 0.25)]
+
+    def rows(test_noise: float):
+        out = []
+        for seed in range(3):
+            for i, (arm, kind, r) in enumerate(arms):
+                val_ap = 0.1 * ((i * 7 + seed * 3) % 8)
+                out.append({"arm": arm, "kind": kind, "ratio": r, "seed": seed, "pool": 8 if "/n=" in arm else None, "rare_draws": 10,
+                            "val_metrics": {"rare_average_precision": val_ap},
+                            "metrics": {k: float(rng.random()) * test_noise for k in ("rare_recall", "rare_f1", "rare_precision", "rare_average_precision", "accuracy")}})
+        return out
+
+    a, b = rows(1.0), rows(5.0)  # the same validation metrics, other test metrics
+    chosen = select_on_validation(a)
+    assert chosen == select_on_validation(b)
+    for seed, arm in chosen.items():
+        candidates = [r for r in a if r["seed"] == seed and r["kind"] in ("synthetic", "oversampled+synthetic") and "/n=" not in r["arm"]]
+        best = max(r["val_metrics"]["rare_average_precision"] for r in candidates)
+        assert next(r for r in candidates if r["arm"] == arm)["val_metrics"]["rare_average_precision"] == best
+    summary = summarize_results(a, n_boot=200)
+    sel = summary["selection"]
+    assert [s["arm"] for s in sel["per_seed"]] == [chosen[s] for s in range(3)]
+    by = {(r["arm"], r["seed"]): r for r in a}
+    for s in sel["per_seed"]:
+        assert s["metrics"] == by[(s["arm"], s["seed"])]["metrics"]
+        ratio = by[(s["arm"], s["seed"])]["ratio"]
+        assert s["matched_control"] == f"oversampled@{ratio:g}"
+    assert {c["baseline"] for c in sel["comparisons"]} == {"oversampled@r (matched)", "oversampled (chosen on validation)", "real_only"}
+    assert "## Chosen on validation" in markdown_summary(summary) and "test metrics never read" in markdown_summary(summary)

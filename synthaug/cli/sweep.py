@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from synthaug.evaluation.sweep import run_sweep
-from synthaug.evaluation.sweep_config import ARM_KINDS, SweepConfig
+from synthaug.evaluation.sweep_config import ARM_KINDS, GENERATION_MODES, VARIANTS, SweepConfig
 
 __all__ = ["register"]
 
@@ -23,6 +23,17 @@ def _list_of(cast, what: str):
 
 _floats = _list_of(float, "numbers")
 _ints = _list_of(int, "integers")
+_names = _list_of(str.strip, "names")
+
+
+def _gamma(text: str):
+    """A float, or "none" (hard labels)."""
+    if text.strip().lower() in ("none", "off", "hard"):
+        return "none"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
 def _seeds(text: str):
@@ -32,6 +43,8 @@ def _seeds(text: str):
 
 def run(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k in SweepConfig.__dataclass_fields__ and v is not None}
+    if given.get("soft_label_gamma") == "none":
+        given["soft_label_gamma"] = None
     if args.overwrite is False:
         given.pop("overwrite", None)
     if args.worker is False:
@@ -77,6 +90,27 @@ def register(sub) -> None:
     p.add_argument("--generation-steps", type=int, help="denoising steps (default: the adapter's)")
     p.add_argument("--scheduler", help="sampler: ddim, dpm++, ... (default: the adapter's)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the adapter's)")
+    g = p.add_argument_group("generation around the real data, variants, and selection on validation")
+    g.add_argument("--generation", type=_names, help=f"generation modes of the synthetic pools, comma-separated, out of {','.join(GENERATION_MODES)}: "
+                   "txt2img from noise; img2img from the rare shots (SDEdit); translate from real images of the classes most confused "
+                   f"with the rare one, soft-labelled; feedback, steered toward images the reference classifier finds hard (default: {','.join(d.generation)})")
+    g.add_argument("--strengths", type=_floats, help=f"img2img/translate strengths, one drawn per image (default: {','.join(f'{v:g}' for v in d.strengths)})")
+    g.add_argument("--translate-from", type=_names, help="classes to translate from, comma-separated, or 'auto': the --translate-classes "
+                   "classes a reference classifier (trained on the seed's real training split) most confuses with the rare one on validation (default: auto)")
+    g.add_argument("--translate-classes", type=int, help=f"how many classes 'auto' picks (default: {d.translate_classes})")
+    g.add_argument("--soft-label-gamma", type=_gamma, help=f"translation soft labels: the rare class gets strength**gamma, the source class the "
+                   f"rest; 'none' for hard labels (default: {d.soft_label_gamma})")
+    g.add_argument("--feedback-scale", type=float, help=f"feedback guidance scale (default: {d.feedback_scale:g})")
+    g.add_argument("--feedback-objective", choices=["entropy", "loss"], help=f"what feedback guidance maximizes (default: {d.feedback_objective})")
+    g.add_argument("--variants", type=_names, help=f"variants of each synthetic arm, comma-separated, out of {','.join(VARIANTS)}: "
+                   "weighted (synthetic items' loss × --synthetic-weight), gated (a pool filtered by the reference classifier, --gate), "
+                   "refit (the last layer re-fit on real data, class-balanced, --refit-steps) (default: none)")
+    g.add_argument("--synthetic-weight", type=float, help=f"loss weight of synthetic items in the weighted variant; real items weigh 1 (default: {d.synthetic_weight:g})")
+    g.add_argument("--gate", type=_floats, help=f"LOW,HIGH: the gated variant keeps images whose rare-class probability is in [LOW, HIGH] (default: {','.join(f'{v:g}' for v in d.gate)})")
+    g.add_argument("--refit-steps", type=int, help=f"steps of the refit variant (default: {d.refit_steps})")
+    g.add_argument("--real-share", type=float, help=f"oversampled+synthetic: share of the rare draws that are real repeats (default: {d.real_share:g})")
+    g.add_argument("--val-shots", type=int, help=f"rare images of the validation split configurations are chosen on, with a matching share "
+                   f"of the other classes; drawn outside the training split, never from the test set (default: {d.val_shots})")
     p.add_argument("--worker", action="store_true", default=None, help="keep a GenerationWorker topping up the pool while the arms train (default: pre-fill only)")
     p.add_argument("--image-size", type=int, help=f"image side for imagefolder/csv datasets (default: {d.image_size})")
     p.add_argument("--channels", type=int, choices=[1, 3], help="1 (gray) or 3 (RGB) for imagefolder/csv (default: 3 for imagefolder, 1 for csv)")

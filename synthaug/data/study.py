@@ -8,6 +8,7 @@ is the one place that reads that string; :func:`load_study_dataset` loads what i
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
@@ -65,6 +66,45 @@ class StudyData:
         cap = None if per_class is None else per_class * max(1, len(self.classes) - 1)
         others = without if cap is None or cap >= len(without) else rng.choice(without, size=cap, replace=False)
         return np.sort(np.concatenate([rare_idx, others])), rare_idx
+
+    def validation_split(self, train_indices, *, val_shots: int, val_per_class: Optional[int], seed: int) -> np.ndarray:
+        """Indices of a validation set drawn from the training pool *outside* ``train_indices``:
+        ``val_shots`` images of the rare class and ``val_per_class`` of every other class (a
+        multi-label set: ``val_shots`` with the finding, ``val_per_class × (labels − 1)`` without).
+        Its own random stream, so the training split of a seed is the same with or without it;
+        never the test set. Configurations are chosen on it; the test set is read for the final
+        numbers only.
+
+        A class with fewer images left than asked for gives what it has, with a warning (small
+        datasets); the rare class must keep at least one.
+
+        Raises:
+            ValueError: no image of the rare class is left outside the training split.
+        """
+        rng = np.random.default_rng([seed, 0x7A1])
+        free = np.ones(len(self.targets), bool)
+        free[np.asarray(train_indices, dtype=np.int64)] = False
+        name = self.classes[self.rare]
+        if self.multilabel:
+            has = self.targets[:, self.rare] > 0
+            groups = [(np.nonzero(free & has)[0], val_shots, f"with finding {name!r}", True),
+                      (np.nonzero(free & ~has)[0], None if val_per_class is None else val_per_class * max(1, len(self.classes) - 1), "without it", False)]
+        else:
+            groups = [(np.nonzero(free & (self.targets == c))[0], val_shots if c == self.rare else val_per_class, repr(self.classes[c]), c == self.rare)
+                      for c in range(len(self.classes))]
+        chosen = []
+        for idx, want, what, is_rare in groups:
+            if want is None:
+                chosen.append(idx)
+                continue
+            if want > len(idx):
+                if is_rare and not len(idx):
+                    raise ValueError(f"no image {what} is left outside the training split for validation; lower --shots")
+                warnings.warn(f"the validation split has {len(idx)} images {what}, fewer than the {want} asked for: "
+                              "all that remain outside the training split", stacklevel=2)
+                want = len(idx)
+            chosen.append(rng.choice(idx, size=want, replace=False))
+        return np.sort(np.concatenate(chosen))
 
     def real_subset(self, indices):
         """The training images at ``indices``, at the study's size."""

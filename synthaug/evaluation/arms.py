@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from synthaug.cache.store import SyntheticCache
 from synthaug.data.transforms import WithTransform
-from synthaug.classifier import build_classifier, predict, train_classifier
+from synthaug.classifier import build_classifier, predict, refit_last_layer, train_classifier
 from synthaug.evaluation.metrics import multilabel_rare_metrics, rare_class_metrics
 from synthaug.imaging import to_hwc_uint8
 from synthaug.outputs import jsonable
@@ -70,9 +70,12 @@ def mixed_arm_loader(
     consumer: Optional[str] = None,
     num_workers: int = 0,
     classes: Optional[Sequence] = None,
+    soft_targets: bool = False,
+    mark_synthetic: bool = False,
 ):
     """``(DataLoader, RatioBatchSampler)`` mixing ``cache`` into ``real`` at ``ratio``
-    (``classes``: draw only records of these classes): the loader of
+    (``classes``: draw only records of these classes; ``soft_targets``, ``mark_synthetic``: as
+    for :class:`~synthaug.mixing.dataset.MixedDataset`): the loader of
     :func:`synthaug.mixing.loader.mixed_loader` and its sampler, ``loader.batch_sampler``."""
     from synthaug.mixing.loader import mixed_loader  # imports torch, which the arms import only when they run
 
@@ -90,22 +93,27 @@ def mixed_arm_loader(
         consumer=consumer,
         classes=classes,
         num_workers=num_workers,
+        soft_targets=soft_targets,
+        mark_synthetic=mark_synthetic,
     )
     return loader, loader.batch_sampler
 
 
 @dataclass
 class ArmResult:
-    """One trained arm: its test metrics on real data, training summary and sampler counters."""
+    """One trained arm: its test metrics on real data, its metrics on the real validation set
+    (``None`` without one), training summary and sampler counters."""
 
     name: str
     metrics: Dict[str, float]
     training: Dict[str, Any]
     sampler: Dict[str, Any] = field(default_factory=dict)
     rare_draws: int = 0
+    val_metrics: Optional[Dict[str, float]] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"arm": self.name, "metrics": self.metrics, "training": self.training, "sampler": self.sampler, "rare_draws": self.rare_draws}
+        return {"arm": self.name, "metrics": self.metrics, "val_metrics": self.val_metrics, "training": self.training,
+                "sampler": self.sampler, "rare_draws": self.rare_draws}
 
 
 def train_and_evaluate(
@@ -125,12 +133,21 @@ def train_and_evaluate(
     sampler=None,
     progress: bool = True,
     multilabel: bool = False,
+    val_loader=None,
+    synthetic_weight: float = 1.0,
+    refit_loader=None,
+    refit_steps: int = 0,
 ) -> ArmResult:
     """Train a fresh classifier (init seeded by ``seed``) for ``steps`` steps on ``loader``,
-    counting rare-class draws, and evaluate it on ``test_loader``.
+    counting rare-class draws, and evaluate it on ``test_loader`` (and ``val_loader``, the real
+    validation set configurations are chosen on).
 
     ``multilabel``: targets are multi-hot vectors (``num_classes`` labels, BCE loss) and ``rare``
-    is the finding's label index; the metrics are :func:`multilabel_rare_metrics`."""
+    is the finding's label index; the metrics are :func:`multilabel_rare_metrics`. Targets may be
+    class-probability vectors (soft labels; an item counts as a rare draw when it gives the rare
+    class any weight), and batches ``(x, y, is_synthetic)``, weighted by ``synthetic_weight``.
+    ``refit_loader``, ``refit_steps``: afterwards re-fit the last layer on that real data,
+    class-balanced (:func:`synthaug.classifier.refit_last_layer`)."""
     import torch
 
     torch.manual_seed(seed)
@@ -138,12 +155,20 @@ def train_and_evaluate(
     rare_draws = [0]
 
     def count(step, x, y):
-        rare_draws[0] += int((y[:, rare] > 0).sum()) if multilabel else int((y == rare).sum())
+        rare_draws[0] += int((y[:, rare] > 0).sum()) if y.ndim > 1 else int((y == rare).sum())
 
     t0 = time.time()
-    training = train_classifier(net, loader, steps=steps, lr=lr, device=device, progress=progress, desc=name, on_step=count, multilabel=multilabel)
-    y, pred, scores = predict(net, test_loader, device=device, multilabel=multilabel)
-    metrics = multilabel_rare_metrics(y, scores, rare) if multilabel else rare_class_metrics(y, pred, rare, scores)
+    training = train_classifier(net, loader, steps=steps, lr=lr, device=device, progress=progress, desc=name, on_step=count, multilabel=multilabel,
+                                synthetic_weight=synthetic_weight)
+    if refit_loader is not None and refit_steps:
+        training["refit"] = refit_last_layer(net, refit_loader, steps=refit_steps, lr=lr, seed=seed, device=device)
+
+    def evaluate(eval_loader) -> Dict[str, float]:
+        y, pred, scores = predict(net, eval_loader, device=device, multilabel=multilabel)
+        return multilabel_rare_metrics(y, scores, rare) if multilabel else rare_class_metrics(y, pred, rare, scores)
+
+    metrics = evaluate(test_loader)
+    val_metrics = evaluate(val_loader) if val_loader is not None else None
     training["wall_s_with_eval"] = time.time() - t0
     stats = sampler.stats() if sampler is not None and hasattr(sampler, "stats") else {}
-    return ArmResult(name, metrics, training, jsonable(stats), rare_draws[0])
+    return ArmResult(name, metrics, training, jsonable(stats), rare_draws[0], val_metrics)

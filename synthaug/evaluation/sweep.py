@@ -55,11 +55,16 @@ from synthaug.evaluation.sweep_config import ARM_KINDS, SweepConfig
 from synthaug.evaluation.sweep_pools import (
     check_leakage,
     check_worker_labels,
+    combined_pool,
     generation_overrides,
+    mode_overrides,
     pool_subset,
     prefill_pool,
     rare_seqs,
+    seed_reference_classifier,
     train_seed_adapter,
+    translate_sources,
+    write_shots,
 )
 from synthaug.evaluation.sweep_report import summarize_results
 from synthaug.generation.worker import GenerationWorker
@@ -197,16 +202,17 @@ def _run_seed(cfg, data: StudyData, seed: int, todo, test_loader, test_hashes, r
     seed_dir = out / "seeds" / f"seed-{seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)
     train_idx, rare_idx = data.split(shots=cfg.shots, per_class=cfg.per_class, seed=seed)
+    val_idx = data.validation_split(train_idx, val_shots=cfg.val_shots, val_per_class=cfg.val_per_class(), seed=seed)
     real_train = data.real_subset(train_idx)
     steps = _training_steps(cfg, len(real_train))
-    info: Dict[str, Any] = {"train_images": len(real_train), "rare_train_images": len(rare_idx), "steps": steps}
-    needs_synthetic = any(p["kind"].startswith("synthetic") for p in todo)
+    info: Dict[str, Any] = {"train_images": len(real_train), "rare_train_images": len(rare_idx), "val_images": len(val_idx), "steps": steps}
+    needs_synthetic = any(_draws_synthetic(p) for p in todo)
     caches: List[Any] = []  # closed when the seed is done
+    pools: Dict[Any, Any] = {}  # (mode, "gated" or None) -> the pre-filled pool
 
-    # adapter, leakage guard, synthetic pool
+    # adapter, leakage guard, reference classifier, synthetic pools
     adapter = None
-    cache = None
-    if any(p["kind"].startswith("synthetic") for p in cfg.arm_plan()):
+    if any(_draws_synthetic(p) for p in cfg.arm_plan()):
         adapter = Path(cfg.adapter) if cfg.adapter else None
         if adapter is None and cfg.cache is None:
             done_adapter = seed_dir / "adapter"
@@ -216,66 +222,114 @@ def _run_seed(cfg, data: StudyData, seed: int, todo, test_loader, test_hashes, r
             log(f"seed {seed}: leakage check passed ({info['leakage']['train_images']} adapter training images, {len(test_hashes)} test images, none shared)")
         else:
             log(f"seed {seed}: WARNING: leakage check skipped: {info['leakage']['why']}")
+    try:
         if needs_synthetic:
-            cache = SyntheticCache(cfg.cache) if cfg.cache else prefill_pool(cfg, data, seed, adapter, seed_dir, log, progress)
-            caches.append(cache)
-            rare_pool = rare_seqs(cache, data)
+            if cfg.cache:
+                pools[("txt2img", None)] = SyntheticCache(cfg.cache)
+            else:
+                _fill_pools(cfg, data, seed, adapter, train_idx, rare_idx, val_idx, todo, seed_dir, pools, info, log, progress)
+            caches.extend(pools.values())
+            first = pools.get((cfg.generation[0], None))
+            rare_pool = rare_seqs(first, data) if first is not None else []
             info["synthetic_pool"] = len(rare_pool)
             too_big = sorted({p["pool"] for p in todo if p["pool"] is not None and p["pool"] > len(rare_pool)})
             if too_big:
-                for c in caches:
-                    c.close()
                 raise ValueError(f"the synthetic pool holds {len(rare_pool)} images of '{data.classes[data.rare]}'; the set-size arm(s) "
                                  f"{too_big} need more: lower --set-sizes or give a larger pool")
             if cfg.worker:
                 check_worker_labels(adapter, data)
-    if not todo:
+        if not todo:
+            return info
+
+        rare_labels = [np.nonzero(data.targets[i])[0].tolist() for i in rare_idx] if data.multilabel else data.rare
+        real_cache = real_rare_cache([data.image(i) for i in rare_idx], rare_labels, seed_dir / "real_rare.lmdb", label_names=data.classes,
+                                     indices=[int(i) for i in rare_idx])
+        caches.append(real_cache)
+        val_loader = torch.utils.data.DataLoader(WithTransform(data.real_subset(val_idx), data.transform), batch_size=500, num_workers=cfg.num_workers)
+        refit_loader = torch.utils.data.DataLoader(WithTransform(real_train, data.transform), batch_size=500, num_workers=cfg.num_workers)
+        _train_arms(cfg, data, seed, adapter, todo, steps, real_train, real_cache, pools, rare_pool if needs_synthetic else [], caches, seed_dir,
+                    test_loader, val_loader, refit_loader, rows, out, log, device, bar, progress, info)
+    finally:
         for c in caches:
             c.close()
-        return info
+    return info
 
-    rare_labels = [np.nonzero(data.targets[i])[0].tolist() for i in rare_idx] if data.multilabel else data.rare
-    real_cache = real_rare_cache([data.image(i) for i in rare_idx], rare_labels, seed_dir / "real_rare.lmdb", label_names=data.classes,
-                                 indices=[int(i) for i in rare_idx])
-    caches.append(real_cache)
+
+def _draws_synthetic(p: Dict[str, Any]) -> bool:
+    return p["kind"].startswith("synthetic") or p["kind"] == "oversampled+synthetic"
+
+
+def _fill_pools(cfg, data: StudyData, seed: int, adapter: Path, train_idx, rare_idx, val_idx, todo, seed_dir: Path, pools, info, log, progress) -> None:
+    """Pre-fill the pool of every generation mode (and gated pool) the arms still to train draw from."""
+    wanted = {(p["mode"], "gated" if p.get("variant") == "gated" else None) for p in todo if _draws_synthetic(p)}
+    needs_reference = any(mode == "feedback" or gated for mode, gated in wanted) or (
+        any(mode == "translate" for mode, _ in wanted) and cfg.translate_from == ["auto"])
+    reference = seed_reference_classifier(data, seed, train_idx, seed_dir, log, progress) if needs_reference else None
+    shots = write_shots(data, rare_idx, seed_dir / "shots") if any(mode == "img2img" for mode, _ in wanted) else None
+    sources = (translate_sources(cfg, data, seed, train_idx, val_idx, reference, seed_dir, log)
+               if any(mode == "translate" for mode, _ in wanted) else None)
+    for mode, gated in sorted(wanted, key=lambda mg: (cfg.generation.index(mg[0]), mg[1] or "")):
+        overrides = mode_overrides(cfg, mode, shots=shots, sources=sources, reference=reference)
+        gate = None
+        if gated:
+            from synthaug.generation.gate import FidelityGate  # built with the gate's helper module
+
+            gate = FidelityGate(reference, label=data.classes[data.rare], low=cfg.gate[0], high=cfg.gate[1])
+        pools[(mode, gated)] = prefill_pool(cfg, data, seed, adapter, seed_dir, log, progress, mode=mode, overrides=overrides, gate=gate)
+    info["pools"] = {f"{mode}{'+gated' if gated else ''}": len(pool) for (mode, gated), pool in pools.items()}
+
+
+def _train_arms(cfg, data: StudyData, seed: int, adapter, todo, steps: int, real_train, real_cache, pools, rare_pool, caches, seed_dir: Path,
+                test_loader, val_loader, refit_loader, rows, out: Path, log, device, bar, progress, info) -> None:
+    import torch
+
     worker = None
     threads = torch.get_num_threads()
+    combined: Dict[str, Any] = {}
     try:
+        cache = pools.get(("txt2img", None))
         if cfg.worker and cache is not None:
             torch.set_num_threads(max(1, threads - 1))  # the worker gets one core of its own
-            worker = GenerationWorker(cache, {"source": str(adapter), "overrides": generation_overrides(cfg)}, min_fresh=cfg.synthetic_images,
-                                      max_items=max(cfg.synthetic_images * 20, 10_000), seed=seed * 1_000_000 + 500_000, num_threads=1)
+            worker = GenerationWorker(cache, {"source": str(adapter), "overrides": generation_overrides(cfg)},
+                                      min_fresh=cfg.synthetic_images, max_items=max(cfg.synthetic_images * 20, 10_000), seed=seed * 1_000_000 + 500_000,
+                                      num_threads=1)
             worker.start(wait=True, timeout=600)  # model loaded before the first arm draws
         for p in todo:
+            kind, mode = p["kind"], p["mode"]
             pool = None
-            if p["kind"] in ("oversampled", "classic_aug"):
+            if kind in ("oversampled", "classic_aug"):
                 pool = real_cache
-            elif p["kind"] != "real_only":
-                pool = cache if p["pool"] is None else pool_subset(cache, rare_pool[:p["pool"]], seed_dir / f"synthetic-n{p['pool']}.lmdb")
-                if pool is not cache:
+            elif kind == "oversampled+synthetic":
+                if mode not in combined:
+                    combined[mode] = combined_pool(real_cache, pools[(mode, None)], data, cfg.real_share, seed_dir / f"combined-{mode}.lmdb")
+                    caches.append(combined[mode])
+                pool = combined[mode]
+            elif kind != "real_only":
+                base = pools[(mode, "gated" if p.get("variant") == "gated" else None)]
+                pool = base if p["pool"] is None else pool_subset(base, rare_pool[:p["pool"]], seed_dir / f"synthetic-n{p['pool']}.lmdb")
+                if pool is not base:
                     caches.append(pool)
-            row = _run_arm(cfg, data, p, seed, steps, real_train, pool, test_loader, device, progress)
-            if p["kind"].startswith("synthetic") and p["pool"] is None:
-                row["pool"] = len(rare_seqs(cache, data))  # the rare-class images in the pool (a worker may have added some)
+            row = _run_arm(cfg, data, p, seed, steps, real_train, pool, test_loader, val_loader, refit_loader, device, progress)
+            if _draws_synthetic(p) and p["pool"] is None:
+                row["pool"] = len(rare_seqs(pool, data))  # the rare-class images in the pool (a worker may have added some)
             rows.append(jsonable(row))
             write_json(out / "results.json", {"version": _RESULTS_VERSION, "config": cfg.identity(), "rows": rows})
-            m = row["metrics"]
-            log(f"seed {seed} {p['arm']:<28} recall {m['rare_recall']:.3f}  precision {m['rare_precision']:.3f}  F1 {m['rare_f1']:.3f}  "
-                f"AP {m.get('rare_average_precision', float('nan')):.3f}  accuracy {m['accuracy']:.3f}  ({row['training']['wall_s']:.0f} s, {row['rare_draws']} rare draws)")
+            m, v = row["metrics"], row.get("val_metrics") or {}
+            log(f"seed {seed} {p['arm']:<34} recall {m['rare_recall']:.3f}  precision {m['rare_precision']:.3f}  F1 {m['rare_f1']:.3f}  "
+                f"AP {m.get('rare_average_precision', float('nan')):.3f} (val {v.get('rare_average_precision', float('nan')):.3f})  "
+                f"accuracy {m['accuracy']:.3f}  ({row['training']['wall_s']:.0f} s, {row['rare_draws']} rare draws)")
             if bar is not None:
                 bar.update(1)
     finally:
         if worker is not None:
             info["worker"] = jsonable(worker.stop())
         torch.set_num_threads(threads)
-        for c in caches:
-            c.close()
-    return info
 
 
-def _run_arm(cfg, data: StudyData, p: Dict[str, Any], seed: int, steps: int, real_train, pool, test_loader, device, progress) -> Dict[str, Any]:
+def _run_arm(cfg, data: StudyData, p: Dict[str, Any], seed: int, steps: int, real_train, pool, test_loader, val_loader, refit_loader,
+             device, progress) -> Dict[str, Any]:
     """Train and evaluate one arm; its row for ``results.json``."""
-    kind, r = p["kind"], p["ratio"]
+    kind, r, variant = p["kind"], p["ratio"], p.get("variant")
     if kind == "real_only":
         loader, sampler = real_only_loader(real_train, batch_size=cfg.batch_size, seed=seed, transform=data.transform, num_workers=cfg.num_workers), None
     else:
@@ -291,14 +345,22 @@ def _run_arm(cfg, data: StudyData, p: Dict[str, Any], seed: int, steps: int, rea
         # oversampled control draw the rare class equally often even from a mixed cache
         loader, sampler = mixed_arm_loader(real_train, pool, ratio=r, batch_size=cfg.batch_size, seed=seed, transform=data.transform,
                                            synthetic_transform=syn_tf, consumer=f"sweep-{p['arm']}-seed{seed}", num_workers=cfg.num_workers,
-                                           classes=[data.rare])
+                                           classes=[data.rare], soft_targets=_has_soft_labels(pool), mark_synthetic=variant == "weighted")
     try:
         result = train_and_evaluate(p["arm"], loader, test_loader, sampler=sampler, rare=data.rare, steps=steps, seed=seed, model=cfg.model,
-                                    in_channels=data.channels, num_classes=len(data.classes), image_size=data.size, lr=cfg.lr, device=device, progress=progress,
-                                    multilabel=data.multilabel).to_dict()
+                                    in_channels=data.channels, num_classes=len(data.classes), image_size=data.size, lr=cfg.lr, device=device,
+                                    progress=progress, multilabel=data.multilabel, val_loader=val_loader,
+                                    synthetic_weight=cfg.synthetic_weight if variant == "weighted" else 1.0,
+                                    refit_loader=refit_loader if variant == "refit" else None, refit_steps=cfg.refit_steps).to_dict()
     finally:
         if sampler is not None:
             # a finished arm's cursor must not pin the pool's fresh count (a worker would idle)
             pool.remove_cursor(sampler.consumer)
-    return {"arm": p["arm"], "kind": kind, "ratio": r, "pool": p["pool"], "seed": seed,
-            **{k: result[k] for k in ("metrics", "training", "sampler", "rare_draws")}}
+    return {"arm": p["arm"], "kind": kind, "ratio": r, "pool": p["pool"], "mode": p.get("mode"), "variant": variant, "seed": seed,
+            **{k: result[k] for k in ("metrics", "val_metrics", "training", "sampler", "rare_draws")}}
+
+
+def _has_soft_labels(pool) -> bool:
+    """Whether a pool holds soft labels (its first records tell: a pool is made by one mode)."""
+    labels, _ = pool.scan_labels(0, pool.bounds()[1])
+    return any(isinstance(label, dict) for label in labels.values())

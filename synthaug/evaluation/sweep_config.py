@@ -14,9 +14,22 @@ from typing import Any, Dict, List, Optional, Union
 from synthaug.data.study import parse_dataset_spec
 from synthaug.classifier import CLASSIFIERS
 
-__all__ = ["ARM_KINDS", "SweepConfig"]
+__all__ = ["ARM_KINDS", "GENERATION_MODES", "VARIANTS", "SweepConfig", "arm_name"]
 
-ARM_KINDS = ("real_only", "oversampled", "classic_aug", "synthetic", "synthetic+classic_aug")
+ARM_KINDS = ("real_only", "oversampled", "classic_aug", "synthetic", "synthetic+classic_aug", "oversampled+synthetic")
+#: how a synthetic pool is generated: from noise, around the rare shots (SDEdit), from other
+#: classes' real images into the rare class (soft labels), or steered toward hard images
+GENERATION_MODES = ("txt2img", "img2img", "translate", "feedback")
+#: variants of a synthetic arm: synthetic items' loss weighted, a pool filtered by the fidelity
+#: gate, the last layer re-fit on real data after training
+VARIANTS = ("weighted", "gated", "refit")
+
+
+def arm_name(kind: str, ratio: float, mode: str = "txt2img", variant: Optional[str] = None) -> str:
+    """``synthetic@0.25`` (txt2img, the name the arm has always had), ``synthetic[img2img]@0.25``,
+    ``oversampled+synthetic[translate]@0.25``, ``synthetic[feedback]+gated@0.25``."""
+    tag = f"[{mode}]" if kind in ("synthetic", "synthetic+classic_aug", "oversampled+synthetic") and mode != "txt2img" else ""
+    return f"{kind}{tag}{'+' + variant if variant else ''}@{ratio:g}"
 
 
 @dataclass
@@ -48,6 +61,19 @@ class SweepConfig:
     generation_steps: Optional[int] = None
     scheduler: Optional[str] = None
     guidance_scale: Optional[float] = None
+    generation: List[str] = field(default_factory=lambda: ["txt2img"])
+    strengths: List[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    translate_from: List[str] = field(default_factory=lambda: ["auto"])
+    translate_classes: int = 2
+    soft_label_gamma: Optional[float] = 0.5
+    feedback_scale: float = 2.0
+    feedback_objective: str = "entropy"
+    variants: List[str] = field(default_factory=list)
+    synthetic_weight: float = 0.2
+    gate: List[float] = field(default_factory=lambda: [0.5, 1.0])
+    refit_steps: int = 100
+    real_share: float = 0.5
+    val_shots: int = 10
     worker: bool = False
     image_size: int = 64
     channels: Optional[int] = None
@@ -130,29 +156,85 @@ class SweepConfig:
             raise ValueError("--worker fills the sweep's own pool from the adapter; with --cache given, run `synthaug worker` on that cache instead")
         if self.model not in CLASSIFIERS:
             raise ValueError(f"--model must be one of {CLASSIFIERS}, got {self.model!r}")
+        for name, allowed in (("generation", GENERATION_MODES), ("variants", VARIANTS)):
+            values = getattr(self, name)
+            if isinstance(values, str):
+                values = [v.strip() for v in values.split(",") if v.strip()]
+                setattr(self, name, values)
+            bad = [v for v in values if v not in allowed]
+            if bad or len(set(values)) != len(values):
+                raise ValueError(f"--{name} must be distinct values out of {list(allowed)}, got {values}")
+        if not self.generation:
+            raise ValueError("--generation needs at least one mode")
+        if isinstance(self.translate_from, str):
+            self.translate_from = [v.strip() for v in self.translate_from.split(",") if v.strip()]
+        if not self.translate_from or ("auto" in self.translate_from and len(self.translate_from) > 1):
+            raise ValueError(f"--translate-from is 'auto' or a list of class names, got {self.translate_from}")
+        if not self.strengths or any(not 0 < s <= 1 for s in self.strengths):
+            raise ValueError(f"--strengths must be in (0, 1], got {self.strengths}")
+        if self.soft_label_gamma is not None and not self.soft_label_gamma > 0:
+            raise ValueError(f"--soft-label-gamma must be > 0 (or none for hard labels), got {self.soft_label_gamma}")
+        if self.feedback_objective not in ("entropy", "loss"):
+            raise ValueError(f"--feedback-objective must be entropy or loss, got {self.feedback_objective!r}")
+        if not self.feedback_scale >= 0:
+            raise ValueError(f"--feedback-scale must be >= 0, got {self.feedback_scale}")
+        if not self.synthetic_weight >= 0:
+            raise ValueError(f"--synthetic-weight must be >= 0, got {self.synthetic_weight}")
+        if len(self.gate) != 2 or not 0 <= self.gate[0] < self.gate[1] <= 1:
+            raise ValueError(f"--gate must be LOW,HIGH with 0 <= LOW < HIGH <= 1, got {self.gate}")
+        if not 0 < self.real_share < 1:
+            raise ValueError(f"--real-share must be in (0, 1), got {self.real_share}")
+        for name in ("translate_classes", "refit_steps", "val_shots"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.cache and (self.generation != ["txt2img"] or self.variants):
+            raise ValueError("--cache mixes a given pool; --generation modes and --variants make pools of their own (drop --cache)")
+        if self.worker and (self.generation != ["txt2img"] or "gated" in self.variants):
+            raise ValueError("--worker tops up the txt2img pool only; drop it for other --generation modes and the gated variant")
         parse_dataset_spec(self.dataset)
 
     def arm_plan(self) -> List[Dict[str, Any]]:
-        """The arms each seed trains, in order: ``[{"arm", "kind", "ratio", "pool"}]``."""
+        """The arms each seed trains, in order: ``[{"arm", "kind", "ratio", "pool", "mode",
+        "variant"}]``. Every synthetic kind is trained once per generation mode; each variant once
+        per mode on the plain ``synthetic`` kind."""
         plan: List[Dict[str, Any]] = []
+
+        def add(kind: str, r: float, mode: str = "txt2img", variant: Optional[str] = None, pool: Optional[int] = None) -> None:
+            name = arm_name(kind, r, mode, variant) if pool is None else f"synthetic@{r:g}/n={pool}"
+            plan.append({"arm": name, "kind": kind, "ratio": r, "pool": pool, "mode": mode, "variant": variant})
+
         if "real_only" in self.arms:
-            plan.append({"arm": "real_only", "kind": "real_only", "ratio": 0.0, "pool": None})
+            plan.append({"arm": "real_only", "kind": "real_only", "ratio": 0.0, "pool": None, "mode": None, "variant": None})
         ratios = sorted(self.ratios)
         for r in ratios:
             for kind in ARM_KINDS[1:]:
-                if kind in self.arms:
-                    plan.append({"arm": f"{kind}@{r:g}", "kind": kind, "ratio": r, "pool": None})
+                if kind not in self.arms:
+                    continue
+                if kind in ("oversampled", "classic_aug"):
+                    add(kind, r)
+                    continue
+                for mode in self.generation:
+                    add(kind, r, mode)
+                    if kind == "synthetic":
+                        for variant in self.variants:
+                            add(kind, r, mode, variant)
         if "synthetic" in self.arms:
+            first = self.generation[0]
             for n in sorted(set(self.set_sizes)):
                 if self.cache is None and n >= self.synthetic_images:
                     continue
-                plan.append({"arm": f"synthetic@{self.set_size_ratio:g}/n={n}", "kind": "synthetic", "ratio": self.set_size_ratio, "pool": n})
+                add("synthetic", self.set_size_ratio, first, pool=n)
             if self.set_sizes and self.set_size_ratio not in ratios:
                 r = self.set_size_ratio
-                plan.append({"arm": f"synthetic@{r:g}", "kind": "synthetic", "ratio": r, "pool": None})
+                add("synthetic", r, first)
                 if "oversampled" in self.arms:
-                    plan.append({"arm": f"oversampled@{r:g}", "kind": "oversampled", "ratio": r, "pool": None})
+                    add("oversampled", r)
         return plan
+
+    def val_per_class(self) -> Optional[int]:
+        """Validation images per other class: the training set's imbalance kept (``per_class ×
+        val_shots / shots``, at least 1; ``None`` with ``per_class`` None: all that remain)."""
+        return None if self.per_class is None else max(1, round(self.per_class * self.val_shots / self.shots))
 
     def identity(self) -> Dict[str, Any]:
         """The settings that decide the results (not where they go, nor how they are displayed)."""
@@ -163,9 +245,10 @@ class SweepConfig:
         return d
 
 
-_FLOAT_FIELDS = ("epochs", "lr", "set_size_ratio", "guidance_scale")
+_FLOAT_FIELDS = ("epochs", "lr", "set_size_ratio", "guidance_scale", "soft_label_gamma", "feedback_scale", "synthetic_weight", "real_share")
 _INT_FIELDS = ("shots", "per_class", "steps", "batch_size", "lora_steps", "lora_rank", "synthetic_images", "generation_steps",
-               "image_size", "channels", "test_size", "num_workers", "bootstrap")
+               "image_size", "channels", "test_size", "num_workers", "bootstrap", "translate_classes", "refit_steps", "val_shots")
+_LIST_FIELDS = {"ratios": float, "set_sizes": int, "strengths": float, "gate": float, "generation": str, "variants": str, "translate_from": str}
 _BOOL_FIELDS = ("worker", "overwrite", "leakage_check")
 
 
@@ -186,9 +269,9 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise bad("an integer")
             return int(value)
-        if key in ("ratios", "set_sizes"):
-            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
-            return [float(v) if key == "ratios" else int(v) for v in items]
+        if key in _LIST_FIELDS:
+            items = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",") if v.strip()]
+            return [_LIST_FIELDS[key](v) for v in items]
         if key == "seeds":
             if isinstance(value, bool):
                 raise TypeError
@@ -200,8 +283,9 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ValueError) and str(exc).startswith(f"{source}: "):
             raise
-        raise bad({"ratios": "a list of numbers", "set_sizes": "a list of integers", "seeds": "a count or a list of seeds"}.get(
-            key, "a number" if key in _FLOAT_FIELDS else "an integer")) from None
+        kinds = {float: "a list of numbers", int: "a list of integers", str: "a list of names"}
+        raise bad(kinds[_LIST_FIELDS[key]] if key in _LIST_FIELDS else "a count or a list of seeds" if key == "seeds"
+                  else "a number" if key in _FLOAT_FIELDS else "an integer") from None
     if key in _BOOL_FIELDS and not isinstance(value, bool):
         raise bad("true or false")
     return value

@@ -13,10 +13,14 @@ import numpy as np
 __all__ = ["plot_ratio_curves", "plot_set_size"]
 
 
-def _curve(summary, kind: str, metric: str, *, pooled: bool = False):
+def _curve(summary, kind: str, metric: str, *, pooled: bool = False, mode: Optional[str] = None):
+    """(x, mean, std) of one kind's arms (of one generation ``mode``, plain variant) by ratio, or
+    by pool size for the set-size arms."""
     pts = []
     for arm, a in summary["arms"].items():
-        if a["kind"] != kind or ("/n=" in arm) != pooled or metric not in a["metrics"]:
+        if a["kind"] != kind or ("/n=" in arm) != pooled or metric not in a["metrics"] or a.get("variant"):
+            continue
+        if mode is not None and (a.get("mode") or "txt2img") != mode:
             continue
         m = a["metrics"][metric]
         pts.append((a["pool"] if pooled else a["ratio"], m["mean"], m["std"]))
@@ -51,11 +55,15 @@ def plot_ratio_curves(summary: Dict[str, Any], path: Path) -> Optional[Path]:
                 x, mu, sd = c
                 ax.fill_between(x, mu - sd, mu + sd, color=color, alpha=0.18, lw=0)
                 ax.plot(x, mu, color=color, lw=1.3, ls="--", marker=".", label=f"{kind}@r (matched draws, ± std)")
-        for kind, color in (("synthetic", "tab:blue"), ("synthetic+classic_aug", "tab:purple")):
-            c = _curve(summary, kind, metric)
-            if c is not None:
-                x, mu, sd = c
-                ax.errorbar(x, mu, yerr=sd, color=color, lw=2, marker="o", capsize=4, label=f"{kind}@r (± std)")
+        modes = sorted({a.get("mode") or "txt2img" for a in summary["arms"].values() if a["kind"] not in ("real_only", "oversampled", "classic_aug")})
+        colors = iter(["tab:blue", "tab:purple", "tab:red", "tab:brown", "tab:olive", "tab:cyan", "tab:pink", "tab:gray", "black"])
+        for kind in ("synthetic", "synthetic+classic_aug", "oversampled+synthetic"):
+            for mode in modes:
+                c = _curve(summary, kind, metric, mode=mode)
+                if c is not None:
+                    x, mu, sd = c
+                    tag = "" if mode == "txt2img" else f"[{mode}]"
+                    ax.errorbar(x, mu, yerr=sd, color=next(colors), lw=2, marker="o", capsize=4, label=f"{kind}{tag}@r (± std)")
         n = max((len(a["seeds"]) for a in summary["arms"].values()), default=0)
         ax.set_xlim(x_lo, x_hi)
         _label_axes(ax, "synthetic (or repeated-real) share of every batch, r", label, f"{label} vs ratio ({n} seeds)")

@@ -1,6 +1,15 @@
 """The sweep's statistics and report: per-arm mean ± std over seeds, every synthetic arm paired
-against ``real_only`` and its matched controls (``summary.json``), the markdown tables
-(``summary.md``) and the two figures (drawn by :mod:`synthaug.evaluation.sweep_plots`).
+against ``real_only`` and its matched controls, the configuration chosen on validation data for
+each seed with its test metrics (``summary.json``), the markdown tables (``summary.md``) and the
+two figures (drawn by :mod:`synthaug.evaluation.sweep_plots`).
+
+**Selection rule.** For each seed, among the arms that draw synthetic images (every generation
+mode, variant and ratio; not the set-size arms), the one with the highest rare-class average
+precision on the seed's *validation* split is chosen (ties: the first in the sweep's arm order);
+its test metrics are what the sweep reports for "the synthetic method". It is compared, paired
+over seeds, with ``oversampled@r`` at the chosen ratio (matched draws), with the ``oversampled``
+ratio chosen on validation by the same rule, and with ``real_only``. :func:`select_on_validation`
+reads validation metrics only: the test set decides nothing.
 
 The paired statistics themselves are in :mod:`synthaug.evaluation.stats`.
 """
@@ -16,9 +25,28 @@ from synthaug.evaluation.sweep_config import SweepConfig
 from synthaug.evaluation.sweep_plots import plot_ratio_curves, plot_set_size
 from synthaug.outputs import write_json
 
-__all__ = ["COMPARED_METRICS", "markdown_summary", "summarize_results"]
+__all__ = ["COMPARED_METRICS", "SELECTION_METRIC", "markdown_summary", "select_on_validation", "summarize_results"]
 
 COMPARED_METRICS = ("rare_recall", "rare_f1", "rare_precision", "rare_average_precision", "accuracy")
+SELECTION_METRIC = "rare_average_precision"
+_SYNTHETIC_KINDS = ("synthetic", "synthetic+classic_aug", "oversampled+synthetic")
+
+
+def select_on_validation(rows: Sequence[Dict[str, Any]], kinds: Sequence[str] = _SYNTHETIC_KINDS,
+                         metric: str = SELECTION_METRIC) -> Dict[int, str]:
+    """``{seed: arm}``: for each seed, the arm of ``kinds`` (set-size arms excluded) with the
+    highest validation ``metric``; ties go to the earliest row. Reads ``val_metrics`` only."""
+    best: Dict[int, tuple] = {}
+    for i, r in enumerate(rows):
+        if r["kind"] not in kinds or "/n=" in r["arm"]:
+            continue
+        value = (r.get("val_metrics") or {}).get(metric)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        seed = int(r["seed"])
+        if seed not in best or value > best[seed][0]:
+            best[seed] = (value, r["arm"])
+    return {seed: arm for seed, (_, arm) in sorted(best.items())}
 
 
 def summarize_results(rows: Sequence[Dict[str, Any]], out: Optional[Path] = None, cfg: Optional[SweepConfig] = None, *,
@@ -30,7 +58,7 @@ def summarize_results(rows: Sequence[Dict[str, Any]], out: Optional[Path] = None
     info: Dict[str, Dict[str, Any]] = {}
     for r in rows:
         by_arm.setdefault(r["arm"], {})[int(r["seed"])] = r
-        info.setdefault(r["arm"], {"kind": r["kind"], "ratio": r["ratio"], "pool": r.get("pool")})
+        info.setdefault(r["arm"], {"kind": r["kind"], "ratio": r["ratio"], "pool": r.get("pool"), "mode": r.get("mode"), "variant": r.get("variant")})
     arms = {}
     for arm, per_seed in by_arm.items():
         seeds = sorted(per_seed)
@@ -43,7 +71,7 @@ def summarize_results(rows: Sequence[Dict[str, Any]], out: Optional[Path] = None
     comparisons = []
     for arm, per_seed in by_arm.items():
         kind, r = info[arm]["kind"], info[arm]["ratio"]
-        if not kind.startswith("synthetic"):
+        if kind not in _SYNTHETIC_KINDS:
             continue
         baselines = ["real_only", f"oversampled@{r:g}"]
         if kind == "synthetic+classic_aug":
@@ -58,7 +86,8 @@ def summarize_results(rows: Sequence[Dict[str, Any]], out: Optional[Path] = None
                 a = [per_seed[s]["metrics"].get(metric, float("nan")) for s in seeds]
                 b = [by_arm[base][s]["metrics"].get(metric, float("nan")) for s in seeds]
                 comparisons.append({"arm": arm, "baseline": base, "metric": metric, "seeds": seeds, **paired_comparison(a, b, n_boot=n_boot)})
-    summary = {"arms": arms, "comparisons": comparisons, "meta": meta or {}, "config": cfg.identity() if cfg is not None else None}
+    summary = {"arms": arms, "comparisons": comparisons, "selection": _selection(rows, by_arm, n_boot),
+               "meta": meta or {}, "config": cfg.identity() if cfg is not None else None}
     if out is not None:
         out = Path(out)
         write_json(out / "summary.json", summary)
@@ -66,6 +95,42 @@ def summarize_results(rows: Sequence[Dict[str, Any]], out: Optional[Path] = None
         plot_ratio_curves(summary, out / "ratio_curves.png")
         plot_set_size(summary, out / "set_size.png")
     return summary
+
+
+def _selection(rows, by_arm, n_boot: int) -> Dict[str, Any]:
+    """The configuration chosen on validation for each seed, its test metrics, and the paired
+    comparisons of "the chosen synthetic arm" with the controls (see the module docstring)."""
+    chosen = select_on_validation(rows)
+    if not chosen:
+        return {}
+    chosen_over = select_on_validation(rows, kinds=("oversampled",))
+    per_seed = []
+    controls: Dict[str, Dict[int, Dict[str, Any]]] = {"oversampled@r (matched)": {}, "oversampled (chosen on validation)": {}, "real_only": {}}
+    picked: Dict[int, Dict[str, Any]] = {}
+    for seed, arm in chosen.items():
+        row = by_arm[arm][seed]
+        picked[seed] = row["metrics"]
+        matched = by_arm.get(f"oversampled@{row['ratio']:g}", {}).get(seed)
+        over = by_arm[chosen_over[seed]][seed] if seed in chosen_over else None
+        real = by_arm.get("real_only", {}).get(seed)
+        for name, other in (("oversampled@r (matched)", matched), ("oversampled (chosen on validation)", over), ("real_only", real)):
+            if other is not None:
+                controls[name][seed] = other["metrics"]
+        per_seed.append({"seed": seed, "arm": arm, "val_metric": row["val_metrics"][SELECTION_METRIC], "metrics": row["metrics"],
+                         "matched_control": matched["arm"] if matched else None,
+                         "oversampled_chosen": over["arm"] if over else None})
+    comparisons = []
+    for name, base in controls.items():
+        seeds = sorted(set(picked) & set(base))
+        if not seeds:
+            continue
+        for metric in COMPARED_METRICS:
+            a = [picked[s].get(metric, float("nan")) for s in seeds]
+            b = [base[s].get(metric, float("nan")) for s in seeds]
+            comparisons.append({"arm": "chosen on validation", "baseline": name, "metric": metric, "seeds": seeds,
+                                **paired_comparison(a, b, n_boot=n_boot)})
+    return {"rule": f"per seed, the synthetic arm with the highest validation {SELECTION_METRIC} (test metrics never read)",
+            "per_seed": per_seed, "comparisons": comparisons}
 
 
 def _fresh_share(rows) -> Optional[float]:
@@ -77,8 +142,9 @@ def _fresh_share(rows) -> Optional[float]:
 def _arm_order(summary) -> List[str]:
     def key(arm):
         a = summary["arms"][arm]
-        order = {"real_only": 0, "oversampled": 1, "classic_aug": 2, "synthetic": 3, "synthetic+classic_aug": 4}[a["kind"]]
-        return (a["pool"] is not None and a["kind"] == "synthetic" and "/n=" in arm, a["ratio"], order, a["pool"] or 0)
+        order = {"real_only": 0, "oversampled": 1, "classic_aug": 2, "synthetic": 3, "synthetic+classic_aug": 4, "oversampled+synthetic": 5}[a["kind"]]
+        return (a["pool"] is not None and a["kind"] == "synthetic" and "/n=" in arm, a["ratio"], order, a.get("mode") or "", a.get("variant") or "",
+                a["pool"] or 0)
 
     return sorted(summary["arms"], key=key)
 
@@ -126,7 +192,42 @@ def markdown_summary(summary: Dict[str, Any]) -> str:
                 cells += [f"{c['mean_diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]", f"{c['p_sign_flip']:.3f} / {_fmt_p(c['p_ttest'])}",
                           f"{c['wins']}/{c['losses']}"]
             lines.append(f"| {arm} | {base} | " + " | ".join(cells) + " |")
+    lines += _selection_markdown(summary.get("selection") or {}, shown)
     return "\n".join(lines) + "\n"
+
+
+def _selection_markdown(selection: Dict[str, Any], shown) -> List[str]:
+    if not selection:
+        return []
+    lines = ["", "## Chosen on validation", "",
+             f"Rule: {selection['rule']}. Each seed's validation split is drawn from the training pool outside its training "
+             "split; the test set is read only for the numbers below.", "",
+             "| seed | chosen arm | validation AP | test recall | test F1 | test AP | matched control | oversampled chosen on validation |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in selection["per_seed"]:
+        m = s["metrics"]
+        lines.append(f"| {s['seed']} | {s['arm']} | {s['val_metric']:.3f} | {m['rare_recall']:.3f} | {m['rare_f1']:.3f} | "
+                     f"{m.get('rare_average_precision', float('nan')):.3f} | {s['matched_control'] or '–'} | {s['oversampled_chosen'] or '–'} |")
+    comps = [c for c in selection["comparisons"] if c["metric"] in shown]
+    if comps:
+        lines += ["", "| chosen synthetic arm against | Δ recall [95% CI] | W/L | Δ F1 [95% CI] | W/L | Δ AP [95% CI] | p (perm / t) | W/L |",
+                  "|---|---|---|---|---|---|---|---|"]
+        by_base: Dict[str, Dict[str, Any]] = {}
+        for c in comps:
+            by_base.setdefault(c["baseline"], {})[c["metric"]] = c
+        for base, cs in by_base.items():
+            cells = []
+            for metric in shown:
+                c = cs.get(metric)
+                if c is None:
+                    cells += ["–", "–"] if metric != "rare_average_precision" else ["–", "–", "–"]
+                    continue
+                cells.append(f"{c['mean_diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]")
+                if metric == "rare_average_precision":
+                    cells.append(f"{c['p_sign_flip']:.3f} / {_fmt_p(c['p_ttest'])}")
+                cells.append(f"{c['wins']}/{c['losses']}")
+            lines.append(f"| {base} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _fmt_p(p: float) -> str:
