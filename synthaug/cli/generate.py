@@ -6,6 +6,14 @@ never repeats a seed, and ``--seed S --count 1`` into a new cache remakes the re
 ``meta["seed"]`` is ``S``. While it runs it holds the cache's writer lock for its block of 10^9
 seeds: a worker or another ``generate`` with seeds in the same block is refused; use
 ``--seed-offset`` to run several writers at once.
+
+Modes (``--mode``): ``txt2img`` from noise (the default); ``img2img``, SDEdit from the real images
+of ``--source-images`` (implied by ``--source-images``); ``translate``, SDEdit from real images of
+*other* classes into ``--label``'s class (a folder ``DIR/<class>/*.png``, or files with
+``--source-classes``), hard-labelled, or soft-labelled with ``--soft-label-gamma G`` (weight s^G on
+the target class and 1 - s^G on the source's, for strength s); ``feedback`` (pixel-DDPM models),
+from noise, steered by ``--feedback-classifier`` toward images it finds hard. ``--strength`` takes
+one value or a comma-separated set, from which each image draws its own by its seed.
 """
 
 from __future__ import annotations
@@ -13,12 +21,14 @@ from __future__ import annotations
 import argparse
 import signal
 import time
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, List
 
 from synthaug.cache.store import SyntheticCache
 from synthaug.cache.writers import SEED_BLOCK, WriterLock
 from synthaug.generation.fill import fill_cache
 from synthaug.generation.loading import load_generator
+from synthaug.generation.modes import FEEDBACK_OBJECTIVES, MODES
 from synthaug.generation.stopping import StopSignal
 
 __all__ = ["register", "add_generator_arguments", "add_seed_arguments", "generator_source", "generator_overrides", "HelpFormatter"]
@@ -48,8 +58,27 @@ def add_generator_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", default=None, help="sampler: ddim, dpm++, euler-a, ... (see synthaug.generation.sd.SCHEDULERS)")
     g.add_argument("--height", type=int, default=None, help="image height in pixels (Stable-Diffusion models)")
     g.add_argument("--width", type=int, default=None, help="image width in pixels (Stable-Diffusion models)")
-    g.add_argument("--source-images", metavar="DIR", default=None, help="image-to-image (SDEdit) from the images in DIR instead of text-to-image")
-    g.add_argument("--strength", type=float, default=None, help="image-to-image noise level in (0, 1] (default 0.6)")
+    g.add_argument("--mode", choices=MODES, default=None,
+                   help="txt2img (from noise; the default), img2img (SDEdit from --source-images; implied by --source-images), "
+                   "translate (SDEdit from --source-images of other classes into --label's class), "
+                   "feedback (pixel-DDPM models: from noise, guided toward images --feedback-classifier finds hard)")
+    g.add_argument("--source-images", metavar="PATH", nargs="+", default=None,
+                   help="img2img: a folder of images, or image files; translate: a folder DIR/<class name or index>/*.png "
+                   "(torchvision ImageFolder layout), or image files with --source-classes")
+    g.add_argument("--strength", type=_strengths, default=None, metavar="S[,S...]",
+                   help="img2img/translate noise level in (0, 1], or a comma-separated set (e.g. 0.25,0.5,0.75,1) from which "
+                   "each image draws its own by its seed (default 0.6)")
+    g.add_argument("--source-classes", type=_names, default=None, metavar="C[,C...]",
+                   help="translate from image files: the class of each file, in order (names of the model's classes or indices); "
+                   "a folder's classes are its subfolders")
+    g.add_argument("--soft-label-gamma", type=float, default=None, metavar="G",
+                   help="translate: label each image {label: s^G, source class: 1 - s^G} for its strength s (default: the hard label)")
+    g.add_argument("--feedback-classifier", metavar="FILE", default=None,
+                   help="feedback: a reference classifier file (synthaug.classifier.ReferenceClassifier) trained on real images")
+    g.add_argument("--feedback-scale", type=float, default=None, metavar="W",
+                   help="feedback: guidance weight >= 0; 0 = plain sampling (default 1.0; the unbounded 'loss' objective needs less, ~0.1-0.3)")
+    g.add_argument("--feedback-objective", choices=FEEDBACK_OBJECTIVES, default=None,
+                   help="feedback: maximize the classifier's predictive entropy, or its cross-entropy loss for --label's class (default entropy)")
     g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="model precision (default: fp16 on cuda, fp32 on cpu)")
     g.add_argument("--compile", action="store_true", help="torch.compile the denoiser (slow first batch, faster after)")
@@ -72,18 +101,72 @@ def generator_source(args: argparse.Namespace) -> str:
     return args.adapter if args.adapter is not None else args.model
 
 
+def _strengths(text: str) -> Any:
+    """``--strength``: one number, or a comma-separated set of numbers in (0, 1]."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or comma-separated numbers in (0, 1]") from None
+    if not all(0.0 < v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: each strength must be in (0, 1]")
+    return values[0] if len(values) == 1 else values
+
+
+def _names(text: str) -> List[str]:
+    """``--source-classes``: comma-separated class names or indices."""
+    names = [v.strip() for v in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty class name")
+    return names
+
+
 def generator_overrides(args: argparse.Namespace) -> Dict[str, Any]:
-    """``load_generator`` overrides from the flags that were given."""
+    """``load_generator`` overrides from the flags that were given.
+
+    Raises:
+        ValueError: flags that do not go together (one line naming them and what to do).
+    """
     keys = ["label", "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "scheduler", "height", "width", "device", "dtype"]
     out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "batch_size", None) is not None:
         out["batch_size"] = args.batch_size
-    if args.source_images is not None:
-        out.update(mode="img2img", source_images=args.source_images)
+    mode = args.mode or ("img2img" if args.source_images is not None else "txt2img")
+    if mode != "txt2img":
+        out["mode"] = mode
+    sources = args.source_images
+    if mode in ("img2img", "translate"):
+        if sources is None:
+            raise ValueError(f"--mode {mode} needs --source-images (a folder or image files)")
+        folder = len(sources) == 1 and Path(sources[0]).is_dir()
+        out["source_images"] = sources[0] if folder else list(sources)
         if args.strength is not None:
             out["strength"] = args.strength
-    elif args.strength is not None:
-        raise ValueError("--strength applies to image-to-image generation; give --source-images DIR too")
+    else:
+        for flag, value in (("--source-images", sources), ("--strength", args.strength)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to --mode img2img or translate, not {mode}")
+    if mode == "translate":
+        if args.source_classes is not None:
+            if folder:
+                raise ValueError(f"--source-classes is for a list of image files; the classes of folder {sources[0]} are its subfolders")
+            out["source_classes"] = args.source_classes
+        elif not folder:
+            raise ValueError("--mode translate from image files needs --source-classes (one class per file, comma-separated)")
+        if args.soft_label_gamma is not None:
+            out["soft_label_gamma"] = args.soft_label_gamma
+    else:
+        for flag, value in (("--source-classes", args.source_classes), ("--soft-label-gamma", args.soft_label_gamma)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to --mode translate only")
+    feedback = {"feedback_classifier": args.feedback_classifier, "feedback_scale": args.feedback_scale, "feedback_objective": args.feedback_objective}
+    if mode == "feedback":
+        if args.feedback_classifier is None:
+            raise ValueError("--mode feedback needs --feedback-classifier FILE (a reference classifier trained on real images)")
+        out.update({k: v for k, v in feedback.items() if v is not None})
+    else:
+        stray = ["--" + k.replace("_", "-") for k, v in feedback.items() if v is not None]
+        if stray:
+            raise ValueError(f"{', '.join(stray)} applies to --mode feedback only")
     if args.compile:
         out["compile"] = True
     return out
@@ -99,18 +182,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     source = generator_source(args)
+    overrides = generator_overrides(args)  # flags that do not go together fail before the cache is touched
     seed = args.seed + args.seed_offset * SEED_BLOCK
     cache = SyntheticCache(args.cache, encoding=args.encoding)
     lock = WriterLock(cache.path, seed, kind="synthaug generate").acquire()  # one writer per seed block
     try:
-        return _generate(args, cache, source, seed)
+        return _generate(args, cache, source, seed, overrides)
     finally:
         lock.release()
 
 
-def _generate(args: argparse.Namespace, cache, source: str, seed: int) -> int:
+def _generate(args: argparse.Namespace, cache, source: str, seed: int, overrides: Dict[str, Any]) -> int:
     t_load = time.perf_counter()
-    generator = load_generator(source, **generator_overrides(args))
+    generator = load_generator(source, **overrides)
     t_load = time.perf_counter() - t_load
     if getattr(generator, "label_names", None) and cache.label_names is None:
         cache.set_label_names(generator.label_names)

@@ -5,7 +5,8 @@ unconsumed, generate and append; never hold more than ``--max-items`` records, e
 records every consumer has passed and released (else wait, state "paused"); heartbeat in the
 cache. One writer per block of 10^9 seeds: a second worker on the same cache needs
 ``--seed-offset``. Ctrl-C (exit status 130) or SIGTERM (exit status 0) stop it after the
-transaction in progress.
+transaction in progress. The model and generation flags, ``--mode`` (txt2img, img2img, translate,
+feedback) and its settings included, are those of ``synthaug generate``.
 """
 
 from __future__ import annotations

@@ -3,17 +3,36 @@
 A generator turns ``(n, seed)`` into ``n`` images with labels and per-image provenance:
 
 * Image ``i`` of ``generate(n, seed)`` uses the per-image seed ``seed + i``; its initial noise
-  comes from a CPU ``torch.Generator`` seeded with it. So ``generate(1, seed + i)`` reproduces
-  image ``i``, the internal batch size does not change what is made, and a record's ``meta["seed"]``
-  is all ``synthaug generate --seed`` needs to make it again (same device and dtype).
+  comes from a CPU ``torch.Generator`` seeded with it, and every per-image choice (the source
+  image, the strength drawn from a set of strengths) is a function of it. So ``generate(1, seed + i)``
+  reproduces image ``i``, the internal batch size does not change what is made, and a record's
+  ``meta["seed"]`` is all ``synthaug generate --seed`` needs to make it again (same device and dtype).
 * ``spec`` is a JSON-serializable dict; :func:`~synthaug.generation.loading.generator_from_spec` rebuilds an equivalent
   generator in another process (the GenerationWorker does exactly that).
-* Per-image ``meta`` holds at least: ``source`` and ``overrides`` (the spec), ``model`` (base
-  model ref), ``adapter`` and ``adapter_hash`` (or ``None``), ``backend``, ``mode``
-  (``"txt2img"`` or ``"img2img"``), ``seed``, ``prompt``, ``negative_prompt``, ``label``,
-  ``label_name``, ``scheduler``, ``num_inference_steps``, ``guidance_scale``, ``resolution``
-  (``[H, W]`` of the stored image), ``device``, ``dtype``; in img2img mode also ``strength`` and
-  ``source_image`` (SHA-256 of the source image's pixels, :func:`synthaug.adapter.image_sha256`).
+* A label is a class index, a list of class indices (multi-label) or a
+  :class:`~synthaug.cache.codec.SoftLabel` (``{class index: weight}``, first entry the class the
+  image was made for; translate mode with ``soft_label_gamma``).
+
+Modes (:mod:`synthaug.generation.modes`): ``"txt2img"`` (from noise), ``"img2img"`` (SDEdit from
+real images of the class), ``"translate"`` (SDEdit from real images of *other* classes into the
+generator's class, Diff-Mix style) and ``"feedback"`` (pixel DDPM only: from noise, steered by a
+reference classifier's gradient toward images it finds hard).
+
+Per-image ``meta`` holds at least: ``source`` and ``overrides`` (the spec), ``model`` (base
+model ref), ``adapter`` and ``adapter_hash`` (or ``None``), ``backend``, ``mode``, ``seed``,
+``prompt``, ``negative_prompt``, ``label``, ``label_name``, ``scheduler``, ``num_inference_steps``,
+``guidance_scale``, ``resolution`` (``[H, W]`` of the stored image), ``device``, ``dtype``; and by mode:
+
+* img2img: ``strength`` (this image's, drawn from the set when ``strength`` is a list),
+  ``source_image`` (SHA-256 of the source image's pixels, :func:`synthaug.adapter.image_sha256`)
+  and ``source_index`` (its position among the sources);
+* translate: the same three, plus ``source_class`` (the source image's class index in the
+  generator's label space), ``source_class_name`` (its name, or ``None``) and
+  ``soft_label_gamma`` (``None``: the record has the hard label ``label``; else ``g`` and the
+  label ``{label: s**g, source_class: 1 - s**g}`` for strength ``s``);
+* feedback: ``feedback_objective`` (``"entropy"`` or ``"loss"``), ``feedback_scale``,
+  ``feedback_classifier`` (the reference classifier's path) and ``feedback_classifier_sha256``
+  (its file's SHA-256).
 """
 
 from __future__ import annotations
@@ -24,6 +43,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from synthaug.cache.codec import SoftLabel, as_labels
+
 __all__ = [
     "GeneratedBatch",
     "Generator",
@@ -33,7 +54,7 @@ __all__ = [
     "per_image_seeds",
 ]
 
-Label = Union[int, Sequence[int]]
+Label = Union[int, Sequence[int], SoftLabel]
 
 
 @dataclass
@@ -42,7 +63,8 @@ class GeneratedBatch:
 
     Attributes:
         images: uint8 numpy array N×H×W×C (C = 1 or 3).
-        labels: one label per image (int, or list of ints for multi-label).
+        labels: one label per image: a class index, a list of class indices (multi-label) or a
+            :class:`~synthaug.cache.codec.SoftLabel` (``{class index: weight}``).
         meta: one provenance dict per image (see the module docstring).
     """
 
@@ -58,6 +80,7 @@ class GeneratedBatch:
             raise ValueError(f"GeneratedBatch.images must be uint8 N×H×W×C, got {self.images.dtype} {self.images.shape}")
         if not (len(self.labels) == len(self.images) == len(self.meta)):
             raise ValueError(f"GeneratedBatch has {len(self.images)} images, {len(self.labels)} labels, {len(self.meta)} meta dicts")
+        as_labels(self.labels, len(self.images))  # each one a label the cache can store (ValueError naming it if not)
 
 
 def per_image_seeds(n: int, seed: int) -> List[int]:

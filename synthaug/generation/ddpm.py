@@ -6,6 +6,12 @@ holds ``unet/`` (``UNet2DModel.from_pretrained``), ``scheduler/`` and ``synthaug
 canvas back into dataset images, default generation settings). A LoRA adapter from
 ``synthaug finetune`` is injected with peft and merged into the weights, so sampling costs the
 same with or without it.
+
+Modes (``mode=``): ``"txt2img"`` (from noise), ``"img2img"`` (SDEdit from real images),
+``"translate"`` (SDEdit from real images of other classes into the generator's class, labelled
+hard or soft) and ``"feedback"`` (from noise, with classifier guidance toward images a reference
+classifier finds hard, :class:`FeedbackGuidance`). Strength sets and translation sources are
+shared with the Stable-Diffusion backend (:mod:`synthaug.generation.modes`).
 """
 
 from __future__ import annotations
@@ -17,15 +23,29 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from synthaug.adapter import image_sha256, read_adapter_config
+from synthaug.classifier import ReferenceClassifier
 from synthaug.data.folders import load_image_folder, read_image
 from synthaug.generation.base import GeneratedBatch, Generator, default_device, default_dtype, dtype_kwargs, per_image_seeds
+from synthaug.generation.modes import check_mode_settings, mode_overrides, parse_strengths, source_provenance, strength_groups, translate_sources
 from synthaug.imaging import to_hwc_uint8
 
-__all__ = ["PixelDDPMGenerator", "SCHEDULERS", "load_lora_into_unet", "make_scheduler", "model_generation_settings", "sample_pixel_ddpm", "MODEL_CONFIG"]
+__all__ = [
+    "FEEDBACK_DEFAULTS",
+    "FeedbackGuidance",
+    "MODEL_CONFIG",
+    "PixelDDPMGenerator",
+    "SCHEDULERS",
+    "load_lora_into_unet",
+    "make_scheduler",
+    "model_generation_settings",
+    "sample_pixel_ddpm",
+]
 
 MODEL_CONFIG = "synthaug_model.json"
 SCHEDULERS = ("ddim", "dpm++")
 _DEFAULTS = {"num_inference_steps": 40, "guidance_scale": 1.0, "scheduler": "ddim", "eta": 0.0}
+#: feedback-guided sampling's defaults
+FEEDBACK_DEFAULTS = {"feedback_scale": 1.0, "feedback_objective": "entropy"}
 
 
 def load_lora_into_unet(unet, adapter_dir: Union[str, Path], config: Dict[str, Any], merge: bool = True) -> None:
@@ -98,12 +118,31 @@ class PixelDDPMGenerator(Generator):
         scheduler: ``"ddim"`` (default) or ``"dpm++"`` (DPM-Solver++ 2M, deterministic).
         eta: DDIM noise (0 = deterministic, 1 = DDPM-like ancestral sampling); its noise is drawn
             per image from the image's own seed, like the initial noise.
-        batch_size: images per UNet call.
+        batch_size: images per UNet call (images of one call with different strengths are
+            sampled in one call per strength).
         device, dtype: torch device (default CUDA when available) and ``fp32|fp16|bf16``.
-        mode: ``"txt2img"`` (from noise) or ``"img2img"`` (SDEdit from ``source_images``).
-        source_images: real images for img2img (PIL, H×W(×1) uint8 arrays, or a folder of images).
-            Image ``i`` of a call starts from source ``(seed + i) % len(source_images)``.
-        strength: img2img noise level in (0, 1]: the share of the denoising trajectory re-run.
+        mode: ``"txt2img"`` (from noise), ``"img2img"`` (SDEdit from ``source_images``),
+            ``"translate"`` (SDEdit from ``source_images`` of *other* classes into ``label``) or
+            ``"feedback"`` (from noise, steered by ``feedback_classifier``).
+        source_images: img2img: real images (PIL, H×W(×1) uint8 arrays, image files, or a folder
+            of images). translate: a folder in torchvision ``ImageFolder`` layout
+            (``DIR/<class name or index>/*.png``) or a list of images with ``source_classes``.
+            Image ``i`` of a call starts from source ``(seed + i) % len(source_images)`` (a
+            folder's files in class-folder, then file-name order).
+        strength: img2img/translate noise level in (0, 1]: the share of the denoising trajectory
+            re-run. A list of strengths: each image draws one from its own seed
+            (:func:`~synthaug.generation.modes.strength_for_seed`), recorded in ``meta["strength"]``.
+        source_classes: translate with a list of ``source_images``: each image's class, a name
+            of the model's classes or an index. None may be ``label``.
+        soft_label_gamma: translate: ``None`` gives each record the hard label ``label``; a float
+            ``g > 0`` gives ``SoftLabel({label: s**g, source_class: 1 - s**g})`` for strength ``s``.
+        feedback_classifier: feedback: path of a :class:`~synthaug.classifier.ReferenceClassifier`
+            file (trained on real images), loaded on ``device``.
+        feedback_scale: feedback: guidance weight ``>= 0`` (0 = plain txt2img sampling; default 1.0).
+        feedback_objective: feedback: ``"entropy"`` (default: maximize the classifier's predictive
+            entropy) or ``"loss"`` (maximize its cross-entropy for ``label``; the class is found in
+            the classifier's classes by the model's class name, or by index when the model has no
+            class names).
         compile: ``torch.compile`` the UNet.
     """
 
@@ -123,7 +162,12 @@ class PixelDDPMGenerator(Generator):
         dtype: Optional[str] = None,
         mode: str = "txt2img",
         source_images: Optional[Union[str, Path, Sequence]] = None,
-        strength: float = 0.6,
+        strength: Union[float, Sequence[float]] = 0.6,
+        source_classes: Optional[Sequence[Union[int, str]]] = None,
+        soft_label_gamma: Optional[float] = None,
+        feedback_classifier: Optional[Union[str, Path]] = None,
+        feedback_scale: Optional[float] = None,
+        feedback_objective: Optional[str] = None,
         compile: bool = False,
         height: Optional[int] = None,
         width: Optional[int] = None,
@@ -178,19 +222,29 @@ class PixelDDPMGenerator(Generator):
         out_h, out_w = self.crop[2], self.crop[3]
         if (height not in (None, out_h)) or (width not in (None, out_w)):
             raise ValueError(f"{self.model_ref} makes {out_h}×{out_w} images; height/width cannot be changed")
-        if mode not in ("txt2img", "img2img"):
-            raise ValueError(f"mode must be 'txt2img' or 'img2img', got {mode!r}")
-        if not 0.0 < float(strength) <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        check_mode_settings(
+            mode, source_images=source_images, source_classes=source_classes, soft_label_gamma=soft_label_gamma,
+            feedback_classifier=feedback_classifier, feedback_scale=feedback_scale, feedback_objective=feedback_objective,
+        )
+        self.strengths = parse_strengths(strength)
         self.mode = mode
-        self.strength = float(strength)
+        self.strength = self.strengths[0] if len(self.strengths) == 1 else self.strengths
+        self.soft_label_gamma = float(soft_label_gamma) if soft_label_gamma is not None else None
         self.batch_size = int(batch_size)
         self.device = default_device(device)
         self.dtype = default_dtype(self.device, dtype)
         self._dtype_name = str(dtype or "auto")
-        self._sources, self._source_hashes = self._load_sources(source_images) if mode == "img2img" else ([], [])
-        if mode == "img2img" and not self._sources:
-            raise ValueError("mode='img2img' needs source_images (a folder or a list of images)")
+        self._sources: List[np.ndarray] = []
+        self._source_hashes: List[str] = []
+        self._source_classes: List[int] = []
+        if mode == "img2img":
+            self._sources, self._source_hashes = self._load_sources(source_images)
+        elif mode == "translate":
+            items, self._source_classes = translate_sources(source_images, source_classes, label=self.label, label_names=self.label_names)
+            self._sources, self._source_hashes = self._load_sources(items)
+        self.feedback: Optional[FeedbackGuidance] = None
+        if mode == "feedback":
+            self.feedback = self._feedback(feedback_classifier, feedback_scale, feedback_objective)
 
         self.unet = UNet2DModel.from_pretrained(self.model_dir, subfolder="unet", **dtype_kwargs(self.dtype))
         if self.adapter is not None:
@@ -199,6 +253,7 @@ class PixelDDPMGenerator(Generator):
         if compile:
             self.unet = torch.compile(self.unet)
         self._compile = bool(compile)
+        with_strength = mode in ("img2img", "translate")
         self._overrides = {
             k: v
             for k, v in dict(
@@ -212,18 +267,19 @@ class PixelDDPMGenerator(Generator):
                 dtype=dtype,
                 mode=mode if mode != "txt2img" else None,
                 source_images=[str(p) for p in source_images] if isinstance(source_images, (list, tuple)) and all(isinstance(p, (str, Path)) for p in source_images) else (str(source_images) if isinstance(source_images, (str, Path)) else None),
-                strength=strength if mode == "img2img" else None,
+                **mode_overrides(mode, strength, source_classes, soft_label_gamma),
+                feedback_classifier=str(self.feedback.path) if self.feedback is not None else None,
+                feedback_scale=feedback_scale,
+                feedback_objective=feedback_objective,
                 compile=compile or None,
             ).items()
             if v is not None
         }
-        if mode == "img2img" and "source_images" not in self._overrides:
+        if with_strength and "source_images" not in self._overrides:
             self._overrides["source_images"] = None  # in-memory images: the spec cannot carry them
 
     # ------------------------------------------------------------------ helpers
     def _load_sources(self, source_images):
-        if source_images is None:
-            return [], []
         if isinstance(source_images, (str, Path)):
             source_images = load_image_folder(source_images, channels=1).images
         arrays = []
@@ -238,7 +294,31 @@ class PixelDDPMGenerator(Generator):
 
                 arr = np.asarray(Image.fromarray(arr[:, :, 0]).resize((self.crop[3], self.crop[2]), Image.BILINEAR))[..., None]
             arrays.append(arr)
+        if not arrays:
+            raise ValueError("source_images holds no images")
         return arrays, [image_sha256(a) for a in arrays]
+
+    def _feedback(self, path, scale, objective) -> "FeedbackGuidance":
+        """The classifier guidance of feedback mode (the classifier loaded on this device)."""
+        scale = float(scale) if scale is not None else FEEDBACK_DEFAULTS["feedback_scale"]
+        objective = objective or FEEDBACK_DEFAULTS["feedback_objective"]
+        prediction = make_scheduler(self.model_dir, self.scheduler_name).config.get("prediction_type", "epsilon")
+        if prediction != "epsilon":
+            raise ValueError(f"mode='feedback' needs a model that predicts the noise (prediction_type 'epsilon'); {self.model_ref} predicts {prediction!r}")
+        classifier = ReferenceClassifier.load(Path(path).resolve(), device=self.device)
+        target = None
+        if objective == "loss":
+            name = self.label_names[self.label] if self.label_names else None
+            if name is None:
+                target = classifier.class_index(self.label)
+            elif name in classifier.classes:
+                target = classifier.classes.index(name)
+            else:
+                raise ValueError(
+                    f"feedback_objective='loss' needs the generator's class {name!r} among the reference classifier's classes "
+                    f"{classifier.classes} ({classifier.path}); train the classifier on this model's label space"
+                )
+        return FeedbackGuidance(classifier, objective=objective, scale=scale, target=target, crop=self.crop)
 
     def _scheduler(self):
         return make_scheduler(self.model_dir, self.scheduler_name)
@@ -259,15 +339,26 @@ class PixelDDPMGenerator(Generator):
 
     # ------------------------------------------------------------------ sampling
     def generate(self, n: int, seed: int) -> GeneratedBatch:
+        """``n`` images; image ``i`` from per-image seed ``seed + i``.
+
+        Returns:
+            :class:`GeneratedBatch`: uint8 images N×h×w×1 (the model's crop), ``n`` labels (the
+            class index; soft labels in translate mode with ``soft_label_gamma``), ``n`` meta dicts.
+        """
         import torch
 
         seeds = per_image_seeds(n, seed)
         top, left, h, w = self.crop
+        with_strength = self.mode in ("img2img", "translate")
         chunks = []
         batch_of = []  # [first seed, size] of the UNet batch each image was made in
         for start in range(0, n, self.batch_size):
             chunk = seeds[start : start + self.batch_size]
-            chunks.append(self._sample(chunk))
+            out = np.empty((len(chunk), h, w, 1), np.uint8)
+            # one sampler call per strength among the chunk's images (one call without strengths)
+            for strength, positions in strength_groups(chunk, self.strengths if with_strength else None):
+                out[positions] = self._sample([chunk[p] for p in positions], strength)
+            chunks.append(out)
             batch_of += [[chunk[0], len(chunk)]] * len(chunk)
         images = np.concatenate(chunks) if chunks else np.zeros((0, h, w, 1), np.uint8)
         label_name = self.label_names[self.label] if self.label_names and self.label < len(self.label_names) else None
@@ -292,22 +383,28 @@ class PixelDDPMGenerator(Generator):
             "dtype": str(self.dtype).replace("torch.", ""),
             "torch_version": torch.__version__,
         }
-        metas = []
+        if self.feedback is not None:
+            base_meta.update(self.feedback.meta())
+        metas, labels = [], []
         for s, batch in zip(seeds, batch_of):
             # CPU kernels may sum in another order for another batch size (last-bit float
             # differences, now and then one uint8 level): generate(*reversed(batch)) remakes the
             # record bit for bit; generate(1, seed) within that rounding.
             m = dict(base_meta, seed=s, batch=batch)
-            if self.mode == "img2img":
-                k = s % len(self._sources)
-                m.update(strength=self.strength, source_image=self._source_hashes[k], source_index=k)
+            label: Any = self.label
+            if with_strength:
+                keys, label = source_provenance(s, mode=self.mode, label=self.label, strengths=self.strengths, source_hashes=self._source_hashes,
+                                                source_classes=self._source_classes, label_names=self.label_names, soft_label_gamma=self.soft_label_gamma)
+                m.update(keys)
             metas.append(m)
-        return GeneratedBatch(images=images, labels=[self.label] * n, meta=metas)
+            labels.append(label)
+        return GeneratedBatch(images=images, labels=labels, meta=metas)
 
-    def _sample(self, seeds: List[int]) -> np.ndarray:
-        """uint8 N×h×w×1 images for the per-image ``seeds``."""
+    def _sample(self, seeds: List[int], strength: Optional[float] = None) -> np.ndarray:
+        """uint8 N×h×w×1 images for the per-image ``seeds`` (all of one ``strength`` in img2img
+        and translate mode)."""
         x0 = None
-        if self.mode == "img2img":
+        if self.mode in ("img2img", "translate"):
             x0 = self._to_canvas([self._sources[s % len(self._sources)] for s in seeds])
         return sample_pixel_ddpm(
             self.unet,
@@ -321,8 +418,97 @@ class PixelDDPMGenerator(Generator):
             image_size=self.image_size,
             crop=self.crop,
             x0=x0,
-            strength=self.strength,
+            strength=strength if strength is not None else 1.0,
+            feedback=self.feedback if self.feedback is not None and self.feedback.scale > 0 else None,
         )
+
+    def __repr__(self) -> str:
+        src = f"adapter={str(self.adapter)!r}, " if self.adapter is not None else ""
+        return f"PixelDDPMGenerator({self.model_ref!r}, {src}label={self.label}, mode={self.mode!r}, device={self.device!r})"
+
+
+class FeedbackGuidance:
+    """Classifier feedback for :func:`sample_pixel_ddpm`: steer each denoising step toward images
+    a reference classifier finds hard (Askari-Hemmat et al. 2024, feedback-guided synthesis).
+
+    At step ``t`` with noise prediction ``eps`` (after classifier-free guidance) it forms the
+    model's estimate of the clean image, ``x0 = (x_t - sqrt(1 - ᾱ_t)·eps) / sqrt(ᾱ_t)``, crops it
+    to the image region, maps [-1, 1] to the classifier's input (scale to [0, 1], channels,
+    bilinear resize, the classifier's mean/std: :meth:`ReferenceClassifier.inputs` in torch, so
+    gradients flow), takes the gradient ``∇x0 J`` of the objective ``J`` summed over the batch,
+    and shifts the noise prediction as classifier guidance does (Dhariwal & Nichol 2021, with
+    ``∇x_t J ≈ ∇x0 J / sqrt(ᾱ_t)``): ``eps ← eps - scale·sqrt(1 - ᾱ_t)·∇x0 J / sqrt(ᾱ_t)``.
+    No gradient flows through the UNet (one classifier forward and backward per step). The
+    classifier is in eval mode, so each image's gradient depends on that image alone.
+
+    Objectives (per image; maximized): ``"entropy"``, the predictive entropy
+    ``-Σ p log p`` (nats); ``"loss"``, the cross-entropy ``-log p[target]``.
+
+    Args:
+        classifier: the reference classifier (on the sampler's device).
+        objective: ``"entropy"`` or ``"loss"``.
+        scale: guidance weight ``>= 0``.
+        target: the classifier's class index for ``"loss"``.
+        crop: ``[top, left, h, w]`` of the image region of the model's canvas.
+    """
+
+    def __init__(self, classifier: ReferenceClassifier, *, objective: str, scale: float, target: Optional[int], crop: Sequence[int]) -> None:
+        if objective not in ("entropy", "loss"):
+            raise ValueError(f"feedback objective must be 'entropy' or 'loss', got {objective!r}")
+        if objective == "loss" and target is None:
+            raise ValueError("feedback objective 'loss' needs the target class")
+        self.classifier, self.objective, self.scale, self.target, self.crop = classifier, objective, float(scale), target, list(crop)
+        self.classifier.model.eval().requires_grad_(False)
+
+    @property
+    def path(self) -> Optional[Path]:
+        return self.classifier.path
+
+    def meta(self) -> Dict[str, Any]:
+        """The provenance keys of feedback mode."""
+        return {
+            "feedback_objective": self.objective,
+            "feedback_scale": self.scale,
+            "feedback_classifier": str(self.classifier.path) if self.classifier.path is not None else None,
+            "feedback_classifier_sha256": self.classifier.sha256,
+        }
+
+    def classifier_input(self, canvas):
+        """Float N×1×S×S canvases in [-1, 1] as the classifier's normalized input (differentiable)."""
+        import torch
+        import torch.nn.functional as F
+
+        top, left, h, w = self.crop
+        x = (canvas[:, :, top : top + h, left : left + w].clamp(-1, 1) + 1) / 2
+        ref = self.classifier
+        if x.shape[1] != ref.in_channels:
+            x = x.repeat(1, ref.in_channels, 1, 1) if ref.in_channels == 3 else x.mean(dim=1, keepdim=True)
+        if tuple(x.shape[2:]) != (ref.image_size, ref.image_size):
+            x = F.interpolate(x, size=(ref.image_size, ref.image_size), mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor(ref.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(ref.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def values(self, canvas):
+        """The objective per image (float N) of canvases N×1×S×S in [-1, 1]."""
+        import torch
+
+        logp = torch.log_softmax(self.classifier.model(self.classifier_input(canvas)).float(), dim=1)
+        if self.objective == "entropy":
+            return -(logp.exp() * logp).sum(dim=1)
+        return -logp[:, self.target]
+
+    def __call__(self, x, eps, alpha_bar: float):
+        """The guided noise prediction for sample ``x`` at a step with cumulative alpha ``alpha_bar``."""
+        import torch
+
+        a = float(alpha_bar)
+        param = next(self.classifier.model.parameters())
+        with torch.enable_grad():
+            x0 = ((x.float() - (1 - a) ** 0.5 * eps.float()) / a**0.5).to(param.device, param.dtype).detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.values(x0).sum(), x0)
+        shift = self.scale * (1 - a) ** 0.5 / a**0.5 * grad.to(eps.device, torch.float32)
+        return (eps.float() - shift).to(eps.dtype)
 
 
 def sample_pixel_ddpm(
@@ -339,13 +525,16 @@ def sample_pixel_ddpm(
     crop: Optional[Sequence[int]] = None,
     x0=None,
     strength: float = 1.0,
+    feedback: Optional["FeedbackGuidance"] = None,
 ) -> np.ndarray:
     """Sample a class-conditional pixel UNet; uint8 N×h×w×1 (the ``crop`` of the canvas).
 
     Image ``i`` starts from noise drawn on a CPU generator seeded with ``seeds[i]`` (and draws
     its DDIM ``eta`` noise from it), so images do not depend on which others share the batch.
     With ``x0`` (float N×1×S×S in [-1, 1]), the last ``strength`` share of the trajectory is run
-    from ``x0`` noised to that level (SDEdit).
+    from ``x0`` noised to that level (SDEdit). With ``feedback``, each step's noise prediction
+    (after classifier-free guidance) is shifted by ``feedback(x, eps, alpha_bar_t)``
+    (:class:`FeedbackGuidance`).
     """
     import torch
 
@@ -380,6 +569,8 @@ def sample_pixel_ddpm(
                 both = unet(torch.cat([xin, xin]), torch.cat([tt, tt]), class_labels=torch.cat([labels, null])).sample
                 cond, unc = both.chunk(2)
                 eps = unc + guidance_scale * (cond - unc)
+            if feedback is not None:
+                eps = feedback(x, eps, float(scheduler.alphas_cumprod[int(t)]))
             kwargs = {}
             if eta > 0:
                 var_noise = torch.stack([torch.randn(shape, generator=g) for g in gens])

@@ -54,8 +54,11 @@ def load_generator(source: Union[str, os.PathLike], **overrides: Any) -> Generat
 
     ``overrides`` are backend settings: ``prompt``, ``negative_prompt``, ``height``, ``width``,
     ``num_inference_steps``, ``guidance_scale``, ``scheduler``, ``label``, ``batch_size``,
-    ``device``, ``dtype``, and for image-to-image ``mode="img2img"``, ``source_images``,
-    ``strength``. Unknown keys raise ``TypeError`` naming them.
+    ``device``, ``dtype``, and ``mode`` with its settings: ``"img2img"``: ``source_images``,
+    ``strength`` (a float or a list of floats, one drawn per image); ``"translate"``: the same plus
+    ``source_classes`` and ``soft_label_gamma``; ``"feedback"`` (pixel DDPM only):
+    ``feedback_classifier``, ``feedback_scale``, ``feedback_objective`` (see the backends'
+    docstrings and :mod:`synthaug.generation.modes`). Unknown keys raise ``TypeError`` naming them.
 
     Raises:
         FileNotFoundError: a path that does not exist, or an adapter whose base model is missing.

@@ -25,12 +25,18 @@ quantization to uint8 about one pixel in 10^4 moves by one level). Hence:
   so ``generate(size, first_seed).images[seed - first_seed]`` reproduces it bit for bit at any
   batch size (same device, dtype and library versions).
 
+Modes: ``"txt2img"``, ``"img2img"`` (SDEdit from real images) and ``"translate"`` (SDEdit from
+real images of other classes into the generator's class, labelled hard or soft), with one
+strength or a set of strengths drawn per image (:mod:`synthaug.generation.modes`). Feedback-guided
+sampling (``mode="feedback"``) is for the pixel-DDPM backend only and is refused here.
+
 The safety checker of SD 1.x/2.x checkpoints is not loaded: it replaces images it flags with black
 ones, which would enter a training set as labeled examples of the class.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +47,7 @@ import numpy as np
 from synthaug.adapter import image_sha256, read_adapter_config
 from synthaug.data.folders import load_image_folder, read_image
 from synthaug.generation.base import GeneratedBatch, Generator, default_device, default_dtype, dtype_kwargs, per_image_seeds
+from synthaug.generation.modes import check_mode_settings, mode_overrides, parse_strengths, source_provenance, strength_groups, translate_sources
 from synthaug.generation.sources import looks_like_hub_id
 from synthaug.imaging import to_hwc_uint8
 
@@ -150,15 +157,27 @@ class StableDiffusionGenerator(Generator):
             to one-at-a-time generation, see the module docstring; 8 on CUDA).
         device: torch device (default CUDA when available, else CPU).
         dtype: ``"fp32" | "fp16" | "bf16"`` (default fp16 on CUDA, fp32 on CPU).
-        mode: ``"txt2img"`` (from noise) or ``"img2img"`` (SDEdit: each image starts from a real
-            image noised to ``strength`` and denoised with the adapted model).
+        mode: ``"txt2img"`` (from noise), ``"img2img"`` (SDEdit: each image starts from a real
+            image noised to ``strength`` and denoised with the adapted model) or ``"translate"``
+            (SDEdit from real images of *other* classes into ``label``, Diff-Mix style).
+            ``"feedback"`` is refused: it needs the pixel-DDPM backend.
         source_images: img2img sources: a folder of images, a list of image files, or in-memory
             images (PIL, H×W×C uint8 arrays; these cannot travel in ``spec``, so a worker process
-            cannot use them). Image ``i`` of a call starts from source
-            ``(seed + i) % len(source_images)``; its meta names the source's SHA-256 (of its
-            decoded pixels as stored, :func:`synthaug.adapter.image_sha256`).
-        strength: img2img noise level in (0, 1]: the share of the denoising trajectory re-run
-            (1.0 ignores the source).
+            cannot use them). translate sources: a folder in torchvision ``ImageFolder`` layout
+            (``DIR/<class name or index>/*.png``) or a list of images with ``source_classes``.
+            Image ``i`` of a call starts from source ``(seed + i) % len(source_images)`` (a
+            translate folder's files in class-folder, then file-name order); its meta names the
+            source's SHA-256 (of its decoded pixels as stored, :func:`synthaug.adapter.image_sha256`).
+        strength: img2img/translate noise level in (0, 1]: the share of the denoising trajectory
+            re-run (1.0 ignores the source). A list of strengths: each image draws one from its
+            own seed (:func:`~synthaug.generation.modes.strength_for_seed`), recorded in
+            ``meta["strength"]``; images of one call are sampled in one pipeline call per strength.
+        source_classes: translate with a list of ``source_images``: each image's class in the
+            label space, by name (the adapter's ``label_names``) or index. None may be ``label``.
+        soft_label_gamma: translate: ``None`` gives each record the hard label ``label``; a float
+            ``g > 0`` gives ``SoftLabel({label: s**g, source_class: 1 - s**g})`` for strength ``s``.
+        feedback_classifier, feedback_scale, feedback_objective: accepted only to refuse them
+            clearly (feedback-guided sampling is a pixel-DDPM mode).
         compile: ``torch.compile`` the UNet (``True``, or a ``torch.compile`` mode name such as
             ``"max-autotune"``). The first call then takes minutes.
         channels_last: UNet and VAE in channels-last memory format (default: on CUDA only).
@@ -190,7 +209,12 @@ class StableDiffusionGenerator(Generator):
         dtype: Optional[str] = None,
         mode: str = "txt2img",
         source_images: Optional[Union[str, os.PathLike, Sequence]] = None,
-        strength: float = 0.6,
+        strength: Union[float, Sequence[float]] = 0.6,
+        source_classes: Optional[Sequence[Union[int, str]]] = None,
+        soft_label_gamma: Optional[float] = None,
+        feedback_classifier: Optional[Union[str, os.PathLike]] = None,
+        feedback_scale: Optional[float] = None,
+        feedback_objective: Optional[str] = None,
         compile: Union[bool, str] = False,
         channels_last: Optional[bool] = None,
         attention: str = "auto",
@@ -200,18 +224,16 @@ class StableDiffusionGenerator(Generator):
         import torch
 
         # ---- arguments that can be checked before anything is loaded
-        if mode not in ("txt2img", "img2img"):
-            raise ValueError(f"mode must be 'txt2img' or 'img2img', got {mode!r}")
-        if not 0.0 < float(strength) <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}; it is the share of the denoising re-run from the source image")
+        check_mode_settings(
+            mode, source_images=source_images, source_classes=source_classes, soft_label_gamma=soft_label_gamma,
+            feedback_classifier=feedback_classifier, feedback_scale=feedback_scale, feedback_objective=feedback_objective,
+            modes=("txt2img", "img2img", "translate"),
+        )
+        self.strengths = parse_strengths(strength)
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
-        if mode == "txt2img" and source_images is not None:
-            raise ValueError("source_images are used only with mode='img2img'; pass mode='img2img' or drop source_images")
-        if mode == "img2img" and source_images is None:
-            raise ValueError("mode='img2img' needs source_images (a folder, a list of image files, or images)")
 
         self.adapter = Path(adapter) if adapter is not None else None
         self.adapter_config: Dict[str, Any] = {}
@@ -235,6 +257,11 @@ class StableDiffusionGenerator(Generator):
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if mode in ("img2img", "translate") and int(self.num_inference_steps * min(self.strengths)) < 1:
+            raise ValueError(
+                f"strength {min(self.strengths)} × {self.num_inference_steps} steps leaves no denoising step (diffusers runs "
+                f"int(steps × strength) of them); raise num_inference_steps to at least {math.ceil(1 / min(self.strengths))} or the strength"
+            )
         self._scheduler_arg = settings["scheduler"]
         if self._scheduler_arg is not None:
             _scheduler_class(self._scheduler_arg)  # unknown names fail before the model loads
@@ -250,6 +277,9 @@ class StableDiffusionGenerator(Generator):
         self.label = int(label)
         self.label_name = cfg.get("class_name")
         self.label_names = list(cfg["label_names"]) if cfg.get("label_names") else None
+        source_items, self._source_classes = source_images, []
+        if mode == "translate":  # checked before the pipeline loads; decoded once its size is known
+            source_items, self._source_classes = translate_sources(source_images, source_classes, label=self.label, label_names=self.label_names)
         # The label space's channels: "target_channels" (the real images'), else "channels".
         target_channels = cfg.get("target_channels", cfg.get("channels"))
         self.grayscale = bool(grayscale) if grayscale is not None else target_channels == 1
@@ -261,7 +291,8 @@ class StableDiffusionGenerator(Generator):
             res = _size_pair(cfg.get("resolution"), "the adapter's resolution")
         self.batch_size = int(batch_size) if batch_size is not None else (_GPU_BATCH if on_cuda else 1)
         self.mode = mode
-        self.strength = float(strength)
+        self.strength = self.strengths[0] if len(self.strengths) == 1 else self.strengths
+        self.soft_label_gamma = float(soft_label_gamma) if soft_label_gamma is not None else None
 
         # ---- the pipeline
         index, local_only = resolve_pipeline_source(self.model_ref, adapter=self.adapter)
@@ -304,8 +335,8 @@ class StableDiffusionGenerator(Generator):
         self._img2img = None
         self._sources: List[Any] = []
         self._source_hashes: List[str] = []
-        if mode == "img2img":
-            self._sources, self._source_hashes = self._load_sources(source_images)
+        if mode in ("img2img", "translate"):
+            self._sources, self._source_hashes = self._load_sources(source_items)
 
         self._overrides = {
             k: v
@@ -322,7 +353,7 @@ class StableDiffusionGenerator(Generator):
                 device=device,
                 dtype=str(dtype).replace("torch.", "") if dtype is not None else None,
                 mode=mode if mode != "txt2img" else None,
-                strength=self.strength if mode == "img2img" else None,
+                **mode_overrides(mode, strength, source_classes, soft_label_gamma),
                 compile=compile or None,
                 channels_last=channels_last,
                 attention=attention if attention != "auto" else None,
@@ -331,7 +362,7 @@ class StableDiffusionGenerator(Generator):
             ).items()
             if v is not None
         }
-        if mode == "img2img":
+        if mode in ("img2img", "translate"):
             self._overrides["source_images"] = _spec_sources(source_images)
 
     # ------------------------------------------------------------------ loading helpers
@@ -436,25 +467,37 @@ class StableDiffusionGenerator(Generator):
             "torch_version": torch.__version__,
             "diffusers_version": diffusers.__version__,
         }
+        labels: List[Any] = []
+        with_strength = self.mode in ("img2img", "translate")
         for start in range(0, n, self.batch_size):
             chunk = seeds[start : start + self.batch_size]
-            images = self._sample(chunk)
+            # one pipeline call per strength among the chunk's images (one call without strengths)
+            parts = [(positions, self._sample([chunk[p] for p in positions], strength))
+                     for strength, positions in strength_groups(chunk, self.strengths if with_strength else None)]
+            images = np.empty((len(chunk),) + parts[0][1].shape[1:], np.uint8)
+            for positions, part in parts:
+                images[positions] = part
             chunks.append(images)
             for s in chunk:
                 m = dict(base_meta, seed=s, batch=[chunk[0], len(chunk)], resolution=list(images.shape[1:3]))
-                if self.mode == "img2img":
-                    k = s % len(self._sources)
-                    m.update(strength=self.strength, source_image=self._source_hashes[k], source_index=k)
+                label: Any = self.label
+                if with_strength:
+                    keys, label = source_provenance(s, mode=self.mode, label=self.label, strengths=self.strengths, source_hashes=self._source_hashes,
+                                                    source_classes=self._source_classes, label_names=self.label_names,
+                                                    soft_label_gamma=self.soft_label_gamma)
+                    m.update(keys)
                 metas.append(m)
+                labels.append(label)
         if chunks:
             images = np.concatenate(chunks)
         else:
             h, w = self.output_size or (self.height, self.width)
             images = np.zeros((0, h, w, 1 if self.grayscale else 3), np.uint8)
-        return GeneratedBatch(images=images, labels=[self.label] * n, meta=metas)
+        return GeneratedBatch(images=images, labels=labels, meta=metas)
 
-    def _sample(self, seeds: List[int]) -> np.ndarray:
-        """uint8 N×H×W×C images for the per-image ``seeds`` (one pipeline call)."""
+    def _sample(self, seeds: List[int], strength: Optional[float] = None) -> np.ndarray:
+        """uint8 N×H×W×C images for the per-image ``seeds`` (one pipeline call; all of one
+        ``strength`` in img2img and translate mode)."""
         import torch
 
         m = len(seeds)
@@ -466,14 +509,14 @@ class StableDiffusionGenerator(Generator):
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
             output_type="np",
         )
-        if self.mode == "img2img":
+        if self.mode in ("img2img", "translate"):
             if self._img2img is None:
                 from diffusers import AutoPipelineForImage2Image
 
                 self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
                 self._img2img.set_progress_bar_config(disable=True)
             pipe = self._img2img
-            kwargs.update(image=[self._sources[s % len(self._sources)] for s in seeds], strength=self.strength)
+            kwargs.update(image=[self._sources[s % len(self._sources)] for s in seeds], strength=strength)
         else:
             pipe = self.pipe
             kwargs.update(height=self.height, width=self.width)
