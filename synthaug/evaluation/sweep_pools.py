@@ -190,7 +190,10 @@ def translate_sources(cfg: SweepConfig, data: StudyData, seed: int, train_idx, v
         c = data.classes.index(name)
         idx = train_idx[data.targets[train_idx] == c]
         pick = np.sort(rng.choice(idx, size=min(per_class, len(idx)), replace=False))
-        write_shots(data, pick, folder / name, prefix=name.replace("/", "-").lower())
+        # the generator reads a class folder by name, or by index for a name no folder can hold
+        # ("T-shirt/top": the study's index, the generator's too where both are Fashion-MNIST's)
+        sub = name if "/" not in name and not name.isdigit() else str(c)
+        write_shots(data, pick, folder / sub, prefix=name.replace("/", "-").lower())
     return folder
 
 
