@@ -26,6 +26,8 @@ _EXPORTS = {
     "Generator": "synthaug.generation.base",
     "GeneratedBatch": "synthaug.generation.base",
     "GenerationWorker": "synthaug.generation.worker",
+    "FidelityGate": "synthaug.generation.gate",
+    "SoftLabel": "synthaug.cache.codec",
     "finetune_lora": "synthaug.finetune",
     "FinetuneConfig": "synthaug.finetune.common",
     "image_quality_report": "synthaug.evaluation.quality",
@@ -68,6 +70,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from synthaug.generation.base import GeneratedBatch, Generator
     from synthaug.generation.loading import generator_from_spec, load_generator
     from synthaug.generation.worker import GenerationWorker
+    from synthaug.generation.gate import FidelityGate
+    from synthaug.cache.codec import SoftLabel
     from synthaug.mixing.dataset import MixedDataset
     from synthaug.mixing.index import SyntheticIndex
     from synthaug.mixing.loader import mixed_loader

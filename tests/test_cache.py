@@ -535,3 +535,19 @@ def test_soft_labels_are_stored_validated_and_returned_exactly(tmp_path):
     assert len(cache) == 3  # nothing of a refused append
     with pytest.raises(TypeError, match="immutable"):
         got[0][6] = 1.0
+
+
+def test_seed_reservations_never_hand_out_a_seed_twice_and_follow_the_sequence(tmp_path):
+    cache = SyntheticCache(tmp_path / "c.lmdb")
+    cache.append(np.zeros((3, 4, 4, 1), np.uint8), 0)  # next_seq 3
+    assert cache.seed_counter(100) is None  # no reservation yet: records carry seed + seq
+    assert cache.reserve_seeds(100, 5) == 103 and cache.seed_counter(100) == 108  # starts at seed + next_seq
+    assert cache.reserve_seeds(100, 2) == 108  # a lost batch's seeds are not handed out again
+    cache.append(np.zeros((10, 4, 4, 1), np.uint8), 0)  # next_seq 13: seed + next_seq = 113 > counter 110
+    assert cache.reserve_seeds(100, 1) == 113
+    assert cache.seed_counter(10**9 + 7) is None and cache.reserve_seeds(10**9 + 7, 4) == 10**9 + 7 + 13  # per seed block
+    cache.close()
+    reader = SyntheticCache(tmp_path / "c.lmdb", readonly=True)
+    assert reader.seed_counter(100) == 114
+    with pytest.raises(PermissionError, match="read-only"):
+        reader.reserve_seeds(100, 1)

@@ -10,8 +10,9 @@ Layout (named databases of one LMDB environment):
 
 * ``records``: key = 8-byte big-endian sequence number, value = one record (:mod:`.codec`).
 * ``meta``: format version, image spec, label names, next seq, byte and eviction counters,
-  ``max_items``, ``evict_request``, and ``heartbeat/<seed block>``: each generation worker's
-  heartbeat.
+  ``max_items``, ``evict_request``, ``heartbeat/<seed block>``: each generation worker's
+  heartbeat, and ``seeds/<seed block>``: the block's seed counter once a writer reserves seeds
+  (:meth:`SyntheticCache.reserve_seeds`).
 * ``cursors``: one entry per consumer (a ``RatioBatchSampler``): ``next_seq``, the next sequence
   number it has not been handed yet (records at or after the smallest are *fresh*), and ``hold``,
   the oldest record it may still read (it has handed records out that a DataLoader has not read
@@ -48,6 +49,7 @@ _KEY = struct.Struct(">Q")
 _SCAN_CHUNK = 4096
 _CREATION_WAIT_S = 3.0
 _HEARTBEAT_PREFIX = b"heartbeat/"
+_SEEDS_PREFIX = b"seeds/"
 
 
 class _NotCreatedYet(Exception):
@@ -702,6 +704,38 @@ class SyntheticCache:
             cur = txn.cursor(db=handle.dbs["records"])
             first = _seq(cur.key()) if cur.first() else next_seq
             return first, next_seq, _jload(txn.get(b"evict_request", db=meta_db), 0)
+
+    def seed_counter(self, seed: int) -> Optional[int]:
+        """The seed counter of ``seed``'s block (meta ``seeds/<block>``): every per-image seed of
+        the block below it has been used or reserved. ``None`` while no writer of the block has
+        reserved seeds (its records then have seed ``seed + seq``; :mod:`synthaug.generation.fill`)."""
+        handle = self._env()
+        with handle.read() as txn:
+            return _jload(txn.get(_SEEDS_PREFIX + str(seed_block(int(seed))).encode(), db=handle.dbs["meta"]))
+
+    def reserve_seeds(self, seed: int, n: int) -> int:
+        """Reserve ``n`` per-image seeds of ``seed``'s block in one write transaction and return the
+        first: ``max(seed + next_seq, counter)``; the counter becomes ``first + n``. A seed so
+        reserved is never handed out again, whether its image is stored, rejected by a gate, or
+        lost to a kill. The block's writer (one per block, :mod:`synthaug.cache.writers`) calls it
+        before generating."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a count of seeds >= 0, got {n!r}")
+        if self._readonly:
+            raise PermissionError(f"cache {self._path} was opened read-only; open it without readonly=True to reserve seeds")
+        key = _SEEDS_PREFIX + str(seed_block(int(seed))).encode()
+        handle = self._env()
+        meta_db = handle.dbs["meta"]
+
+        def write(txn) -> int:
+            counter = _jload(txn.get(key, db=meta_db))
+            first = int(seed) + _jload(txn.get(b"next_seq", db=meta_db), 0)
+            if counter is not None:
+                first = max(first, int(counter))
+            txn.put(key, _jdump(first + n), db=meta_db)
+            return first
+
+        return handle.write(write)
 
     def write_heartbeat(self, info: Dict[str, Any]) -> None:
         """Store a writer's liveness record, one per seed block (``info["seed"]``, default 0;

@@ -3,7 +3,9 @@
 Seeds: the image stored as sequence number ``q`` is made with per-image seed ``SEED + q`` (the
 GenerationWorker's rule), so running the command again on the same cache adds new images and
 never repeats a seed, and ``--seed S --count 1`` into a new cache remakes the record whose
-``meta["seed"]`` is ``S``. While it runs it holds the cache's writer lock for its block of 10^9
+``meta["seed"]`` is ``S``. With a fidelity gate (``--gate-classifier``) rejected images use seeds
+too, so seeds are reserved in the cache before each batch (:mod:`synthaug.generation.fill`); every
+record's seed stays in its ``meta["seed"]``. While it runs it holds the cache's writer lock for its block of 10^9
 seeds: a worker or another ``generate`` with seeds in the same block is refused; use
 ``--seed-offset`` to run several writers at once.
 
@@ -26,6 +28,7 @@ from typing import Any, Dict, List
 
 from synthaug.cache.store import SyntheticCache
 from synthaug.cache.writers import SEED_BLOCK, WriterLock
+from synthaug.cli.gate_args import add_gate_arguments, gate_from_args
 from synthaug.generation.fill import fill_cache
 from synthaug.generation.loading import load_generator
 from synthaug.generation.modes import FEEDBACK_OBJECTIVES, MODES
@@ -183,16 +186,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     source = generator_source(args)
     overrides = generator_overrides(args)  # flags that do not go together fail before the cache is touched
+    gate = gate_from_args(args)
     seed = args.seed + args.seed_offset * SEED_BLOCK
     cache = SyntheticCache(args.cache, encoding=args.encoding)
     lock = WriterLock(cache.path, seed, kind="synthaug generate").acquire()  # one writer per seed block
     try:
-        return _generate(args, cache, source, seed, overrides)
+        return _generate(args, cache, source, seed, overrides, gate)
     finally:
         lock.release()
 
 
-def _generate(args: argparse.Namespace, cache, source: str, seed: int, overrides: Dict[str, Any]) -> int:
+def _generate(args: argparse.Namespace, cache, source: str, seed: int, overrides: Dict[str, Any], gate) -> int:
     t_load = time.perf_counter()
     generator = load_generator(source, **overrides)
     t_load = time.perf_counter() - t_load
@@ -202,12 +206,14 @@ def _generate(args: argparse.Namespace, cache, source: str, seed: int, overrides
     old_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     stop.install()  # Ctrl-C / SIGTERM: finish the append in progress, then stop
     try:
-        result = fill_cache(generator, cache, args.count, seed=seed, batch_size=args.batch_size, stop=stop, progress=True)
+        result = fill_cache(generator, cache, args.count, seed=seed, batch_size=args.batch_size, gate=gate, stop=stop, progress=True)
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
     seqs = result.seqs
-    where = f"seq {seqs[0]}..{seqs[-1]}, seeds {seed + seqs[0]}..{seed + seqs[-1]}" if seqs else "nothing"
+    where = f"seq {seqs[0]}..{seqs[-1]}, seeds {result.seeds[0]}..{result.seeds[-1]}" if seqs else "nothing"
+    if gate is not None:
+        where += f"; the gate passed {result.accepted} of {result.generated} generated ({result.acceptance_rate or 0:.0%})"
     verb = "interrupted after writing" if result.interrupted else "wrote"
     print(
         f"synthaug generate: {verb} {result.written} images ({where}) from {source} to {cache.path} "
@@ -228,5 +234,6 @@ def register(sub) -> None:
     p.add_argument("--count", type=int, required=True, help="number of images to add")
     p.add_argument("--batch-size", type=int, default=None, help="images per model call and per append (default: the backend's: 1 for Stable Diffusion on cpu, 8 on cuda; 64 for the pixel DDPM)")
     add_seed_arguments(p)
+    add_gate_arguments(p)
     p.add_argument("--encoding", default=None, choices=["raw", "png", "jpeg", "webp"], help="image encoding of a new cache (default: the cache's own, raw for a new one)")
     p.set_defaults(func=cmd_generate)

@@ -16,6 +16,7 @@ import signal
 
 from synthaug.cache.store import SyntheticCache
 from synthaug.cache.writers import SEED_BLOCK
+from synthaug.cli.gate_args import add_gate_arguments, gate_from_args
 from synthaug.cli.generate import HelpFormatter, add_generator_arguments, add_seed_arguments, generator_overrides, generator_source
 from synthaug.generation.worker import run_worker
 
@@ -27,12 +28,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     source = generator_source(args)
     spec = {"source": source, "overrides": generator_overrides(args)}
+    gate = gate_from_args(args)
     cache = SyntheticCache(args.cache)
     bar = tqdm(desc="worker", unit="img", dynamic_ncols=True)
 
     def progress(info) -> None:
         bar.update(info["generated"] - bar.n)
-        bar.set_postfix_str(f"{info['state']}, fresh {info['fresh']}/{args.min_fresh}, stored {info['count']}/{args.max_items}, {info['images_per_s']:.2f} img/s")
+        gated = f", gate passed {info['acceptance_rate']:.0%}" if info.get("acceptance_rate") is not None and gate is not None else ""
+        bar.set_postfix_str(f"{info['state']}, fresh {info['fresh']}/{args.min_fresh}, stored {info['count']}/{args.max_items}, "
+                            f"{info['images_per_s']:.2f} img/s{gated}")
 
     try:
         info = run_worker(
@@ -45,6 +49,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             worker_id=args.worker_id,
             num_threads=args.threads,
             poll_interval=args.poll_interval,
+            gate=gate,
             progress=progress,
         )
     finally:
@@ -70,6 +75,7 @@ def register(sub) -> None:
     p.add_argument("--max-items", type=int, required=True, help="never hold more records than this")
     p.add_argument("--batch-size", type=int, default=None, help="images per model call and per append (default: the backend's batch size, else 8)")
     add_seed_arguments(p)
+    add_gate_arguments(p)
     p.add_argument("--worker-id", default=None, help="name in the heartbeat (default: host name + random suffix)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between checks while idle or paused")

@@ -67,6 +67,7 @@ from synthaug.evaluation.sweep_pools import (
     write_shots,
 )
 from synthaug.evaluation.sweep_report import summarize_results
+from synthaug.generation.gate import FidelityGate
 from synthaug.generation.worker import GenerationWorker
 from synthaug.outputs import jsonable, output_dir, write_json
 
@@ -272,8 +273,6 @@ def _fill_pools(cfg, data: StudyData, seed: int, adapter: Path, train_idx, rare_
         overrides = mode_overrides(cfg, mode, shots=shots, sources=sources, reference=reference)
         gate = None
         if gated:
-            from synthaug.generation.gate import FidelityGate  # built with the gate's helper module
-
             gate = FidelityGate(reference, label=data.classes[data.rare], low=cfg.gate[0], high=cfg.gate[1])
         pools[(mode, gated)] = prefill_pool(cfg, data, seed, adapter, seed_dir, log, progress, mode=mode, overrides=overrides, gate=gate)
     info["pools"] = {f"{mode}{'+gated' if gated else ''}": len(pool) for (mode, gated), pool in pools.items()}

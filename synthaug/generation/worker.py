@@ -30,18 +30,28 @@ DataLoader's read. A consumer whose process has exited no longer counts; one tha
 stopped drawing keeps what it holds (``sampler.close()`` or ``cache.remove_cursor(name)`` ends
 that).
 
-**Seeds.** The images appended as sequence numbers ``q, q+1, ...`` are generated with
-``generate(k, seed + q)``, so record ``q`` has per-image seed ``seed + q``. The counter is the
-cache's own ``next_seq``, which is advanced in the same transaction as the append: a worker
-restarted on the same cache with the same ``seed`` continues the sequence (no seed repeats,
-whether the previous worker stopped or was killed), and a batch lost to a kill is simply generated
-again. A worker holds the cache's writer lock for its seed block (``seed // 10**9``,
+**Seeds.** Per-image seeds follow the rules of :mod:`synthaug.generation.fill`. Without a gate,
+on a seed block without a seed counter (the *sequence rule*): the images appended as sequence
+numbers ``q, q+1, ...`` are generated with ``generate(k, seed + q)``, so record ``q`` has per-image
+seed ``seed + q``. The counter is the cache's own ``next_seq``, which is advanced in the same
+transaction as the append: a worker restarted on the same cache with the same ``seed`` continues
+the sequence (no seed repeats, whether the previous worker stopped or was killed), and a batch lost
+to a kill is simply generated again. If another writer appends between the worker's read of
+``next_seq`` and its append, seeds and sequence numbers no longer coincide (each record's meta
+still holds its seed), and the worker prints a warning. With a gate (or on a block a gated writer
+has used: the *counter rule*), a batch of ``k`` gets the seeds ``c .. c+k-1``, ``c = max(seed +
+next_seq, seed_counter)``, reserved in the cache (:meth:`SyntheticCache.reserve_seeds`, one
+transaction) *before* the batch is generated: no seed is used twice, whether its image was
+stored, rejected or lost to a kill (a killed batch's seeds are skipped). A worker holds the cache's writer lock for its seed block (``seed // 10**9``,
 :mod:`synthaug.cache.writers`) for its whole life: a second worker with seeds in the same block is
 refused with :class:`~synthaug.errors.CacheBusyError` naming the first; several workers share a
 cache with seeds in different blocks (``seed = k * 10**9``, ``synthaug worker --seed-offset k``).
-If another writer appends between the worker's read of ``next_seq`` and its append, seeds and
-sequence numbers no longer coincide (each record's meta still holds its seed), and the worker
-prints a warning.
+
+**Fidelity gate.** ``gate=`` (a :class:`~synthaug.generation.gate.FidelityGate`, sent as its
+spec and rebuilt in the worker process): each generated batch is scored and only the accepted
+images are appended, with ``meta["gate_score"]`` and ``meta["gate"]``. The worker counts accepted
+and rejected images and fails (``RuntimeError`` naming the rate) when fewer than 1% of at least
+300 generated images passed (:func:`~synthaug.generation.gate.check_acceptance`).
 
 **Heartbeat.** The worker writes ``cache.write_heartbeat(...)`` about once a second — from a
 thread, so also while the model loads and during a long ``generate()`` — and at once on every
@@ -54,8 +64,15 @@ change of state. One heartbeat per seed block (key ``heartbeat/<block>`` of the 
      "time": float,             # time.time() of the write
      "state": "starting" | "running" | "paused" | "stopped" | "failed",
      "generated": int,          # images appended by this process since it started
-     "images_per_s": float,     # recent generation rate (generate + append), images per second
-     "next_seed": int | None,   # per-image seed of the next record (seed + next_seq)
+     "accepted": int,           # images that passed the gate (all made, without one; >= generated
+                                #   when some found no room), since it started
+     "rejected": int,           # images the gate refused
+     "acceptance_rate": float | None,  # accepted / (accepted + rejected); None before any
+     "images_per_s": float,     # recent rate of appended (accepted) images, generation, gating
+                                #   and append included, images per second
+     "next_seed": int | None,   # per-image seed of the next image made
+     "seed_counter": int | None,  # the block's seed counter (counter rule), None: sequence rule
+     "gate": dict | None,       # label_name, low, high of the gate, None without one
      "last_error": str | None,  # "ExceptionType: message" when state is "failed"
      "seed": int, "min_fresh": int, "max_items": int,
      "fresh": int, "count": int}   # fresh and stored records at the last check
@@ -101,7 +118,8 @@ from typing import Any, Callable, Deque, Dict, Optional, Tuple
 from synthaug.cache.store import SyntheticCache
 from synthaug.cache.writers import WriterLock, seed_block
 from synthaug.generation.base import Generator
-from synthaug.generation.fill import generate_into
+from synthaug.generation.fill import Batch, generate_into
+from synthaug.generation.gate import FidelityGate, check_acceptance
 from synthaug.generation.loading import generator_from_spec
 from synthaug.generation.stopping import StopRequested, StopSignal
 from synthaug.errors import GenerationWorkerError, SyntheticExhaustedError
@@ -125,6 +143,7 @@ class WorkerSettings:
     poll_interval: float = 0.2
     heartbeat_interval: float = 1.0
     num_threads: Optional[int] = None
+    gate: Optional[Dict[str, Any]] = None  # FidelityGate.spec
 
 
 def _error_text(exc: BaseException) -> str:
@@ -155,7 +174,11 @@ class _WorkerLoop:
         self.state = "starting"
         self.generated = 0
         self.discarded = 0
+        self.accepted = 0
+        self.rejected = 0
         self.next_seed: Optional[int] = None
+        self.seed_counter: Optional[int] = None  # the counter rule's counter, once it applies
+        self.counted = False  # whether the counter rule applies (a gate, or a block with a counter)
         self.fresh = 0
         self.count = 0
         self.last_error: Optional[str] = None
@@ -177,6 +200,11 @@ class _WorkerLoop:
         t = sum(dt for _, dt in self._window)
         return n / t if t > 0 else 0.0
 
+    @property
+    def acceptance_rate(self) -> Optional[float]:
+        made = self.accepted + self.rejected
+        return round(self.accepted / made, 6) if made else None
+
     def info(self) -> Dict[str, Any]:
         return {
             "worker_id": self.s.worker_id,
@@ -185,8 +213,13 @@ class _WorkerLoop:
             "state": self.state,
             "generated": self.generated,
             "discarded": self.discarded,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "acceptance_rate": self.acceptance_rate,
             "images_per_s": round(self.images_per_s, 4),
             "next_seed": self.next_seed,
+            "seed_counter": self.seed_counter,
+            "gate": None if self.s.gate is None else {k: self.s.gate[k] for k in ("label_name", "low", "high")},
             "last_error": self.last_error,
             "seed": self.s.seed,
             "min_fresh": self.s.min_fresh,
@@ -204,6 +237,8 @@ class _WorkerLoop:
             ints[1] = self.generated
             ints[2] = -1 if self.next_seed is None else self.next_seed
             ints[3] = self.fresh
+            ints[4] = self.accepted
+            ints[5] = self.rejected
             floats[0] = self.images_per_s
         now = time.monotonic()
         if force or state != self._beat_state or now - self._last_beat >= self.s.heartbeat_interval:
@@ -248,6 +283,8 @@ class _WorkerLoop:
 
     # ------------------------------------------------------------------ the loop
     def run(self):
+        self.seed_counter = self.cache.seed_counter(self.s.seed)
+        self.counted = self.s.gate is not None or self.seed_counter is not None
         self.start_pulse()
         self.beat("starting", force=True)
         if self.s.num_threads:
@@ -256,6 +293,7 @@ class _WorkerLoop:
             torch.set_num_threads(int(self.s.num_threads))
         generator = generator_from_spec(self.spec)
         try:
+            gate = FidelityGate.from_spec(self.s.gate) if self.s.gate is not None else None
             with self.stop.critical():
                 self._prepare_cache(generator)
                 self.beat("running")  # the model is loaded: start(wait=True) returns
@@ -268,28 +306,39 @@ class _WorkerLoop:
                     self._sleep()
                     continue
                 first_seq, k, limit = plan
+                first_seed = self.next_seed
+                if self.counted:  # counter rule: reserve the batch's seeds in the cache first
+                    with self.stop.critical():
+                        first_seed = self.cache.reserve_seeds(self.s.seed, k)
+                        self.seed_counter = self.next_seed = first_seed + k
                 t0 = time.perf_counter()
                 # evicting for it (only what every consumer released) and appending are one
                 # transaction: nothing a consumer holds can go between a decision and the trim
-                generate_into(generator, self.cache, k, first_seq, seed=self.s.seed, fit_within=limit, stop=self.stop,
-                              stored=lambda seqs: self._stored(seqs, first_seq, k, t0))
+                generate_into(generator, self.cache, k, first_seed, gate=gate, fit_within=limit, stop=self.stop,
+                              stored=lambda out: self._stored(out, first_seq, t0))
+                if gate is not None:
+                    check_acceptance(self.accepted, self.accepted + self.rejected, gate)
         finally:
             generator.close()
 
-    def _stored(self, seqs, first_seq: int, k: int, t0: float) -> None:
-        """Account for an append of ``k`` generated images (inside its critical section)."""
-        if len(seqs) < k:  # another writer filled the room meanwhile
-            self.discarded += k - len(seqs)
-        if not seqs:
+    def _stored(self, out: Batch, first_seq: int, t0: float) -> None:
+        """Account for one generated batch and its append (inside its critical section)."""
+        self.accepted += out.accepted
+        self.rejected += out.rejected
+        seqs = out.seqs
+        if len(seqs) < out.accepted:  # another writer filled the room meanwhile
+            self.discarded += out.accepted - len(seqs)
+        if out.accepted and not seqs:
             self.beat("paused")
             return
         k = len(seqs)
-        self._window.append((k, time.perf_counter() - t0))
+        self._window.append((k, time.perf_counter() - t0))  # a batch the gate refused whole counts as 0 images
         self.generated += k
-        self.next_seed = self.s.seed + seqs[-1] + 1
+        if not self.counted and seqs:
+            self.next_seed = self.s.seed + seqs[-1] + 1
         self.fresh += k
         self.count += k
-        if seqs[0] != first_seq and not self._warned_writer:
+        if not self.counted and seqs and seqs[0] != first_seq and not self._warned_writer:
             self._warned_writer = True
             print(
                 f"synthaug worker: another writer appended to {self.cache.path} while this worker generated; "
@@ -311,6 +360,8 @@ class _WorkerLoop:
         count, next_seq = snap["count"], snap["next_seq"]
         limit = min(self.s.max_items, snap["max_items"] or self.s.max_items)
         self.count, self.fresh, self.next_seed = count, snap["fresh"], self.s.seed + next_seq
+        if self.counted:
+            self.next_seed = max(self.next_seed, self.seed_counter if self.seed_counter is not None else 0)
         if snap["fresh"] >= self.s.min_fresh and not snap["waiting"]:
             self.beat("running")
             return None
@@ -387,6 +438,7 @@ def run_worker(
     worker_id: Optional[str] = None,
     num_threads: Optional[int] = None,
     poll_interval: float = 0.2,
+    gate: Optional[Any] = None,
     progress: Optional[Callable[[Dict[str, Any]], None]] = None,
 ) -> Dict[str, Any]:
     """Run the worker loop in this process until SIGTERM or SIGINT (``synthaug worker``).
@@ -401,7 +453,7 @@ def run_worker(
     Raises:
         Whatever the generator or the cache raised (after writing ``state="failed"``).
     """
-    cache_obj, spec, settings = _prepare(cache, generator, min_fresh, max_items, batch_size, seed, device, worker_id, num_threads, poll_interval)
+    cache_obj, spec, settings = _prepare(cache, generator, min_fresh, max_items, batch_size, seed, device, worker_id, num_threads, poll_interval, gate)
     stop = StopSignal()
     old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     stop.install()
@@ -414,7 +466,7 @@ def run_worker(
     return info
 
 
-def _prepare(cache, generator, min_fresh, max_items, batch_size, seed, device, worker_id, num_threads, poll_interval):
+def _prepare(cache, generator, min_fresh, max_items, batch_size, seed, device, worker_id, num_threads, poll_interval, gate=None):
     """Checked (cache, spec, settings) from the user's arguments."""
     if isinstance(cache, (str, os.PathLike)):
         cache = SyntheticCache(cache)
@@ -433,9 +485,9 @@ def _prepare(cache, generator, min_fresh, max_items, batch_size, seed, device, w
     if not ("source" in spec or "factory" in spec):
         raise ValueError(f"generator spec {spec!r} has no 'source'; use Generator.spec")
     overrides = dict(spec.get("overrides") or {})
-    if overrides.get("mode") == "img2img" and not overrides.get("source_images"):
+    if overrides.get("mode") in ("img2img", "translate") and not overrides.get("source_images"):
         raise ValueError(
-            "this img2img generator holds its source images in memory, which a worker process cannot receive; "
+            f"this {overrides['mode']} generator holds its source images in memory, which a worker process cannot receive; "
             "create it with source_images=<folder or list of image files>"
         )
     if device is not None:
@@ -458,6 +510,10 @@ def _prepare(cache, generator, min_fresh, max_items, batch_size, seed, device, w
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     if poll_interval <= 0:
         raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval}")
+    if isinstance(gate, dict):
+        gate = FidelityGate.from_spec(gate)  # checked here, before a process starts
+    if gate is not None and not isinstance(gate, FidelityGate):
+        raise ValueError(f"gate must be a FidelityGate or its spec dict, got {type(gate).__name__}")
     settings = WorkerSettings(
         min_fresh=min_fresh,
         max_items=max_items,
@@ -466,6 +522,7 @@ def _prepare(cache, generator, min_fresh, max_items, batch_size, seed, device, w
         worker_id=worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
         poll_interval=float(poll_interval),
         num_threads=int(num_threads) if num_threads else None,
+        gate=gate.spec if gate is not None else None,
     )
     return cache, spec, settings
 
@@ -484,12 +541,16 @@ class GenerationWorker:
             records are only evicted once every consumer has passed them).
         batch_size: images per ``generate`` call and per append (default: the generator's
             ``batch_size`` override, else 8).
-        seed: base seed; record ``q`` gets per-image seed ``seed + q`` (module docstring).
+        seed: base seed; without a gate record ``q`` gets per-image seed ``seed + q`` (the seed
+            rules: module docstring).
         device: device of the worker's model (e.g. ``"cuda:1"``); default: the generator's.
         worker_id: name in the heartbeat (default: host name + random suffix).
         num_threads: ``torch.set_num_threads`` in the worker (CPU generation beside CPU
             training: give each a share of the cores).
         poll_interval: seconds between checks of the cache while idle or paused.
+        gate: a :class:`~synthaug.generation.gate.FidelityGate` (or its spec): only the images it
+            accepts are appended (module docstring); the worker process loads its own copy of the
+            classifier, on the gate's device.
 
     Use as a context manager (started on entry; stopped on exit, which raises
     :class:`~synthaug.errors.GenerationWorkerError` if the worker failed), or call :meth:`start`
@@ -510,9 +571,10 @@ class GenerationWorker:
         worker_id: Optional[str] = None,
         num_threads: Optional[int] = None,
         poll_interval: float = 0.2,
+        gate: Optional[Any] = None,
     ) -> None:
         self._cache, self._spec, self._settings = _prepare(
-            cache, generator, min_fresh, max_items, batch_size, seed, device, worker_id, num_threads, poll_interval
+            cache, generator, min_fresh, max_items, batch_size, seed, device, worker_id, num_threads, poll_interval, gate
         )
         self._process = None
         self._conn = None
@@ -569,7 +631,7 @@ class GenerationWorker:
         # worker process takes the lock itself and holds it for its life)
         WriterLock(self._cache.path, self._settings.seed).acquire().release()
         ctx = multiprocessing.get_context("spawn")
-        ints = ctx.RawArray("q", [_STATE_CODE["starting"], 0, -1, 0])
+        ints = ctx.RawArray("q", [_STATE_CODE["starting"], 0, -1, 0, 0, 0])
         floats = ctx.RawArray("d", [0.0])
         recv, send = ctx.Pipe(duplex=False)
         process = ctx.Process(
@@ -704,15 +766,16 @@ class GenerationWorker:
         """The worker's live state.
 
         Returns:
-            ``{"worker_id", "state", "alive", "pid", "exitcode", "generated", "images_per_s",
-            "next_seed", "fresh", "last_error"}``; ``state`` is one of :data:`STATES` or
-            ``"not started"``.
+            ``{"worker_id", "state", "alive", "pid", "exitcode", "generated", "accepted",
+            "rejected", "acceptance_rate", "images_per_s", "next_seed", "fresh", "last_error"}``;
+            ``state`` is one of :data:`STATES` or ``"not started"``.
         """
         self._drain()
         process = self._process
         if process is None or self._shared is None:
             return {"worker_id": self.worker_id, "state": "not started", "alive": False, "pid": None, "exitcode": None,
-                    "generated": 0, "images_per_s": 0.0, "next_seed": None, "fresh": None, "last_error": None}
+                    "generated": 0, "accepted": 0, "rejected": 0, "acceptance_rate": None, "images_per_s": 0.0, "next_seed": None,
+                    "fresh": None, "last_error": None}
         ints, floats = self._shared
         alive = self.is_alive()
         exitcode = self._exitcode
@@ -732,6 +795,9 @@ class GenerationWorker:
             "pid": process.pid,
             "exitcode": exitcode,
             "generated": int(ints[1]),
+            "accepted": int(ints[4]),
+            "rejected": int(ints[5]),
+            "acceptance_rate": int(ints[4]) / (int(ints[4]) + int(ints[5])) if int(ints[4]) + int(ints[5]) else None,
             "images_per_s": float(floats[0]),
             "next_seed": None if ints[2] < 0 else int(ints[2]),
             "fresh": int(ints[3]),

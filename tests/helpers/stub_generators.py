@@ -2,6 +2,9 @@
 spawned worker starts in about a second).
 
 Both travel to a worker process through their spec's ``factory`` key.
+
+Added for the fidelity gate: ``FashionGenerator`` (real Fashion-MNIST test images by seed; it
+reads the dataset, with torch) and ``fashion_reference_classifier`` (a tiny reference classifier).
 """
 
 import os
@@ -12,7 +15,8 @@ import numpy as np
 
 from synthaug.generation.base import GeneratedBatch, Generator, per_image_seeds
 
-__all__ = ["PatternGenerator", "FailingGenerator", "StampGenerator", "pattern_image", "stamp_of"]
+__all__ = ["PatternGenerator", "FailingGenerator", "StampGenerator", "pattern_image", "stamp_of",
+           "FashionGenerator", "fashion_mnist_arrays", "fashion_reference_classifier"]
 
 
 def pattern_image(seed: int, size: int = 8) -> np.ndarray:
@@ -97,3 +101,77 @@ class StampGenerator(Generator):
         labels = [s % self.classes for s in seeds]
         metas = [{"source": "stub:stamp", "seed": s, "pid": os.getpid()} for s in seeds]
         return GeneratedBatch(images=images, labels=labels, meta=metas)
+
+
+# ---------------------------------------------------------------------------------- real images by seed
+_FASHION: Dict[bool, Any] = {}
+
+
+def fashion_mnist_arrays(train: bool = False):
+    """Fashion-MNIST images (uint8 N×28×28) and labels of one split, read once per process."""
+    from synthaug.data.fashion_mnist import FashionMNIST
+
+    if train not in _FASHION:
+        ds = FashionMNIST(train=train)
+        _FASHION[train] = (ds.data.numpy(), ds.targets.numpy())
+    return _FASHION[train]
+
+
+class FashionGenerator(Generator):
+    """Real Fashion-MNIST *test* images chosen by per-image seed: seed ``s`` shows, with
+    probability ``off_share``, an image of class ``off_class``, else one of class ``label`` (the
+    choice and the image are drawn by ``default_rng(s)``); every image is labelled ``label``. A
+    "Shirt generator" that also makes trousers, for gates and fidelity reports. ``meta`` has
+    ``seed`` and ``shown_class`` (the class the image really is). Label names: Fashion-MNIST's.
+    ``self.seeds`` lists every per-image seed this instance made, in order."""
+
+    def __init__(self, *, label: int = 6, off_class: int = 1, off_share: float = 0.5, device: Optional[str] = None,
+                 batch_size: Optional[int] = None) -> None:
+        from synthaug.data.fashion_mnist import FASHION_MNIST_CLASSES
+
+        self.label, self.off_class, self.off_share = int(label), int(off_class), float(off_share)
+        self.label_names = list(FASHION_MNIST_CLASSES)
+        self.seeds: list = []
+
+    @property
+    def spec(self) -> Dict[str, Any]:
+        overrides = {"label": self.label, "off_class": self.off_class, "off_share": self.off_share}
+        return {"factory": "tests.helpers.stub_generators:FashionGenerator", "source": "stub:fashion", "overrides": overrides}
+
+    def generate(self, n: int, seed: int) -> GeneratedBatch:
+        x, y = fashion_mnist_arrays(train=False)
+        seeds = per_image_seeds(n, seed)
+        self.seeds.extend(seeds)
+        images = np.zeros((n, 28, 28, 1), np.uint8)
+        metas = []
+        for i, s in enumerate(seeds):
+            rng = np.random.default_rng(s)
+            shown = self.off_class if rng.random() < self.off_share else self.label
+            pick = np.nonzero(y == shown)[0]
+            images[i, :, :, 0] = x[pick[rng.integers(len(pick))]]
+            metas.append({"source": "stub:fashion", "seed": s, "shown_class": int(shown), "pid": os.getpid()})
+        return GeneratedBatch(images=images, labels=[self.label] * n, meta=metas)
+
+
+_REFERENCES: Dict[Any, Any] = {}
+
+
+def fashion_reference_classifier(folder, classes=("Trouser", "Shirt", "Bag"), per_class: int = 100, steps: int = 80):
+    """The path of a tiny :class:`~synthaug.classifier.ReferenceClassifier` trained on the first
+    ``per_class`` Fashion-MNIST *training* images of each of ``classes`` (saved in ``folder`` as
+    ``reference.pt``; trained once per process and set of arguments, a few seconds on one thread)."""
+    from pathlib import Path
+
+    from synthaug.classifier import train_reference_classifier
+    from synthaug.data.fashion_mnist import FASHION_MNIST_CLASSES
+
+    key = (tuple(classes), per_class, steps)
+    if key in _REFERENCES and Path(_REFERENCES[key]).is_file():
+        return _REFERENCES[key]
+    x, y = fashion_mnist_arrays(train=True)
+    idx = np.concatenate([np.nonzero(y == FASHION_MNIST_CLASSES.index(c))[0][:per_class] for c in classes])
+    labels = np.asarray([list(classes).index(FASHION_MNIST_CLASSES[int(t)]) for t in y[idx]])
+    ref = train_reference_classifier(x[idx][:, :, :, None], labels, list(classes), steps=steps, batch_size=32,
+                                     trained_on=f"fashion-mnist train, first {per_class} of each of {list(classes)}")
+    _REFERENCES[key] = ref.save(Path(folder) / "reference.pt")
+    return _REFERENCES[key]
