@@ -1,4 +1,6 @@
-"""`synthaug quality`: PSNR/SSIM/LPIPS, memorization and diversity on constructed and real cases."""
+"""`synthaug quality`: PSNR/SSIM/LPIPS, memorization and diversity on constructed and real cases;
+with --fidelity, how a classifier trained on real images sees the synthetic images (fidelity,
+confusion, CAS), on real Fashion-MNIST images."""
 
 import json
 import os
@@ -8,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from synthaug.cache.store import SyntheticCache
 
 from synthaug.evaluation import quality as q
 from synthaug.evaluation.quality import (
@@ -344,6 +348,11 @@ def test_cli_end_to_end_on_a_real_cache(cli_case, tmp_path):
         ("label_nothing", "label 3 selects no record"),
         ("out_not_empty", "not empty; pass --overwrite"),
         ("rare_class_with_real", "go with --dataset"),
+        ("fidelity_with_real", "--fidelity needs --dataset"),
+        ("fidelity_without_classifier", "--reference-classifier FILE, or --train-reference"),
+        ("fidelity_without_exclusion", "--exclude-seeds S[,S...]"),
+        ("fidelity_flag_alone", "--train-reference go with --fidelity"),
+        ("fidelity_missing_reference", "--reference-classifier"),
     ],
 )
 def test_cli_bad_input_is_one_clear_line(cli_case, tmp_path, capsys, case, expect):
@@ -359,6 +368,12 @@ def test_cli_bad_input_is_one_clear_line(cli_case, tmp_path, capsys, case, expec
         "label_nothing": ["--cache", cli_case / "cache.lmdb", "--real", cli_case / "real", "--label", 3],
         "out_not_empty": ["--cache", cli_case / "cache.lmdb", "--real", cli_case / "real", "--out", full],
         "rare_class_with_real": ["--cache", cli_case / "cache.lmdb", "--real", cli_case / "real", "--rare-class", "Shirt"],
+        "fidelity_with_real": ["--cache", cli_case / "cache.lmdb", "--real", cli_case / "real", "--fidelity", "--train-reference"],
+        "fidelity_without_classifier": ["--cache", cli_case / "cache.lmdb", "--dataset", "fashion-mnist", "--fidelity", "--exclude-nothing"],
+        "fidelity_without_exclusion": ["--cache", cli_case / "cache.lmdb", "--dataset", "fashion-mnist", "--fidelity", "--train-reference"],
+        "fidelity_flag_alone": ["--cache", cli_case / "cache.lmdb", "--dataset", "fashion-mnist", "--train-reference"],
+        "fidelity_missing_reference": ["--cache", cli_case / "cache.lmdb", "--dataset", "fashion-mnist", "--fidelity",
+                                       "--reference-classifier", tmp_path / "no.pt", "--exclude-nothing"],
     }[case]
     if case != "out_not_empty":
         args += ["--out", tmp_path / "out"]
@@ -372,3 +387,102 @@ def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
     res = _synthaug("quality", "--cache", tmp_path / "nope.lmdb", "--real", tmp_path, "--lpips", "off", "--out", tmp_path / "o")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [f"synthaug quality: error: --cache {tmp_path / 'nope.lmdb'}: no synthetic cache there (no data.mdb); give the folder `synthaug generate` filled"]
+
+
+# ------------------------------------------------------------------ fidelity, confusion, CAS
+@pytest.fixture(scope="module")
+def fmnist_train():
+    from tests.helpers.stub_generators import fashion_mnist_arrays
+
+    return fashion_mnist_arrays(train=True)
+
+
+@pytest.fixture(scope="module")
+def reference_3(tmp_path_factory, one_torch_thread):
+    """A Trouser/Shirt/Bag reference classifier trained on 300 real training images."""
+    from tests.helpers.stub_generators import fashion_reference_classifier
+
+    return fashion_reference_classifier(tmp_path_factory.mktemp("reference"))
+
+
+def test_fidelity_and_confusion_say_what_the_images_are_taken_for(fmnist_test, reference_3):
+    x, y = fmnist_test
+    images = np.concatenate([x[y == SHIRT][:20], x[y == 1][:10]])  # 20 shirts, 10 trousers, all meant as shirts
+    report = q.fidelity_report(images, "Shirt", reference_3)
+    fid, conf = report["fidelity"], report["confusion"]
+    assert fid["n"] == conf["n"] == 30 and fid["intended"] == "Shirt" and fid["intended_index"] == 1
+    assert 17 <= fid["n_intended"] <= 22 and fid["rate"] == fid["n_intended"] / 30
+    assert len(fid["per_image"]["probability"]) == 30 and fid["per_image"]["predicted"][20:].count("Trouser") >= 8
+    assert fid["mean_probability"] == pytest.approx(np.mean(fid["per_image"]["probability"]))
+    assert sum(v["count"] for v in conf["taken_for"].values()) == 30 and list(conf["taken_for"]) == ["Trouser", "Shirt", "Bag"]
+    assert conf["taken_for"]["Shirt"]["count"] == fid["n_intended"] and conf["instead"]["count"] == 30 - fid["n_intended"]
+    assert conf["most_common_instead"] == "Trouser" and conf["taken_for"]["Trouser"]["share"] >= 8 / 30
+    assert fid["reference"]["sha256"] and fid["reference"]["classes"] == ["Trouser", "Shirt", "Bag"]
+    assert q.fidelity_report(images[:3], 1, reference_3)["fidelity"]["intended"] == "Shirt"
+    with pytest.raises(ValueError, match="not one of the reference classifier's classes"):
+        q.fidelity_report(images, "Dress", reference_3)
+
+
+def test_cas_of_real_rare_images_is_close_to_the_real_reference(fmnist_train, fmnist_test, one_torch_thread):
+    """Synthetic = real shirts the classifiers never saw: CAS ~ its real reference. Synthetic =
+    trousers labelled as shirts: the rare class's average precision collapses."""
+    from synthaug.data.fashion_mnist import FASHION_MNIST_CLASSES
+
+    x, y = fmnist_train
+    xt, yt = fmnist_test
+    pool = q.outside_indices(y, range(1000), per_class=60, seed=0)
+    assert not set(pool.tolist()) & set(range(1000)) and len(pool) == 600
+    unseen_shirts = x[np.setdiff1d(np.nonzero(y == SHIRT)[0], np.concatenate([pool, np.arange(1000)]))[:60]]
+    test = np.random.default_rng(0).choice(len(yt), 600, replace=False)
+    kw = dict(rare=SHIRT, train_images=x[pool], train_labels=y[pool], test_images=xt[test], test_labels=yt[test],
+              classes=FASHION_MNIST_CLASSES, steps=100, batch_size=32)
+    cas = q.classification_accuracy_score(unseen_shirts, **kw)
+    assert cas["train"] == {"synthetic_rare": 60, "real_rare": 60, "real_rare_available": 60, "other": 540,
+                            "other_per_class": {c: 60 for c in FASHION_MNIST_CLASSES if c != "Shirt"}}
+    assert cas["test"] == {"n": 600, "rare_support": int((yt[test] == SHIRT).sum())}
+    assert abs(cas["difference"]["accuracy"]) < 0.05 and abs(cas["difference"]["rare_average_precision"]) < 0.1
+    assert cas["real"]["accuracy"] > 0.6 and set(cas["ratio"]) == set(q.CAS_METRICS)
+    wrong = q.classification_accuracy_score(x[y == 1][:60], **kw)  # trousers passed off as shirts
+    assert wrong["synthetic"]["rare_recall"] < 0.05 and wrong["difference"]["rare_average_precision"] < -0.1
+    assert wrong["real"] == cas["real"]  # the same real arm: same images, steps and seed
+
+
+def test_cli_fidelity_end_to_end_writes_fidelity_confusion_and_cas(tmp_path, fmnist_train, one_torch_thread):
+    from synthaug.classifier import ReferenceClassifier
+    from synthaug.cli import main
+    from synthaug.data.fashion_mnist import FashionMNIST
+    from synthaug.data.splits import few_shot_split
+    from synthaug.generation.fill import fill_cache
+    from tests.helpers.stub_generators import FashionGenerator
+
+    cache = SyntheticCache(tmp_path / "c.lmdb")
+    fill_cache(FashionGenerator(off_share=0.3), cache, 40, seed=0)  # test-split shirts and trousers, labelled Shirt
+    cache.close()
+    out = tmp_path / "report"
+    common = ["quality", "--cache", str(tmp_path / "c.lmdb"), "--dataset", "fashion-mnist", "--split", "test", "--lpips", "off",
+              "--fidelity", "--fidelity-per-class", "50", "--fidelity-steps", "30", "--test-size", "300"]
+    rc = main(common + ["--train-reference", "--exclude-seeds", "0,1", "--exclude-per-class", "100", "--out", str(out)])
+    assert rc == 0
+    doc = _strict_json(out / "quality.json")
+    fid, conf, cas, trained = doc["fidelity"], doc["confusion"], doc["cas"], doc["trained_on"]
+    assert fid["n"] == 40 and fid["intended"] == "Shirt" and conf["taken_for"]["Trouser"]["count"] > 0
+    assert set(cas) >= {"synthetic", "real", "difference", "train", "test"} and cas["test"]["n"] == 300
+    assert cas["train"]["synthetic_rare"] == 40 and all(0 <= cas[a]["rare_average_precision"] <= 1 for a in ("synthetic", "real"))
+    # trained outside both seeds' few-shot splits (30 shirts + 100 of each other class), never on the test split
+    train = FashionMNIST(train=True)
+    split = set(few_shot_split(train, "Shirt", shots=30, per_class=100, seed=0).train.tolist())
+    split |= set(few_shot_split(train, "Shirt", shots=30, per_class=100, seed=1).train.tolist())
+    assert trained["split"] == "train" and trained["excluded"]["n"] == len(split) and trained["excluded"]["seeds"] == [0, 1]
+    assert len(trained["indices"]) == trained["n"] == 500 and not split & set(trained["indices"])
+    assert trained["used_by"] == ["reference classifier", "cas"] and set(trained["class_counts"].values()) == {50}
+    ref = ReferenceClassifier.load(out / "reference_classifier.pt")
+    assert fid["reference"]["path"] == str(out / "reference_classifier.pt") and fid["reference"]["sha256"] == ref.sha256
+    assert "outside" in ref.trained_on and fid["reference"]["trained_on"] == ref.trained_on
+    assert (out / "fidelity.png").read_bytes()[:4] == b"\x89PNG"
+    # the classifier it wrote, given back, with the excluded indices from a file: the same judgement
+    (tmp_path / "excluded.json").write_text(json.dumps(sorted(split)))
+    rc = main(common + ["--reference-classifier", str(out / "reference_classifier.pt"), "--exclude-indices", str(tmp_path / "excluded.json"),
+                        "--out", str(tmp_path / "again")])
+    again = _strict_json(tmp_path / "again" / "quality.json")
+    assert rc == 0 and again["fidelity"]["per_image"] == fid["per_image"] and again["trained_on"]["indices"] == trained["indices"]
+    assert again["trained_on"]["used_by"] == ["cas"] and not (tmp_path / "again" / "reference_classifier.pt").exists()

@@ -1,9 +1,12 @@
-"""Image quality, memorization and diversity of a synthetic set against real rare-class images.
+"""Image quality, memorization and diversity of a synthetic set against real rare-class images,
+and how a classifier trained on real images sees it (fidelity, confusion, CAS).
 
 :func:`image_quality_report` compares every synthetic image with the real images and returns one
-JSON-ready dict; :func:`write_quality_report` writes it as ``quality.json`` with the histograms
-(``quality_histograms.png``) and the closest synthetic/reference pairs (``nearest_pairs.png``).
-``synthaug quality`` is the command-line front end.
+JSON-ready dict; :func:`fidelity_report` and :func:`classification_accuracy_score` add the
+classifier's view; :func:`write_quality_report` writes it all as ``quality.json`` with the
+histograms (``quality_histograms.png``), the closest synthetic/reference pairs
+(``nearest_pairs.png``) and, with a fidelity section, ``fidelity.png``. ``synthaug quality`` is
+the command-line front end.
 
 Definitions (every number in the report follows them):
 
@@ -49,17 +52,42 @@ Definitions (every number in the report follows them):
   are at most ``max_pairs`` of them; otherwise ``max_pairs`` pairs (i ≠ j) are drawn uniformly with
   replacement by ``numpy.random.default_rng([seed, k])`` (k = 0 synthetic, 1 real).
 
-The package has four modules: :mod:`~synthaug.evaluation.quality.metrics` (common representation,
+* **Fidelity** (``--fidelity``; :func:`fidelity_report`). A *reference classifier* is trained on
+  real images only (:class:`~synthaug.classifier.ReferenceClassifier`), from outside the study's
+  training set (Fashion-MNIST: training images not in the few-shot splits named by
+  ``--exclude-seeds``/``--exclude-shots``/``--exclude-per-class``, or in ``--exclude-indices
+  FILE``) and never from the test set; ``quality.json`` lists the images (``trained_on``). A
+  synthetic image counts as its intended class when the classifier's most probable class is
+  that class; the *fidelity* is the share that do, reported with the mean (median, 5th and 95th
+  percentile) probability of the intended class. The *confusion* is the histogram of the most
+  probable class over all synthetic images (count and share per class; ``instead``: those taken
+  for another class, ``most_common_instead``).
+* **CAS** (Classification Accuracy Score, Ravuri & Vinyals 2019; :func:`classification_accuracy_score`),
+  adapted to one synthetic rare class: a fresh classifier trained on the synthetic rare images
+  plus real images of every other class (from the same pool as the reference classifier) is
+  tested on the real test set (accuracy, the rare class's recall and average precision), beside
+  the same classifier trained on real images of every class with as many real rare images as
+  synthetic ones. Both arms draw class-balanced batches, with the same architecture, steps and seed.
+
+The package has five modules: :mod:`~synthaug.evaluation.quality.metrics` (common representation,
 pixel distance, PSNR, SSIM), :mod:`~synthaug.evaluation.quality.lpips_metric` (LPIPS and its
 AlexNet weights), :mod:`~synthaug.evaluation.quality.report` (the report, its inputs and its
-folder) and :mod:`~synthaug.evaluation.quality.plots` (its figures).
+folder), :mod:`~synthaug.evaluation.quality.fidelity` (fidelity, confusion, CAS and the real
+images they may be trained on) and :mod:`~synthaug.evaluation.quality.plots` (its figures).
 """
 
 from __future__ import annotations
 
+from synthaug.evaluation.quality.fidelity import (
+    CAS_METRICS,
+    classification_accuracy_score,
+    excluded_split_indices,
+    fidelity_report,
+    outside_indices,
+)
 from synthaug.evaluation.quality.lpips_metric import ALEXNET_WEIGHTS_FILE, LPIPS_MIN_SIDE, find_lpips_backbone, lpips_status
 from synthaug.evaluation.quality.metrics import SSIM_SETTINGS, ImageSet, common_representation, pixel_distance, psnr, ssim
-from synthaug.evaluation.quality.plots import plot_nearest_pairs, plot_quality_histograms
+from synthaug.evaluation.quality.plots import plot_fidelity, plot_nearest_pairs, plot_quality_histograms
 from synthaug.evaluation.quality.report import (
     image_quality_report,
     load_cache_images,
@@ -69,15 +97,21 @@ from synthaug.evaluation.quality.report import (
 
 __all__ = [
     "ALEXNET_WEIGHTS_FILE",
+    "CAS_METRICS",
     "ImageSet",
     "LPIPS_MIN_SIDE",
     "SSIM_SETTINGS",
+    "classification_accuracy_score",
     "common_representation",
+    "excluded_split_indices",
+    "fidelity_report",
     "find_lpips_backbone",
     "image_quality_report",
     "load_cache_images",
     "lpips_status",
+    "outside_indices",
     "pixel_distance",
+    "plot_fidelity",
     "plot_nearest_pairs",
     "plot_quality_histograms",
     "psnr",

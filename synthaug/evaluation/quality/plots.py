@@ -1,6 +1,7 @@
 """The figures of a quality report: histograms of the per-image scores
-(``quality_histograms.png``) and the synthetic images closest to their memorization reference
-beside that image (``nearest_pairs.png``). matplotlib is imported only when a figure is drawn."""
+(``quality_histograms.png``), the synthetic images closest to their memorization reference
+beside that image (``nearest_pairs.png``) and, with ``--fidelity``, how a reference classifier
+sees the synthetic images (``fidelity.png``). matplotlib is imported only when a figure is drawn."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from synthaug.evaluation.quality.metrics import ImageSet, as_image_list, common_representation
 
-__all__ = ["plot_nearest_pairs", "plot_quality_histograms"]
+__all__ = ["plot_fidelity", "plot_nearest_pairs", "plot_quality_histograms"]
 
 
 def _figure(nrows: int, ncols: int, size: Tuple[float, float]):
@@ -139,5 +140,51 @@ def plot_nearest_pairs(
                 ha="center", va="top", fontsize=7, color="tab:red" if memorized else "0.2")
     fig.suptitle(f"synthetic (left) beside its nearest {ref_name} image (right), closest first; memorized if d < τ = {mem['threshold']:.4f}", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    return str(path)
+
+
+def plot_fidelity(report: Dict[str, Any], path: Union[str, os.PathLike]) -> str:
+    """The fidelity diagnosis as a PNG: the reference classifier's probability of the intended
+    class per synthetic image (histogram), what the images are taken for (a bar per class, the
+    intended one highlighted), and, when the report has ``cas``, the CAS figures of the
+    synthetic arm beside the real arm. Returns the path."""
+    fid, conf, cas = report["fidelity"], report["confusion"], report.get("cas")
+    fig, axes = _figure(1, 3 if cas else 2, (13.5 if cas else 9.5, 3.8))
+    ax = axes[0][0]
+    ax.hist(fid["per_image"]["probability"], bins=np.linspace(0.0, 1.0, 21), color="tab:blue")
+    ax.set_xlabel(f"p({fid['intended']}) under the reference classifier")
+    ax.set_ylabel("synthetic images")
+    ax.set_title(f"mean p = {fid['mean_probability']:.3f}", fontsize=9)
+
+    ax = axes[0][1]
+    names = list(conf["taken_for"])
+    shares = [conf["taken_for"][c]["share"] for c in names]
+    colors = ["tab:green" if c == conf["intended"] else "tab:red" for c in names]
+    bars = ax.bar(range(len(names)), shares, color=colors)
+    for bar, c in zip(bars, names):
+        n = conf["taken_for"][c]["count"]
+        if n:
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), str(n), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("share of synthetic images")
+    ax.set_title(f"taken for {fid['intended']!r}: {fid['rate']:.1%} ({fid['n_intended']}/{fid['n']})", fontsize=9)
+
+    if cas:
+        ax = axes[0][2]
+        metrics = [m for m in ("accuracy", "rare_recall", "rare_average_precision") if m in cas["synthetic"]]
+        xs = np.arange(len(metrics))
+        ax.bar(xs - 0.2, [cas["synthetic"][m] for m in metrics], 0.4, label=f"synthetic {fid['intended']} ({cas['train']['synthetic_rare']})",
+               color="tab:orange")
+        ax.bar(xs + 0.2, [cas["real"][m] for m in metrics], 0.4, label=f"real {fid['intended']} ({cas['train']['real_rare']})", color="0.5")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([m.replace("rare_average_precision", "rare AP").replace("_", " ") for m in metrics], fontsize=8)
+        ax.set_ylim(0, 1.0)
+        ax.set_title(f"CAS on the real test set ({cas['test']['n']} images)", fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"{fid['n']} synthetic images judged by a classifier trained on real images", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=110)
     return str(path)

@@ -39,7 +39,7 @@ from synthaug.evaluation.quality.metrics import (
     common_representation,
     ssim,
 )
-from synthaug.evaluation.quality.plots import plot_nearest_pairs, plot_quality_histograms
+from synthaug.evaluation.quality.plots import plot_fidelity, plot_nearest_pairs, plot_quality_histograms
 from synthaug.outputs import output_dir, write_json
 from synthaug.version import __version__
 
@@ -418,7 +418,8 @@ def write_quality_report(
     train_images: Optional[ImageSet] = None,
     overwrite: bool = False,
 ) -> Dict[str, str]:
-    """Write ``quality.json``, ``quality_histograms.png`` and ``nearest_pairs.png`` into ``out``.
+    """Write ``quality.json``, ``quality_histograms.png`` and ``nearest_pairs.png`` into ``out``,
+    and ``fidelity.png`` when the report has a ``fidelity`` section (:func:`~synthaug.evaluation.quality.fidelity.fidelity_report`).
 
     Args:
         report: what :func:`image_quality_report` returned (extra keys are written too).
@@ -426,7 +427,7 @@ def write_quality_report(
         overwrite: write into a non-empty folder (the three files are replaced, others kept).
 
     Returns:
-        ``{"json", "histograms", "pairs"}`` → paths written. In the JSON, non-finite numbers
+        ``{"json", "histograms", "pairs"}`` (and ``"fidelity"``) → paths written. In the JSON, non-finite numbers
         (PSNR of identical pairs) are ``null``; the file holds no NaN/Infinity tokens.
 
     Raises:
@@ -439,6 +440,9 @@ def write_quality_report(
     if reference is None:
         raise ValueError("report's memorization reference is the training images, but train_images was not given")
     plot_nearest_pairs(synthetic, reference, report, paths["pairs"])
+    if "fidelity" in report:
+        paths["fidelity"] = str(out / "fidelity.png")
+        plot_fidelity(report, paths["fidelity"])
     doc = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **report, "outputs": paths}
     write_json(paths["json"], doc, indent=1, finite=True)
     return paths
