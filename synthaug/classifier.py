@@ -315,11 +315,18 @@ def train_reference_classifier(
     seed: int = 0,
     device: str = "cpu",
     trained_on: str = "",
+    augment: bool = True,
     progress: bool = False,
 ) -> ReferenceClassifier:
     """Train a reference classifier on real ``images`` (uint8 arrays or PIL, one size) with class
     indices ``labels``; classes are drawn balanced (each batch samples classes uniformly), so a
     rare class is learned as well as the others. Normalization: the images' own mean and std.
+
+    ``augment``: random horizontal flips and shifts of up to 2 pixels, so a class of a few dozen
+    images is learned rather than memorized. Measured on Fashion-MNIST with 30 shirts among 9,000
+    images (800 steps): real test shirts recognized 72% of the time with it, 0–35% without
+    (depending on the seed), the median probability the classifier gives a real test shirt 0.72
+    against 0.15. Turn it off for images a flip changes the class of (digits, text).
     """
     import torch
 
@@ -345,7 +352,13 @@ def train_reference_classifier(
     def batches():
         while True:
             idx = torch.multinomial(weights, batch_size, replacement=True, generator=gen)
-            yield x_all[idx], y_all[idx]
+            x = x_all[idx]
+            if augment:
+                flip = torch.rand(len(x), generator=gen) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(3), x)
+                dy, dx = torch.randint(-2, 3, (2,), generator=gen).tolist()
+                x = x.roll((dy, dx), (2, 3))
+            yield x, y_all[idx]
 
     class _Stream:
         def __iter__(self):

@@ -22,7 +22,7 @@ def _digits(n=600):
 
 def test_a_reference_classifier_learns_real_digits_and_round_trips_through_its_file(tmp_path):
     images, labels, classes = _digits()
-    ref = train_reference_classifier(images[:500], labels[:500], classes, steps=150, trained_on="digits 0-499")
+    ref = train_reference_classifier(images[:500], labels[:500], classes, steps=150, trained_on="digits 0-499", augment=False)  # a flip changes a digit
     p = ref.probabilities(images[500:])
     assert p.shape == (100, 10) and np.allclose(p.sum(1), 1, atol=1e-5)
     assert (p.argmax(1) == labels[500:]).mean() > 0.7

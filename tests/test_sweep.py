@@ -423,3 +423,47 @@ def test_the_validation_split_is_outside_training_and_test_and_selection_never_r
         assert s["matched_control"] == f"oversampled@{ratio:g}"
     assert {c["baseline"] for c in sel["comparisons"]} == {"oversampled@r (matched)", "oversampled (chosen on validation)", "real_only"}
     assert "## Chosen on validation" in markdown_summary(summary) and "test metrics never read" in markdown_summary(summary)
+
+
+def test_a_sweep_of_every_generation_mode_with_variants_and_the_combined_arm(tmp_path):
+    """The modes and variants end to end on the built-in model, small: every arm trains and is
+    evaluated on validation and test, translation records are soft-labelled by the classes the
+    reference classifier confuses with the rare one, the gated pool is a gated subset of its mode's
+    pool, and the summary names one chosen arm per seed."""
+    from synthaug.cache.codec import SoftLabel
+    from synthaug.cache.store import SyntheticCache
+
+    out = tmp_path / "modes"
+    cfg = SweepConfig(ratios=[0.25], seeds=1, per_class=60, shots=12, steps=12, batch_size=32, lora_steps=2, generation_steps=4,
+                      arms=["real_only", "oversampled", "synthetic", "oversampled+synthetic"], generation=["txt2img", "img2img", "translate", "feedback"],
+                      variants=["weighted", "gated", "refit"], gate=[0.05, 1.0], synthetic_images=16, set_sizes=[], test_size=300, bootstrap=200,
+                      val_shots=4, refit_steps=5, reference_steps=60, out=str(out))
+    summary = run_sweep(cfg, progress=False)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    want = {"real_only", "oversampled@0.25"} | {f"synthetic{t}@0.25" for t in ("", "[img2img]", "[translate]", "[feedback]")}
+    want |= {f"synthetic{t}+{v}@0.25" for t in ("", "[img2img]", "[translate]", "[feedback]") for v in ("weighted", "gated", "refit")}
+    want |= {f"oversampled+synthetic{t}@0.25" for t in ("", "[img2img]", "[translate]", "[feedback]")}
+    assert {r["arm"] for r in rows} == want
+    for r in rows:
+        assert r["val_metrics"]["rare_support"] == 4 and r["metrics"]["rare_support"] > 0  # validation: the 4 val shots
+        assert r["training"]["steps"] == 12
+    by = {r["arm"]: r for r in rows}
+    assert "refit" in by["synthetic[img2img]+refit@0.25"]["training"] and "refit" not in by["synthetic[img2img]@0.25"]["training"]
+    assert by["synthetic+weighted@0.25"]["training"]["synthetic_samples"] > 0
+    assert by["oversampled+synthetic[translate]@0.25"]["rare_draws"] == by["oversampled@0.25"]["rare_draws"]  # matched draws
+    seed_dir = out / "seeds" / "seed-0"
+    translated = SyntheticCache(seed_dir / "synthetic-translate.lmdb", readonly=True)
+    folders = [p.name for p in (seed_dir / "translate_sources").iterdir()]  # named by class, or by index ("T-shirt/top")
+    chosen = {translated.label_names[int(n)] if n.isdigit() else n for n in folders}
+    assert len(chosen) == cfg.translate_classes and "Shirt" not in chosen
+    for q in translated.seqs():
+        rec = translated.get(q)
+        assert isinstance(rec.label, SoftLabel) and translated.label_names[rec.label.target] == "Shirt"
+        assert rec.meta["mode"] == "translate" and rec.meta["source_class_name"] in chosen and rec.meta["strength"] in cfg.strengths
+    full, gated = (SyntheticCache(seed_dir / f"synthetic-feedback{s}.lmdb", readonly=True) for s in ("", "-gated"))
+    assert 0 < len(gated) <= len(full)
+    for q in gated.seqs():
+        m = gated.get(q).meta
+        assert m["gate_score"] >= 0.05 and m["source_seq"] in full.seqs()
+    selection = summary["selection"]["per_seed"][0]
+    assert selection["arm"] in want - {"real_only", "oversampled@0.25"} and selection["matched_control"] == "oversampled@0.25"

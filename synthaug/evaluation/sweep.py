@@ -56,6 +56,7 @@ from synthaug.evaluation.sweep_pools import (
     check_leakage,
     check_worker_labels,
     combined_pool,
+    gated_pool,
     generation_overrides,
     mode_overrides,
     pool_subset,
@@ -265,16 +266,17 @@ def _fill_pools(cfg, data: StudyData, seed: int, adapter: Path, train_idx, rare_
     wanted = {(p["mode"], "gated" if p.get("variant") == "gated" else None) for p in todo if _draws_synthetic(p)}
     needs_reference = any(mode == "feedback" or gated for mode, gated in wanted) or (
         any(mode == "translate" for mode, _ in wanted) and cfg.translate_from == ["auto"])
-    reference = seed_reference_classifier(data, seed, train_idx, seed_dir, log, progress) if needs_reference else None
+    reference = seed_reference_classifier(data, seed, train_idx, seed_dir, log, progress, steps=cfg.reference_steps) if needs_reference else None
     shots = write_shots(data, rare_idx, seed_dir / "shots") if any(mode == "img2img" for mode, _ in wanted) else None
     sources = (translate_sources(cfg, data, seed, train_idx, val_idx, reference, seed_dir, log)
                if any(mode == "translate" for mode, _ in wanted) else None)
-    for mode, gated in sorted(wanted, key=lambda mg: (cfg.generation.index(mg[0]), mg[1] or "")):
+    for mode in sorted({mode for mode, _ in wanted}, key=cfg.generation.index):
         overrides = mode_overrides(cfg, mode, shots=shots, sources=sources, reference=reference)
-        gate = None
-        if gated:
+        pools[(mode, None)] = prefill_pool(cfg, data, seed, adapter, seed_dir, log, progress, mode=mode, overrides=overrides)
+        if (mode, "gated") in wanted:
             gate = FidelityGate(reference, label=data.classes[data.rare], low=cfg.gate[0], high=cfg.gate[1])
-        pools[(mode, gated)] = prefill_pool(cfg, data, seed, adapter, seed_dir, log, progress, mode=mode, overrides=overrides, gate=gate)
+            gated = pools[(mode, "gated")] = gated_pool(pools[(mode, None)], gate, data, seed_dir / f"synthetic-{mode}-gated.lmdb")
+            log(f"seed {seed}: the fidelity gate [{cfg.gate[0]:g}, {cfg.gate[1]:g}] kept {len(gated)} of {len(pools[(mode, None)])} {mode} images")
     info["pools"] = {f"{mode}{'+gated' if gated else ''}": len(pool) for (mode, gated), pool in pools.items()}
 
 
@@ -308,6 +310,13 @@ def _train_arms(cfg, data: StudyData, seed: int, adapter, todo, steps: int, real
                 pool = base if p["pool"] is None else pool_subset(base, rare_pool[:p["pool"]], seed_dir / f"synthetic-n{p['pool']}.lmdb")
                 if pool is not base:
                     caches.append(pool)
+            if pool is not None and len(pool) == 0:  # e.g. a gate that kept nothing: nothing to draw
+                why = f"its pool is empty ({p['mode']}{' after the gate' if p.get('variant') == 'gated' else ''})"
+                info.setdefault("skipped", {})[p["arm"]] = why
+                log(f"seed {seed} {p['arm']}: skipped, {why}")
+                if bar is not None:
+                    bar.update(1)
+                continue
             row = _run_arm(cfg, data, p, seed, steps, real_train, pool, test_loader, val_loader, refit_loader, device, progress)
             if _draws_synthetic(p) and p["pool"] is None:
                 row["pool"] = len(rare_seqs(pool, data))  # the rare-class images in the pool (a worker may have added some)

@@ -74,6 +74,7 @@ class SweepConfig:
     refit_steps: int = 100
     real_share: float = 0.5
     val_shots: int = 10
+    reference_steps: int = 800
     worker: bool = False
     image_size: int = 64
     channels: Optional[int] = None
@@ -184,7 +185,7 @@ class SweepConfig:
             raise ValueError(f"--gate must be LOW,HIGH with 0 <= LOW < HIGH <= 1, got {self.gate}")
         if not 0 < self.real_share < 1:
             raise ValueError(f"--real-share must be in (0, 1), got {self.real_share}")
-        for name in ("translate_classes", "refit_steps", "val_shots"):
+        for name in ("translate_classes", "refit_steps", "val_shots", "reference_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.cache and (self.generation != ["txt2img"] or self.variants):
@@ -247,7 +248,8 @@ class SweepConfig:
 
 _FLOAT_FIELDS = ("epochs", "lr", "set_size_ratio", "guidance_scale", "soft_label_gamma", "feedback_scale", "synthetic_weight", "real_share")
 _INT_FIELDS = ("shots", "per_class", "steps", "batch_size", "lora_steps", "lora_rank", "synthetic_images", "generation_steps",
-               "image_size", "channels", "test_size", "num_workers", "bootstrap", "translate_classes", "refit_steps", "val_shots")
+               "image_size", "channels", "test_size", "num_workers", "bootstrap", "translate_classes", "refit_steps", "val_shots",
+               "reference_steps")
 _LIST_FIELDS = {"ratios": float, "set_sizes": int, "strengths": float, "gate": float, "generation": str, "variants": str, "translate_from": str}
 _BOOL_FIELDS = ("worker", "overwrite", "leakage_check")
 

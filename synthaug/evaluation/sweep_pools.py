@@ -35,6 +35,7 @@ __all__ = [
     "check_leakage",
     "check_worker_labels",
     "combined_pool",
+    "gated_pool",
     "generation_overrides",
     "pool_subset",
     "prefill_pool",
@@ -142,7 +143,7 @@ def write_shots(data: StudyData, indices, folder: Path, *, prefix: Optional[str]
     return folder
 
 
-def seed_reference_classifier(data: StudyData, seed: int, train_idx, seed_dir: Path, log, progress: bool, *, steps: int = 800) -> Path:
+def seed_reference_classifier(data: StudyData, seed: int, train_idx, seed_dir: Path, log, progress: bool, *, steps: int) -> Path:
     """This seed's reference classifier: trained class-balanced on the seed's real training split
     only (never the validation or test set), saved as ``reference.pt`` (reused when present). It
     picks the classes to translate from, steers feedback sampling and gates pools."""
@@ -220,13 +221,12 @@ def mode_overrides(cfg: SweepConfig, mode: str, *, shots: Optional[Path] = None,
 
 
 def prefill_pool(cfg: SweepConfig, data: StudyData, seed: int, adapter: Path, seed_dir: Path, log, progress: bool, *,
-                 mode: str = "txt2img", overrides: Optional[Dict[str, Any]] = None, gate=None) -> SyntheticCache:
+                 mode: str = "txt2img", overrides: Optional[Dict[str, Any]] = None) -> SyntheticCache:
     """This seed's synthetic pool of one generation mode: ``synthetic_images`` images from
     ``adapter`` with ``overrides`` (default: :func:`generation_overrides`), brought to the study's
-    image size, and with ``gate`` only those it accepts. Every record is labelled as the rare
-    class, except a translation's soft labels, which keep the generator's class names (the pool
-    then maps them by name)."""
-    name = "synthetic" + ("" if mode == "txt2img" else f"-{mode}") + ("-gated" if gate is not None else "")
+    image size. Every record is labelled as the rare class, except a translation's soft labels,
+    which keep the generator's class names (the pool then maps them by name)."""
+    name = "synthetic" + ("" if mode == "txt2img" else f"-{mode}")
     path = seed_dir / f"{name}.lmdb"
     if (path / "data.mdb").is_file():  # an earlier run's pool: complete, or continued below
         cache = SyntheticCache(path)
@@ -245,13 +245,29 @@ def prefill_pool(cfg: SweepConfig, data: StudyData, seed: int, adapter: Path, se
         todo = cfg.synthetic_images - len(cache)
         if todo <= 0:
             return cache
-        kwargs = {} if gate is None else {"gate": gate}
         done = fill_cache(gen, cache, todo, seed=seed * 1_000_000, label=None if soft else data.rare, transform=_to_study_size(data),
-                          batch_size=32, progress=progress, desc=f"{name} seed {seed}", leave=False, **kwargs)
-    gated = f", {getattr(done, 'acceptance_rate', 1.0):.0%} passed the gate" if gate is not None else ""
-    log(f"seed {seed}: generated {done.written} '{data.classes[data.rare]}' images ({mode}{gated}) in {done.seconds:.0f} s "
+                          batch_size=32, progress=progress, desc=f"{name} seed {seed}", leave=False)
+    log(f"seed {seed}: generated {done.written} '{data.classes[data.rare]}' images ({mode}) in {done.seconds:.0f} s "
         f"({done.images_per_s:.1f} images/s)")
     return cache
+
+
+def gated_pool(pool: SyntheticCache, gate, data: StudyData, path: Path) -> SyntheticCache:
+    """The records of ``pool`` the fidelity ``gate`` accepts (the gated variant's pool): the
+    same images a gated generation would have kept from the same draws, without generating them
+    again. Each record keeps its provenance plus ``gate_score``, ``gate`` and ``source_seq``."""
+    out = SyntheticCache(path, label_names=pool.label_names)
+    if len(out):
+        return out
+    seqs = pool.seqs()
+    for start in range(0, len(seqs), 256):
+        records = pool.get_many(seqs[start:start + 256])
+        keep, scores = gate.filter([r.image for r in records])
+        kept = [(r, float(sc)) for r, k, sc in zip(records, keep, scores) if k]
+        if kept:
+            out.append([r.image for r, _ in kept], [r.label for r, _ in kept],
+                       [dict(r.meta, gate_score=sc, gate=gate.spec, source_seq=int(r.seq)) for r, sc in kept])
+    return out
 
 
 def combined_pool(real_cache: SyntheticCache, synthetic: SyntheticCache, data: StudyData, real_share: float, path: Path) -> SyntheticCache:
