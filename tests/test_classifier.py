@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from synthaug.classifier import ReferenceClassifier, build_classifier, train_classifier, train_reference_classifier
+from synthaug.classifier import ReferenceClassifier, train_classifier, train_reference_classifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
