@@ -81,6 +81,7 @@ _FLAG_SOFT = 2
 _KNOWN_FLAGS = _FLAG_MULTILABEL | _FLAG_SOFT
 _MAX_ENCODING = 3
 _SOFT_PAIR = struct.Struct(">id")  # class, weight
+_SOFT_PAIR_SIZE = _SOFT_PAIR.size  # 12
 _SOFT_SUM_TOLERANCE = 1e-6
 
 
@@ -513,7 +514,7 @@ def _parse_header(buf) -> Tuple:
         or not w
         or (n_labels != 1 and not flags)
         or (not n_labels and flags & _FLAG_SOFT)
-        or n != HEADER_SIZE + _label_bytes(n_labels, flags) + meta_len + image_len
+        or n != HEADER_SIZE + (_SOFT_PAIR_SIZE if flags & _FLAG_SOFT else 4) * n_labels + meta_len + image_len  # _label_bytes, inlined
     ):
         raise ValueError(_header_problem(n, fields))
     return fields
@@ -570,7 +571,7 @@ def _check_crc(buf, stored: int) -> None:
 
 
 def _label_bytes(n_labels: int, flags: int) -> int:
-    return (_SOFT_PAIR.size if flags & _FLAG_SOFT else 4) * n_labels
+    return (_SOFT_PAIR_SIZE if flags & _FLAG_SOFT else 4) * n_labels
 
 
 def _labels_from(buf, n_labels: int, flags: int) -> Label:
@@ -579,7 +580,7 @@ def _labels_from(buf, n_labels: int, flags: int) -> Label:
     if n_labels == 1 and not flags:
         return _INT32.unpack_from(buf, HEADER_SIZE)[0]
     if flags & _FLAG_SOFT:
-        label = SoftLabel([_SOFT_PAIR.unpack_from(buf, HEADER_SIZE + i * _SOFT_PAIR.size) for i in range(n_labels)])
+        label = SoftLabel([_SOFT_PAIR.unpack_from(buf, HEADER_SIZE + i * _SOFT_PAIR_SIZE) for i in range(n_labels)])
         if len(label) != n_labels:
             raise ValueError(f"soft label repeats a class ({n_labels} entries, {len(label)} classes)")
         return label
@@ -601,7 +602,7 @@ def decode_record(buf, seq: Optional[int] = None, *, check_crc: bool = True, pat
     """
     try:
         _m, _v, enc, channels, flags, h, w, n_labels, meta_len, image_len, crc = _parse_header(buf)
-        meta_start = HEADER_SIZE + _label_bytes(n_labels, flags)
+        meta_start = HEADER_SIZE + (_SOFT_PAIR_SIZE if flags & _FLAG_SOFT else 4) * n_labels  # _label_bytes, inlined (hot path)
         img_start = meta_start + meta_len
         if enc == 0:
             # raw: copy out of the map first, then checksum the copy while it is in CPU cache
@@ -617,7 +618,8 @@ def decode_record(buf, seq: Optional[int] = None, *, check_crc: bool = True, pat
             if check_crc:
                 _check_crc(buf, crc)
             image = _decode_image(buf[img_start:], enc, h, w, channels)  # the image runs to the end
-        label = _labels_from(buf, n_labels, flags)
+        # one int label, the common case, without a call (_parse_header refused any other flag bit)
+        label = _INT32.unpack_from(buf, HEADER_SIZE)[0] if n_labels == 1 and not flags else _labels_from(buf, n_labels, flags)
         meta_bytes = bytes(buf[meta_start:img_start])
     except MemoryError:
         # not a property of the bytes: the checks above bound every allocation by the value's
