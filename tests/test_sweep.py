@@ -465,5 +465,9 @@ def test_a_sweep_of_every_generation_mode_with_variants_and_the_combined_arm(tmp
     for q in gated.seqs():
         m = gated.get(q).meta
         assert m["gate_score"] >= 0.05 and m["source_seq"] in full.seqs()
+    from PIL import Image
+
+    with Image.open(seed_dir / "samples.png") as im:  # the real shots and one row per pool
+        assert im.size[0] > 400 and im.size[1] > 300
     selection = summary["selection"]["per_seed"][0]
     assert selection["arm"] in want - {"real_only", "oversampled@0.25"} and selection["matched_control"] == "oversampled@0.25"

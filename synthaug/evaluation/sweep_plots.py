@@ -6,11 +6,13 @@ as bands. Both read a summary of :func:`synthaug.evaluation.sweep_report.summari
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["plot_ratio_curves", "plot_set_size"]
+from synthaug.imaging import image_grid
+
+__all__ = ["plot_pool_samples", "plot_ratio_curves", "plot_set_size"]
 
 
 def _curve(summary, kind: str, metric: str, *, pooled: bool = False, mode: Optional[str] = None):
@@ -68,6 +70,28 @@ def plot_ratio_curves(summary: Dict[str, Any], path: Path) -> Optional[Path]:
         ax.set_xlim(x_lo, x_hi)
         _label_axes(ax, "synthetic (or repeated-real) share of every batch, r", label, f"{label} vs ratio ({n} seeds)")
     return _save(fig, axes, path)
+
+
+def plot_pool_samples(rows: Sequence[Tuple[str, Sequence[np.ndarray]]], path: Path, *, per_row: int = 12) -> Path:
+    """One row of images per pool (``(title, images)``: the real shots, then each generation
+    mode's first records), so a reader sees what each mode makes beside what it was given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 1, figsize=(per_row * 0.75, 1.05 * len(rows) + 0.3), dpi=110, squeeze=False)
+    for ax, (title, images) in zip(axes[:, 0], rows):
+        shown = [np.asarray(im) for im in list(images)[:per_row]]
+        if shown:
+            grid = image_grid(shown, cols=per_row, pad=2, background=255)
+            ax.imshow(grid[:, :, 0] if grid.shape[2] == 1 else grid, cmap="gray" if grid.shape[2] == 1 else None, vmin=0, vmax=255)
+        ax.set_title(title, fontsize=8, loc="left")
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _label_axes(ax, xlabel: str, metric_label: str, title: str) -> None:
