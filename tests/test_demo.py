@@ -143,6 +143,14 @@ def test_demo_runs_end_to_end_in_a_reduced_setting(tmp_path):
     rec = cache.get(cache.seqs()[0])
     assert rec.label == 6 and rec.image.shape == (28, 28, 1)
     assert rec.meta["model"] == "builtin:fashion-mnist-ddpm" and rec.meta["adapter_hash"] and rec.meta["num_inference_steps"] == 4
+    # made around the real shots (the default img2img): each record names its shot and strength
+    shots = sorted((out / "train_images").iterdir())
+    assert report["config"]["generation"] == "img2img" and len(shots) == 10
+    metas = cache.metas()
+    assert {m["mode"] for m in metas.values()} == {"img2img"}
+    assert {m["strength"] for m in metas.values()} <= {0.25, 0.5, 0.75, 1.0} and len({m["strength"] for m in metas.values()}) > 1
+    assert {m["source_index"] for m in metas.values()} <= set(range(10))
+    assert len({m["source_image"] for m in metas.values()}) > 1 and all(len(m["source_image"]) == 64 for m in metas.values())
 
 
 def test_demo_bad_input_is_one_line(tmp_path):

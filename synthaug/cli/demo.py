@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from synthaug.evaluation.demo import DemoConfig, run_demo
+from synthaug.cli.generate import strength_arg
+from synthaug.evaluation.demo import DEMO_MODES, DemoConfig, run_demo
 
 __all__ = ["register"]
 
@@ -39,6 +40,10 @@ def register(sub) -> None:
     p.add_argument("--generation-steps", type=int, default=d.generation_steps, help=f"denoising steps per synthetic image (default: {d.generation_steps})")
     p.add_argument("--scheduler", default=d.scheduler, choices=["ddim", "dpm++"], help=f"sampler of the generator (default: {d.scheduler})")
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale, help=f"classifier-free guidance (default: {d.guidance_scale})")
+    p.add_argument("--generation", default=d.generation, choices=list(DEMO_MODES),
+                   help=f"how the synthetic images are made: img2img from the real shots, or txt2img from noise (default: {d.generation})")
+    p.add_argument("--strength", type=strength_arg, default=d.strength,
+                   help=f"img2img strengths, one drawn per image, comma-separated (default: {','.join(f'{v:g}' for v in d.strength)})")
     p.add_argument("--min-fresh", type=int, default=d.min_fresh, help=f"unconsumed records the worker keeps ready (default: {d.min_fresh})")
     p.add_argument("--max-items", type=int, default=d.max_items, help=f"records the cache keeps at most (default: {d.max_items})")
     p.add_argument("--test-size", type=int, default=d.test_size, help="evaluate on a random subset of the test set (default: all 10,000)")

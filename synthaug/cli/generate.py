@@ -34,7 +34,7 @@ from synthaug.generation.loading import load_generator
 from synthaug.generation.modes import FEEDBACK_OBJECTIVES, MODES
 from synthaug.generation.stopping import StopSignal
 
-__all__ = ["register", "add_generator_arguments", "add_seed_arguments", "generator_source", "generator_overrides", "HelpFormatter"]
+__all__ = ["register", "add_generator_arguments", "add_seed_arguments", "generator_source", "generator_overrides", "strength_arg", "HelpFormatter"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -68,7 +68,7 @@ def add_generator_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--source-images", metavar="PATH", nargs="+", default=None,
                    help="img2img: a folder of images, or image files; translate: a folder DIR/<class name or index>/*.png "
                    "(torchvision ImageFolder layout), or image files with --source-classes")
-    g.add_argument("--strength", type=_strengths, default=None, metavar="S[,S...]",
+    g.add_argument("--strength", type=strength_arg, default=None, metavar="S[,S...]",
                    help="img2img/translate noise level in (0, 1], or a comma-separated set (e.g. 0.25,0.5,0.75,1) from which "
                    "each image draws its own by its seed (default 0.6)")
     g.add_argument("--source-classes", type=_names, default=None, metavar="C[,C...]",
@@ -104,7 +104,7 @@ def generator_source(args: argparse.Namespace) -> str:
     return args.adapter if args.adapter is not None else args.model
 
 
-def _strengths(text: str) -> Any:
+def strength_arg(text: str) -> Any:
     """``--strength``: one number, or a comma-separated set of numbers in (0, 1]."""
     try:
         values = [float(v) for v in text.split(",")]

@@ -5,7 +5,11 @@
 2. A LoRA on the built-in pixel DDPM (pretrained without the rare class) learns the rare class
    from those ``shots`` images.
 3. A GenerationWorker process fills an LMDB cache with synthetic rare-class images while the
-   classifiers train (it starts first, so the cache fills during the control arms too).
+   classifiers train (it starts first, so the cache fills during the control arms too). By
+   default each image is made around a real shot (``generation="img2img"``: SDEdit from one of
+   the ``shots`` at a strength drawn per image from ``strength``, as DA-Fusion does); the mode the
+   study chose on validation most often (README, "What the study of generation around the real
+   data shows"). ``generation="txt2img"`` samples the LoRA from noise.
 4. The same small CNN is trained the same number of steps in three arms: ``real_only``,
    ``oversampled`` (the real rare images repeated, mixed by the same sampler at the same ratio:
    the matched-cardinality control), and ``synthetic`` (the cache at ``ratio``).
@@ -23,7 +27,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -33,11 +37,15 @@ from synthaug.data.splits import few_shot_split, write_images
 from synthaug.data.transforms import WithTransform, fashion_mnist_transform
 from synthaug.evaluation.arms import mixed_arm_loader, real_only_loader, real_rare_cache, train_and_evaluate
 from synthaug.finetune import finetune_lora
+from synthaug.generation.modes import parse_strengths
 from synthaug.generation.worker import GenerationWorker
 from synthaug.imaging import image_grid
 from synthaug.outputs import jsonable, output_dir, write_json
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DEMO_MODES", "DemoConfig", "run_demo"]
+
+#: the generation modes the demo runs: from the LoRA alone, or SDEdit from the rare class's shots
+DEMO_MODES = ("txt2img", "img2img")
 
 
 @dataclass
@@ -60,6 +68,8 @@ class DemoConfig:
     generation_steps: int = 20
     scheduler: str = "dpm++"
     guidance_scale: float = 2.0
+    generation: str = "img2img"
+    strength: Tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     min_fresh: int = 10000  # more than the synthetic arm draws: the worker's core never idles
     max_items: int = 20000
     test_size: Optional[int] = None
@@ -68,6 +78,9 @@ class DemoConfig:
     def check(self) -> None:
         if not 0 <= self.ratio < 1:
             raise ValueError(f"--ratio must be in [0, 1), got {self.ratio}")
+        if self.generation not in DEMO_MODES:
+            raise ValueError(f"--generation must be one of {', '.join(DEMO_MODES)}, got {self.generation!r}")
+        self.strength = parse_strengths(self.strength)
         if self.max_items < self.min_fresh:
             raise ValueError(f"--max-items ({self.max_items}) must be >= --min-fresh ({self.min_fresh})")
         for name in ("shots", "per_class", "lora_steps", "train_steps", "batch_size", "generation_steps", "min_fresh", "max_items"):
@@ -126,10 +139,10 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> Dict[str, Any]:
 
     # 3. worker filling the cache while the arms train -------------------------------------------
     cache = SyntheticCache(out / "cache.lmdb", label_names=classes)
-    spec = {
-        "source": str(adapter),
-        "overrides": {"num_inference_steps": cfg.generation_steps, "scheduler": cfg.scheduler, "guidance_scale": cfg.guidance_scale, "batch_size": 16},
-    }
+    overrides = {"num_inference_steps": cfg.generation_steps, "scheduler": cfg.scheduler, "guidance_scale": cfg.guidance_scale, "batch_size": 16}
+    if cfg.generation == "img2img":  # each image made from one of the shots, at a strength drawn per image
+        overrides.update(mode="img2img", source_images=str(out / "train_images"), strength=list(cfg.strength))
+    spec = {"source": str(adapter), "overrides": overrides}
     torch.set_num_threads(1)
     worker = GenerationWorker(cache, spec, min_fresh=cfg.min_fresh, max_items=cfg.max_items, batch_size=16, seed=cfg.seed * 1_000_000, num_threads=1)
     rare_cache = real_rare_cache([train_full[int(i)][0] for i in split.rare], rare, out / "real_rare.lmdb", label_names=classes)
@@ -155,7 +168,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> Dict[str, Any]:
     # 4. report ----------------------------------------------------------------------------
     synthetic_images = [r.image for r in cache.get_many(cache.seqs()[-16:])]
     real_images = [np.asarray(train_full[int(i)][0])[:, :, None] for i in split.rare[:16]]
-    _plot_samples(real_images, synthetic_images, out / "samples.png", classes[rare])
+    _plot_samples(real_images, synthetic_images, out / "samples.png", classes[rare], cfg.generation)
     _plot_arms(arms, out / "arms.png", cfg, classes[rare])
     timings["total_s"] = time.time() - t_start
     report = {
@@ -197,14 +210,14 @@ def _table(arms: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _plot_samples(real: List[np.ndarray], synthetic: List[np.ndarray], path: Path, name: str) -> None:
+def _plot_samples(real: List[np.ndarray], synthetic: List[np.ndarray], path: Path, name: str, mode: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.8), dpi=110)
-    for ax, images, title in ((axes[0], real, f"real '{name}' (training shots)"), (axes[1], synthetic, f"synthetic '{name}' (LoRA, newest records)")):
+    for ax, images, title in ((axes[0], real, f"real '{name}' (training shots)"), (axes[1], synthetic, f"synthetic '{name}' (LoRA {mode}, newest records)")):
         if images:
             ax.imshow(image_grid(images, cols=4, pad=2, background=255)[:, :, 0], cmap="gray", vmin=0, vmax=255)
         ax.set_title(title, fontsize=10)
@@ -232,7 +245,7 @@ def _plot_arms(arms: List[Dict[str, Any]], path: Path, cfg: DemoConfig, name: st
     ax.set_xticks(x, [k for _, k in keys])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(f"'{name}' on the real test set")
-    ax.set_title(f"{cfg.shots} real '{name}' images; ratio {cfg.ratio}; {cfg.train_steps} steps; seed {cfg.seed}", fontsize=9)
+    ax.set_title(f"{cfg.shots} real '{name}' images; {cfg.generation} at ratio {cfg.ratio}; {cfg.train_steps} steps; seed {cfg.seed}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
