@@ -419,6 +419,16 @@ def test_fidelity_and_confusion_say_what_the_images_are_taken_for(fmnist_test, r
     assert conf["most_common_instead"] == "Trouser" and conf["taken_for"]["Trouser"]["share"] >= 8 / 30
     assert fid["reference"]["sha256"] and fid["reference"]["classes"] == ["Trouser", "Shirt", "Bag"]
     assert q.fidelity_report(images[:3], 1, reference_3)["fidelity"]["intended"] == "Shirt"
+    assert "real" not in fid and "real_taken_for" not in conf
+    # real shirts judged alike: the rate the synthetic one reads against; the synthetic figures do not change
+    with_real = q.fidelity_report(images, "Shirt", reference_3, real_images=x[y == SHIRT][20:120])
+    real = with_real["fidelity"]["real"]
+    assert real["n"] == 100 and real["rate"] >= 0.8 and real["taken_for"]["Shirt"] == real["rate"] and sum(real["taken_for"].values()) == pytest.approx(1)
+    assert with_real["confusion"]["real_taken_for"] == real["taken_for"] and with_real["fidelity"]["per_image"] == fid["per_image"]
+    trousers = q.fidelity_report(images, "Shirt", reference_3, real_images=x[y == 1][:50])["fidelity"]["real"]
+    assert trousers["rate"] <= 0.2 and trousers["taken_for"]["Trouser"] >= 0.8
+    with pytest.raises(ValueError, match="real_images: no images"):
+        q.fidelity_report(images, "Shirt", reference_3, real_images=x[:0])
     with pytest.raises(ValueError, match="not one of the reference classifier's classes"):
         q.fidelity_report(images, "Dress", reference_3)
 
@@ -466,6 +476,8 @@ def test_cli_fidelity_end_to_end_writes_fidelity_confusion_and_cas(tmp_path, fmn
     doc = _strict_json(out / "quality.json")
     fid, conf, cas, trained = doc["fidelity"], doc["confusion"], doc["cas"], doc["trained_on"]
     assert fid["n"] == 40 and fid["intended"] == "Shirt" and conf["taken_for"]["Trouser"]["count"] > 0
+    # beside it, the same classifier on the real test shirts of the --test-size sample
+    assert 10 <= fid["real"]["n"] <= 60 and 0 <= fid["real"]["rate"] <= 1 and conf["real_taken_for"] == fid["real"]["taken_for"]
     assert set(cas) >= {"synthetic", "real", "difference", "train", "test"} and cas["test"]["n"] == 300
     assert cas["train"]["synthetic_rare"] == 40 and all(0 <= cas[a]["rare_average_precision"] <= 1 for a in ("synthetic", "real"))
     # trained outside both seeds' few-shot splits (30 shirts + 100 of each other class), never on the test split

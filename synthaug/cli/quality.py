@@ -201,13 +201,14 @@ def _fidelity(args: argparse.Namespace, synthetic: List[Any], out: Path, workdir
         ref_file = ref.save(workdir / REFERENCE_FILE)
     else:
         ref = ReferenceClassifier.load(args.reference_classifier, device=args.fidelity_device)
-    sections = fidelity_report(synthetic, classes[rare], ref)
-    if ref_file is not None:
-        sections["fidelity"]["reference"].update(path=str(out / REFERENCE_FILE), trained_here=True)
     xt, yt = test.data.numpy(), targets_of(test)
     if args.test_size and args.test_size < len(yt):
         sel = np.sort(np.random.default_rng(args.seed).choice(len(yt), args.test_size, replace=False))
         xt, yt = xt[sel], yt[sel]
+    # the real test images of the class, judged alike: the rate the synthetic one reads against
+    sections = fidelity_report(synthetic, classes[rare], ref, real_images=xt[yt == rare][:, :, :, None])
+    if ref_file is not None:
+        sections["fidelity"]["reference"].update(path=str(out / REFERENCE_FILE), trained_here=True)
     sections["cas"] = classification_accuracy_score(synthetic, rare=rare, train_images=x[pool], train_labels=y[pool], test_images=xt,
                                                     test_labels=yt, classes=classes, steps=args.fidelity_steps, seed=args.seed,
                                                     device=args.fidelity_device, progress=True)
@@ -285,6 +286,10 @@ def _report(args, out: Path, real, real_info, train, train_info, synthetic, cach
         shown = ", ".join(f"{c} {n}" for n, c in instead[:3]) or "none"
         print(f"fidelity     {fid['rate']:.1%} ({fid['n_intended']}/{fid['n']}) taken for {fid['intended']!r}, mean p = {fid['mean_probability']:.3f}; "
               f"instead: {shown}")
+        if "real" in fid:
+            real = sorted(((v, c) for c, v in fid["real"]["taken_for"].items() if c != fid["intended"] and v), reverse=True)
+            print(f"             real test {fid['intended']!r} images: {fid['real']['rate']:.1%} taken for {fid['intended']!r}; instead: "
+                  + (", ".join(f"{c} {v:.0%}" for v, c in real[:3]) or "none"))
 
         def arm(m):
             return f"accuracy {m['accuracy']:.3f}, {fid['intended']} recall {m['rare_recall']:.3f}, AP {m['rare_average_precision']:.3f}"

@@ -162,7 +162,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> Dict[str, Any]:
                             "multilabel": data.multilabel, "test_images": len(test), "device": device, "leakage": {}, "seeds": {}}
     if done:
         log(f"resuming: {len(done)} of {len(plan) * len(seeds)} arm runs already in {out}/results.json")
-    log(f"sweep: {data.name}, rare class '{data.classes[data.rare]}', {len(seeds)} seeds x {len(plan)} arms, classifier {cfg.model} on {device}")
+    log(f"sweep: {data.name}, rare class '{data.classes[data.rare]}', {len(seeds)} seed{'s' if len(seeds) != 1 else ''} x {len(plan)} arms, classifier {cfg.model} on {device}")
     bar = None
     if progress:
         from tqdm.auto import tqdm

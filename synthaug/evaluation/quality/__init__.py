@@ -61,7 +61,9 @@ Definitions (every number in the report follows them):
   that class; the *fidelity* is the share that do, reported with the mean (median, 5th and 95th
   percentile) probability of the intended class. The *confusion* is the histogram of the most
   probable class over all synthetic images (count and share per class; ``instead``: those taken
-  for another class, ``most_common_instead``).
+  for another class, ``most_common_instead``). The real test images of the class are judged
+  the same way (``fidelity["real"]``, ``confusion["real_taken_for"]``): a class that is hard to
+  tell apart is missed on real images too, and the synthetic rate reads against that one.
 * **CAS** (Classification Accuracy Score, Ravuri & Vinyals 2019; :func:`classification_accuracy_score`),
   adapted to one synthetic rare class: a fresh classifier trained on the synthetic rare images
   plus real images of every other class (from the same pool as the reference classifier) is

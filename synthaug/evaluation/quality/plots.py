@@ -161,16 +161,24 @@ def plot_fidelity(report: Dict[str, Any], path: Union[str, os.PathLike]) -> str:
     names = list(conf["taken_for"])
     shares = [conf["taken_for"][c]["share"] for c in names]
     colors = ["tab:green" if c == conf["intended"] else "tab:red" for c in names]
-    bars = ax.bar(range(len(names)), shares, color=colors)
+    real = conf.get("real_taken_for")
+    width = 0.8 if real is None else 0.42
+    offset = 0.0 if real is None else -0.21
+    bars = ax.bar(np.arange(len(names)) + offset, shares, width, color=colors, label="synthetic")
     for bar, c in zip(bars, names):
         n = conf["taken_for"][c]["count"]
         if n:
             ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), str(n), ha="center", va="bottom", fontsize=7)
+    if real is not None:
+        ax.bar(np.arange(len(names)) + 0.21, [real.get(c, 0.0) for c in names], width, color="0.6",
+               label=f"real {fid['intended']} (test, {fid['real']['n']})")
+        ax.legend(fontsize=7, loc="upper right")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
     ax.set_ylim(0, 1.08)
-    ax.set_ylabel("share of synthetic images")
-    ax.set_title(f"taken for {fid['intended']!r}: {fid['rate']:.1%} ({fid['n_intended']}/{fid['n']})", fontsize=9)
+    ax.set_ylabel("share of images")
+    real_rate = f"; real: {fid['real']['rate']:.1%}" if "real" in fid else ""
+    ax.set_title(f"taken for {fid['intended']!r}: {fid['rate']:.1%} ({fid['n_intended']}/{fid['n']}){real_rate}", fontsize=9)
 
     if cas:
         ax = axes[0][2]
