@@ -279,11 +279,12 @@ def _fill_pools(cfg, data: StudyData, seed: int, adapter: Path, train_idx, rare_
             gated = pools[(mode, "gated")] = gated_pool(pools[(mode, None)], gate, data, seed_dir / f"synthetic-{mode}-gated.lmdb")
             log(f"seed {seed}: the fidelity gate [{cfg.gate[0]:g}, {cfg.gate[1]:g}] kept {len(gated)} of {len(pools[(mode, None)])} {mode} images")
     info["pools"] = {f"{mode}{'+gated' if gated else ''}": len(pool) for (mode, gated), pool in pools.items()}
-    rows = [(f"real '{data.classes[data.rare]}' shots", [np.asarray(data.image(i)) for i in rare_idx])]
-    for (mode, gated), pool in pools.items():
-        title = f"{mode}{' after the gate' if gated else ''} ({len(pool)} images)"
-        rows.append((title, [r.image for r in pool.get_many(pool.seqs()[:12])]))
-    plot_pool_samples(rows, seed_dir / "samples.png")
+    if not (seed_dir / "samples.png").is_file():  # a resumed seed fills only the pools its remaining arms draw from
+        rows = [(f"real '{data.classes[data.rare]}' shots", [np.asarray(data.image(i)) for i in rare_idx])]
+        for (mode, gated), pool in pools.items():
+            title = f"{mode}{' after the gate' if gated else ''} ({len(pool)} images)"
+            rows.append((title, [r.image for r in pool.get_many(pool.seqs()[:12])]))
+        plot_pool_samples(rows, seed_dir / "samples.png")
 
 
 def _train_arms(cfg, data: StudyData, seed: int, adapter, todo, steps: int, real_train, real_cache, pools, rare_pool, caches, seed_dir: Path,
