@@ -7,9 +7,11 @@
 3. A GenerationWorker process fills an LMDB cache with synthetic rare-class images while the
    classifiers train (it starts first, so the cache fills during the control arms too). By
    default each image is made around a real shot (``generation="img2img"``: SDEdit from one of
-   the ``shots`` at a strength drawn per image from ``strength``, as DA-Fusion does); the mode the
-   study chose on validation most often (README, "What the study of generation around the real
-   data shows"). ``generation="txt2img"`` samples the LoRA from noise.
+   the ``shots`` at a strength drawn per image from ``strength``, as DA-Fusion does): of the
+   generation modes, the one the study chose on validation most often and the best in rare-class
+   AP (README, "What the study of generation around the real data shows"; there, on 4 of 5 seeds
+   the chosen pool was half real repeats, which the sweep builds and this demo does not).
+   ``generation="txt2img"`` samples the LoRA from noise.
 4. The same small CNN is trained the same number of steps in three arms: ``real_only``,
    ``oversampled`` (the real rare images repeated, mixed by the same sampler at the same ratio:
    the matched-cardinality control), and ``synthetic`` (the cache at ``ratio``).
