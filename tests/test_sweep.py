@@ -471,3 +471,36 @@ def test_a_sweep_of_every_generation_mode_with_variants_and_the_combined_arm(tmp
         assert im.size[0] > 400 and im.size[1] > 300
     selection = summary["selection"]["per_seed"][0]
     assert selection["arm"] in want - {"real_only", "oversampled@0.25"} and selection["matched_control"] == "oversampled@0.25"
+
+
+def test_a_derived_pool_killed_while_built_is_rebuilt_whole(tmp_path):
+    """A gated pool whose building failed half-way is not taken for a whole one on resume: it is
+    built in a partial folder, renamed when complete, and built again from scratch after a failure."""
+    from synthaug.cache.store import SyntheticCache
+    from synthaug.evaluation.sweep_pools import gated_pool
+
+    pool = SyntheticCache(tmp_path / "pool.lmdb")
+    pool.append(np.stack([np.full((8, 8, 1), i % 256, np.uint8) for i in range(600)]), [6] * 600, [{"i": i} for i in range(600)])
+
+    class EvenGate:
+        spec = {"kind": "even pixels"}
+        calls = 0
+        fail_at = None
+
+        def filter(self, images):
+            EvenGate.calls += 1
+            if EvenGate.calls == EvenGate.fail_at:
+                raise RuntimeError("killed")
+            values = np.array([int(im[0, 0, 0]) for im in images])
+            return values % 2 == 0, values / 255.0
+
+    EvenGate.fail_at = 2  # the second batch of 256: the first batch's 128 kept records are already stored
+    with pytest.raises(RuntimeError, match="killed"):
+        gated_pool(pool, EvenGate(), tmp_path / "gated.lmdb")
+    assert not (tmp_path / "gated.lmdb").exists()
+    EvenGate.calls, EvenGate.fail_at = 0, None
+    gated = gated_pool(pool, EvenGate(), tmp_path / "gated.lmdb")
+    assert len(gated) == 300 and not (tmp_path / "gated.lmdb.partial").exists()
+    assert sorted(m["source_seq"] for m in gated.metas().values()) == list(range(0, 600, 2))
+    calls = EvenGate.calls
+    assert len(gated_pool(pool, EvenGate(), tmp_path / "gated.lmdb")) == 300 and EvenGate.calls == calls  # reused, not rebuilt

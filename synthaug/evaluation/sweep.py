@@ -276,7 +276,7 @@ def _fill_pools(cfg, data: StudyData, seed: int, adapter: Path, train_idx, rare_
         pools[(mode, None)] = prefill_pool(cfg, data, seed, adapter, seed_dir, log, progress, mode=mode, overrides=overrides)
         if (mode, "gated") in wanted:
             gate = FidelityGate(reference, label=data.classes[data.rare], low=cfg.gate[0], high=cfg.gate[1])
-            gated = pools[(mode, "gated")] = gated_pool(pools[(mode, None)], gate, data, seed_dir / f"synthetic-{mode}-gated.lmdb")
+            gated = pools[(mode, "gated")] = gated_pool(pools[(mode, None)], gate, seed_dir / f"synthetic-{mode}-gated.lmdb")
             log(f"seed {seed}: the fidelity gate [{cfg.gate[0]:g}, {cfg.gate[1]:g}] kept {len(gated)} of {len(pools[(mode, None)])} {mode} images")
     info["pools"] = {f"{mode}{'+gated' if gated else ''}": len(pool) for (mode, gated), pool in pools.items()}
     if not (seed_dir / "samples.png").is_file():  # a resumed seed fills only the pools its remaining arms draw from

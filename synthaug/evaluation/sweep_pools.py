@@ -252,22 +252,39 @@ def prefill_pool(cfg: SweepConfig, data: StudyData, seed: int, adapter: Path, se
     return cache
 
 
-def gated_pool(pool: SyntheticCache, gate, data: StudyData, path: Path) -> SyntheticCache:
+def _derived_pool(path: Path, label_names, fill) -> SyntheticCache:
+    """The pool at ``path``, made by ``fill(cache)`` the first time: built in ``path.partial``
+    and renamed when complete, so a run killed while building leaves no pool that a resumed run
+    would take for a whole one (the partial folder is rebuilt from scratch)."""
+    if (path / "data.mdb").is_file():
+        return SyntheticCache(path, label_names=label_names)
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    cache = SyntheticCache(partial, label_names=label_names)
+    try:
+        fill(cache)
+    finally:
+        cache.close()
+    partial.rename(path)
+    return SyntheticCache(path, label_names=label_names)
+
+
+def gated_pool(pool: SyntheticCache, gate, path: Path) -> SyntheticCache:
     """The records of ``pool`` the fidelity ``gate`` accepts (the gated variant's pool): the
     same images a gated generation would have kept from the same draws, without generating them
     again. Each record keeps its provenance plus ``gate_score``, ``gate`` and ``source_seq``."""
-    out = SyntheticCache(path, label_names=pool.label_names)
-    if len(out):
-        return out
-    seqs = pool.seqs()
-    for start in range(0, len(seqs), 256):
-        records = pool.get_many(seqs[start:start + 256])
-        keep, scores = gate.filter([r.image for r in records])
-        kept = [(r, float(sc)) for r, k, sc in zip(records, keep, scores) if k]
-        if kept:
-            out.append([r.image for r, _ in kept], [r.label for r, _ in kept],
-                       [dict(r.meta, gate_score=sc, gate=gate.spec, source_seq=int(r.seq)) for r, sc in kept])
-    return out
+
+    def fill(out: SyntheticCache) -> None:
+        seqs = pool.seqs()
+        for start in range(0, len(seqs), 256):
+            records = pool.get_many(seqs[start:start + 256])
+            keep, scores = gate.filter([r.image for r in records])
+            kept = [(r, float(sc)) for r, k, sc in zip(records, keep, scores) if k]
+            if kept:
+                out.append([r.image for r, _ in kept], [r.label for r, _ in kept],
+                           [dict(r.meta, gate_score=sc, gate=gate.spec, source_seq=int(r.seq)) for r, sc in kept])
+
+    return _derived_pool(path, pool.label_names, fill)
 
 
 def combined_pool(real_cache: SyntheticCache, synthetic: SyntheticCache, data: StudyData, real_share: float, path: Path) -> SyntheticCache:
@@ -278,24 +295,24 @@ def combined_pool(real_cache: SyntheticCache, synthetic: SyntheticCache, data: S
     equally often (fresh first, then least served), so about ``real_share`` of the arm's rare
     draws are real repeats and the rest synthetic images; the total is the ratio's, as in its
     ``oversampled@r`` control."""
-    pool = SyntheticCache(path, label_names=data.classes)
-    if len(pool):
-        return pool
-    real = real_cache.get_many(real_cache.seqs())
-    syn_seqs = rare_seqs(synthetic, data)
-    k = max(1, round(real_share / (1 - real_share) * len(syn_seqs) / max(1, len(real))))
-    real_items = [(r.image, r.label, dict(r.meta, kind="real-copy", copy=j)) for j in range(k) for r in real]
-    syn_items = []
-    for start in range(0, len(syn_seqs), 256):
-        for q, rec in zip(syn_seqs[start:start + 256], synthetic.get_many(syn_seqs[start:start + 256])):
-            syn_items.append((rec.image, _relabel(rec.label, synthetic.label_names, data.classes), dict(rec.meta, source_seq=int(q))))
-    n = len(real_items) + len(syn_items)
-    order = sorted(range(n), key=lambda i: (i / len(real_items)) if i < len(real_items) else ((i - len(real_items)) / max(1, len(syn_items))))
-    items = real_items + syn_items
-    for start in range(0, n, 256):
-        chunk = [items[i] for i in order[start:start + 256]]
-        pool.append([c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk])
-    return pool
+
+    def fill(pool: SyntheticCache) -> None:
+        real = real_cache.get_many(real_cache.seqs())
+        syn_seqs = rare_seqs(synthetic, data)
+        k = max(1, round(real_share / (1 - real_share) * len(syn_seqs) / max(1, len(real))))
+        real_items = [(r.image, r.label, dict(r.meta, kind="real-copy", copy=j)) for j in range(k) for r in real]
+        syn_items = []
+        for start in range(0, len(syn_seqs), 256):
+            for q, rec in zip(syn_seqs[start:start + 256], synthetic.get_many(syn_seqs[start:start + 256])):
+                syn_items.append((rec.image, _relabel(rec.label, synthetic.label_names, data.classes), dict(rec.meta, source_seq=int(q))))
+        n = len(real_items) + len(syn_items)
+        order = sorted(range(n), key=lambda i: (i / len(real_items)) if i < len(real_items) else ((i - len(real_items)) / max(1, len(syn_items))))
+        items = real_items + syn_items
+        for start in range(0, n, 256):
+            chunk = [items[i] for i in order[start:start + 256]]
+            pool.append([c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk])
+
+    return _derived_pool(path, data.classes, fill)
 
 
 def _relabel(label, names: Optional[List[str]], classes: List[str]):
