@@ -33,6 +33,7 @@ _EXPORTS = {
     "image_quality_report": "synthaug.evaluation.quality",
     "write_quality_report": "synthaug.evaluation.quality",
     "MixedDataset": "synthaug.mixing.dataset",
+    "ColumnDataset": "synthaug.mixing.columns",
     "RatioBatchSampler": "synthaug.mixing.sampler",
     "SyntheticIndex": "synthaug.mixing.index",
     "mixed_loader": "synthaug.mixing.loader",

@@ -15,9 +15,16 @@ Layout::
 * ``base_model``: what the LoRA was trained on (folder, hub id, or ``builtin:<name>``)
 * ``weights``: file name of the LoRA weights; ``adapter_hash``: ``"sha256:<hex>"`` of that file
 * ``prompt``, ``negative_prompt`` (text models); ``label`` (int, the class index the images get in
-  the classifier's label space) and ``class_name``
+  the user's classifier's label space), ``class_name`` (the user's name of the class) and
+  ``label_names`` (the user's label space by index, ``""`` where unnamed; ``None``: the base
+  model's classes are the label space)
+* pixel DDPM: ``model_class`` (the base model's conditioning slot the LoRA trained),
+  ``model_class_name`` (the model's name for it; ``None`` for a slot the adapter added) and
+  ``class_embeds`` (rows of the class-embedding table, larger than the base model's when a slot
+  was added)
 * ``resolution``; ``lora``: ``{"rank", "alpha", "target_modules"}``;
-  ``training``: steps, lr, batch size, seed, mixed precision, final loss, wall time
+  ``training``: steps, lr, batch size, seed, mixed precision, ``final_loss`` (mean of the last
+  ``final_loss_window`` steps' losses, as the progress bar shows), wall time
 * ``train_images``: ``[{"file": name, "sha256": hex}]`` — the leakage guard: evaluation refuses a
   test set holding any of these images (hash of the decoded pixels, see :func:`image_sha256`)
 * ``generation``: default generation settings (``num_inference_steps``, ``guidance_scale``,

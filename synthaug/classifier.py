@@ -104,7 +104,7 @@ def train_classifier(
     """
     import torch
     import torch.nn.functional as F
-    from tqdm.auto import tqdm
+    from synthaug.progress import progress_bar
 
     if not synthetic_weight >= 0:
         raise ValueError(f"synthetic_weight must be >= 0, got {synthetic_weight}")
@@ -113,7 +113,7 @@ def train_classifier(
     t0 = time.time()
     step, epoch, seen, seen_synthetic = 0, 0, 0, 0
     losses = []
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True, leave=False)
+    bar = progress_bar(total=steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True, leave=False)
     while step < steps:
         sampler = getattr(batches, "batch_sampler", None) or getattr(batches, "sampler", None)
         if hasattr(sampler, "set_epoch"):

@@ -228,7 +228,7 @@ def test_cli_bad_input_gives_one_line_errors(tiny_pixel, tiny_sd, shirt_images, 
         ((tiny_pixel, empty, tmp_path / "o1"), "is empty"),
         ((tiny_pixel, junk, tmp_path / "o2"), "no readable images"),
         ((tiny_pixel, few, tmp_path / "o3"), "fewer than --min-images 5"),
-        ((tmp_path / "no_such_model", shirt_images[0], tmp_path / "o4"), "not found"),
+        ((tmp_path / "no_such_model", shirt_images[0], tmp_path / "o4"), "no_such_model does not exist (no such folder)"),
         (("builtin:no-such-model", shirt_images[0], tmp_path / "o5"), "unknown built-in model"),
         ((tiny_pixel, shirt_images[0], notadapter), "not a synthaug adapter"),
     ]
@@ -240,8 +240,11 @@ def test_cli_bad_input_gives_one_line_errors(tiny_pixel, tiny_sd, shirt_images, 
         assert "Traceback" not in err
     # label settings that would leave the adapter unusable or mislabelled
     label_cases = [
-        ((tiny_sd, "--prompt", "a photo of sks shirt"), "pass --label N"),
-        ((tiny_pixel, "--label", "0", "--class-name", "shirt"), "not --class-name 'shirt'"),
+        ((tiny_sd, "--prompt", "a photo of sks shirt"), "pass --class-name NAME"),
+        ((tiny_pixel, "--label", "0", "--class-name", "shirt", "--classes", "a", "shirt"), "--label 0 disagrees with --classes"),
+        ((tiny_pixel, "--class-name", "crack", "--classes", "ok", "scratch"), "is not among --classes"),
+        ((tiny_pixel, "--label", "2"), "pass --class-name NAME"),
+        ((tiny_pixel, "--class-name", "shirt", "--prompt", "a shirt"), "not --prompt"),
     ]
     for (model, *extra), expected in label_cases:
         code, err = _cli(capsys, "--model", model, "--images", shirt_images[0], "--out", tmp_path / "o6", "--steps", 1, *extra)
@@ -249,6 +252,31 @@ def test_cli_bad_input_gives_one_line_errors(tiny_pixel, tiny_sd, shirt_images, 
         assert code != 0 and len(lines) == 1 and expected in lines[0], (expected, err)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o6").exists(), "a refused run left an output folder behind"
     assert (notadapter / "results.csv").exists(), "a refused run touched the occupied folder"
+
+
+def test_cli_shows_warnings_but_not_the_diffusers_numpy_copy_one(tmp_path, capsys, monkeypatch):
+    """diffusers' DPM-Solver set_timesteps (every validation grid) calls np.array(tensor), and numpy 2
+    warns that torch's Tensor.__array__ takes no copy=: not ours, not shown; other warnings are."""
+    import warnings
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    import synthaug.cli.finetune as cli
+
+    def fake_finetune(*args, **kwargs):
+        DPMSolverMultistepScheduler().set_timesteps(4)
+        warnings.warn("a warning of ours", UserWarning)
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(cli, "finetune_lora", fake_finetune)
+    code, err = _cli(capsys, "--model", "builtin:fashion-mnist-ddpm", "--images", tmp_path, "--out", tmp_path / "o")
+    assert code == 2 and "stopped by the test" in err
+    out = capsys.readouterr().out + err
+    assert "copy keyword" not in out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # the test is not vacuous: the call does warn
+        with pytest.raises(DeprecationWarning, match="copy keyword"):
+            DPMSolverMultistepScheduler().set_timesteps(4)
 
 
 def test_cli_error_exit_code_in_a_real_process(tmp_path):
@@ -295,3 +323,68 @@ def test_the_output_folder_is_never_lost_silently(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="is a file"):
         prepare_output_dir(tmp_path / "file", resume=False, overwrite=True)
+
+
+# ------------------------------------------------------------------------- your own class
+def test_your_own_class_trains_a_new_slot_and_every_record_carries_your_name(tiny_pixel, shirt_images, tmp_path):
+    """A class the base model lacks: with no untrained slot (the tiny model trained all three),
+    the LoRA trains a slot added after the null class; records carry the user's name and label
+    in the user's label space, provenance the slot; the base model's classes are untouched."""
+    from synthaug import SyntheticCache, load_generator
+    from synthaug.generation.fill import fill_cache
+
+    out = finetune_lora(tiny_pixel, shirt_images[0], tmp_path / "lora", class_name="crack", label_names=["ok", "scratch", "crack"],
+                        steps=2, batch_size=2, validation_every=2, progress=False)
+    cfg = json.loads((out / "synthaug.json").read_text())
+    assert (cfg["class_name"], cfg["label"], cfg["label_names"]) == ("crack", 2, ["ok", "scratch", "crack"])
+    assert cfg["model_class"] == 4 and cfg["model_class_name"] is None and cfg["class_embeds"] == 5  # coat, shirt, bag, null, new
+    gen = load_generator(out, num_inference_steps=2)
+    batch = gen.generate(2, seed=0)
+    assert batch.labels == [2, 2] and gen.label_names == ["ok", "scratch", "crack"]
+    assert {batch.meta[0][k] for k in ("label_name",)} == {"crack"} and batch.meta[0]["model_class"] == 4
+    # the new slot changed nothing the base model had: its classes sample as before from the same rows
+    base = load_generator(tiny_pixel, label=0, num_inference_steps=2).generate(1, seed=0)
+    assert base.meta[0]["model_class"] == 0
+    cache = SyntheticCache(tmp_path / "c")
+    cache.adopt_label_names(gen.label_names)
+    fill_cache(gen, cache, 3, seed=0, progress=False)
+    assert [r.meta["label_name"] for r in cache.get_many(cache.seqs())] == ["crack"] * 3 and cache.label_names == ["ok", "scratch", "crack"]
+
+
+def test_a_free_slot_is_preferred_and_a_label_alone_defaults_to_zero(tmp_path, shirt_images):
+    """A model that says which slots it never trained (the built-in one holds Shirt out): your
+    class takes that slot; without --classes the label is --label (default 0) and the names list
+    names only your class."""
+    from synthaug.finetune.ddpm import resolve_class
+    from synthaug.finetune.common import FinetuneConfig
+    from synthaug.generation.sources import resolve_source
+
+    source = resolve_source("builtin:fashion-mnist-ddpm", adapters=False, what="model")
+    choice = resolve_class(source, FinetuneConfig(class_name="crack"))
+    assert (choice.slot, choice.slot_name, choice.label, choice.label_names, choice.extend) == (6, "Shirt", 0, ["crack"], False)
+    choice = resolve_class(source, FinetuneConfig(class_name="crack", label=3))
+    assert (choice.label, choice.label_names) == (3, ["", "", "", "crack"])
+    choice = resolve_class(source, FinetuneConfig(class_name="Bag"))  # one of the model's classes: its slot, its label space
+    assert (choice.slot, choice.label, choice.label_names) == (8, 8, None)
+    choice = resolve_class(source, FinetuneConfig())  # the model's rare class, as before
+    assert (choice.slot, choice.label, choice.class_name) == (6, 6, "Shirt")
+    choice = resolve_class(source, FinetuneConfig(class_name="Shirt", label_names=["Dress", "Shirt"]))  # a model class in your space
+    assert (choice.slot, choice.label, choice.label_names) == (6, 1, ["Dress", "Shirt"])
+
+
+def test_cli_finetune_classes_from_an_image_folder(tiny_pixel, shirt_images, tmp_path, capsys):
+    root = tmp_path / "my_data"
+    for name in ("zebra_crossing", "crack", "ok"):
+        (root / name).mkdir(parents=True)
+    from synthaug.cli import main
+
+    code = main(["finetune", "--model", str(tiny_pixel), "--images", str(shirt_images[0]), "--out", str(tmp_path / "a"), "--steps", "2",
+                 "--batch-size", "2", "--class-name", "crack", "--classes-from", str(root), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    cfg = json.loads((tmp_path / "a" / "synthaug.json").read_text())
+    assert (cfg["label"], cfg["label_names"]) == (0, ["crack", "ok", "zebra_crossing"])  # sorted, as torchvision's ImageFolder
+    # the summary names the class and says what "final loss" is, and it is the mean the log gives
+    assert "class 'crack', label 0 on the base model's slot 4 (added)" in out and "mean of the last 20 steps" in out
+    logged = [json.loads(line)["loss"] for line in (tmp_path / "a" / "training_log.jsonl").read_text().splitlines()]
+    assert abs(cfg["training"]["final_loss"] - float(np.mean(logged[-20:]))) < 1e-9

@@ -200,7 +200,7 @@ def test_bad_inputs_give_clear_errors(tiny_sd_dir, tiny_sd_adapter, tmp_path, mo
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match=r"nobody-here/no-such-model.*not in the local Hugging Face cache.*download it first"):
         load_generator("nobody-here/no-such-model", prompt="x", label=0)
-    with pytest.raises(FileNotFoundError, match=r"missing/folder.*not found: no such folder"):
+    with pytest.raises(FileNotFoundError, match=r"missing/folder does not exist \(no such folder\)"):
         load_generator(tmp_path / "missing" / "folder")
     with pytest.raises(ValueError, match="unknown scheduler 'warp-drive'"):
         _sd(tiny_sd_dir, scheduler="warp-drive")
@@ -219,7 +219,7 @@ def test_bad_inputs_give_clear_errors(tiny_sd_dir, tiny_sd_adapter, tmp_path, mo
 
 
 # ---------------------------------------------------------------------------------- worker protocol
-def test_one_reading_of_a_model_source_for_generation_and_finetuning(tiny_sd_dir, tiny_sd_adapter, tiny_ddpm_dir, tmp_path):
+def test_one_reading_of_a_model_source_for_generation_and_finetuning(tiny_sd_dir, tiny_sd_adapter, tiny_ddpm_dir, tmp_path, monkeypatch):
     from synthaug.builtin import resolve_builtin
     from synthaug.generation.sources import resolve_source
 
@@ -238,8 +238,16 @@ def test_one_reading_of_a_model_source_for_generation_and_finetuning(tiny_sd_dir
     (tmp_path / "f.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"model .*f.bin is a file"):
         resolve_source(tmp_path / "f.bin", what="model")
-    with pytest.raises(FileNotFoundError, match=r"model source './nowhere' not found"):
+    with pytest.raises(FileNotFoundError, match=r"model source \./nowhere does not exist \(no such folder\)$"):
         resolve_source("./nowhere")
+    # org/name is a hub id, unless a local folder org/ makes it a (missing) path
+    monkeypatch.chdir(tmp_path)
+    assert resolve_source("runwayml/stable-diffusion-v1-5").path == "runwayml/stable-diffusion-v1-5"
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"^adapter runs/missing does not exist \(no such folder\); with a local folder runs/"):
+        resolve_source("runs/missing", what="adapter")
+    with pytest.raises(FileNotFoundError, match=r"model nowhere does not exist \(no such folder\), and it is not a hub id"):
+        resolve_source("nowhere", what="model")
 
 
 def test_worker_keeps_min_fresh_within_max_items(tmp_path):
@@ -567,7 +575,8 @@ def test_cli_generate_prefills_and_regenerates(tmp_path, tiny_sd_adapter):
     out = _run_cli("generate", "--adapter", tiny_sd_adapter, "--cache", tmp_path / "c", "--count", 3, "--seed", 5)
     assert out.returncode == 0, out.stderr
     assert f"wrote 3 images (seq 0..2, seeds 5..7) from {tiny_sd_adapter} to {tmp_path / 'c'}" in out.stdout
-    assert "generate: 100%" in out.stderr  # the progress bar
+    assert "generate: 3/3 img (100%)" in out.stderr and "\r" not in out.stderr  # the progress, as lines in a redirected log
+    assert "No LoRA keys associated" not in out.stderr  # diffusers' notice about the text encoder, true of every adapter
     cache = SyntheticCache(tmp_path / "c", readonly=True)
     rec = cache.get(1)
     assert rec.meta["seed"] == 6 and rec.label == 6
@@ -577,6 +586,20 @@ def test_cli_generate_prefills_and_regenerates(tmp_path, tiny_sd_adapter):
     bad = _run_cli("generate", "--model", "builtin:nope", "--label", 0, "--cache", tmp_path / "d", "--count", 1)
     assert bad.returncode == 2 and "synthaug generate: error: unknown built-in model 'builtin:nope'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_cli_missing_adapter_or_model_is_named_and_no_cache_is_created(tmp_path):
+    (tmp_path / "runs").mkdir()
+    for args, message in (
+        (["generate", "--adapter", "DOES_NOT_EXIST", "--count", 1], "adapter DOES_NOT_EXIST does not exist (no such folder)"),
+        (["generate", "--adapter", "runs/DOES_NOT_EXIST", "--count", 1], "adapter runs/DOES_NOT_EXIST does not exist (no such folder)"),
+        (["generate", "--model", "runs/missing", "--label", 0, "--count", 1], "model runs/missing does not exist (no such folder)"),
+        (["worker", "--adapter", "runs/DOES_NOT_EXIST", "--min-fresh", 1, "--max-items", 2], "adapter runs/DOES_NOT_EXIST does not exist"),
+    ):
+        out = subprocess.run([sys.executable, "-m", "synthaug", *map(str, args), "--cache", "new.lmdb"], cwd=tmp_path, env=ENV_1T,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and f"synthaug {args[0]}: error: {message}" in out.stderr, out.stderr
+        assert not (tmp_path / "new.lmdb").exists(), args
 
 
 def test_cli_generate_ctrl_c_leaves_a_valid_cache(tmp_path, tiny_ddpm_dir):

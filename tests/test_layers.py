@@ -1,4 +1,4 @@
-"""The package's layers: the leaves (errors, version, imaging, outputs, environment) import no
+"""The package's layers: the leaves (errors, version, imaging, outputs, environment, progress) import no
 other synthaug module; cache and data import nothing above them; mixing
 imports nothing of generation, finetune, evaluation, benchmarks or the CLI; only the CLI and
 ``__main__`` import the CLI; and reading a cache does not pull in the heavy libraries."""
@@ -23,8 +23,8 @@ FORBIDDEN = {
 }
 # the leaves: standard library, numpy and PIL only; any module may import them
 _ALL = {"adapter", "builtin", "cache", "data", "mixing", "generation", "finetune", "evaluation", "benchmarks", "cli"}
-for _leaf in ("errors", "version", "imaging", "outputs", "environment"):
-    FORBIDDEN[_leaf] = _ALL | ({"errors", "version", "imaging", "outputs", "environment"} - {_leaf})
+for _leaf in ("errors", "version", "imaging", "outputs", "environment", "progress"):
+    FORBIDDEN[_leaf] = _ALL | ({"errors", "version", "imaging", "outputs", "environment", "progress"} - {_leaf})
 
 
 def _synthaug_imports(path: Path) -> Set[str]:

@@ -196,6 +196,9 @@ def test_multilabel_csv_sweep_with_a_given_cache(tmp_path):
     assert summary["meta"]["multilabel"] is True
     assert summary["meta"]["leakage"]["0"]["checked"] is False
     assert "Leakage check skipped" in (tmp_path / "sweep" / "summary.md").read_text()
+    # 15 steps per arm: the summary says the run is too small to compare arms, beside the table, and so does the log
+    assert "**Warning: too small to compare arms: 15 optimizer steps per arm" in (tmp_path / "sweep" / "summary.md").read_text()
+    assert "WARNING: too small to compare arms: 15 optimizer steps" in (tmp_path / "sweep" / "sweep.log").read_text()
     assert "WARNING: leakage check skipped" in (tmp_path / "sweep" / "sweep.log").read_text()
     # finished arms leave no cursor behind (a worker topping up the pool would otherwise idle)
     assert SyntheticCache(tmp_path / "pool.lmdb", readonly=True).cursors(include_dead=True) == {}
@@ -224,6 +227,8 @@ def test_imagefolder_sweep_controls_only(tmp_path):
     assert summary["arms"]["real_only"]["seeds"] == [7]
     assert summary["arms"]["synthetic@0.5"]["rare_draws"]["mean"] == summary["arms"]["oversampled@0.5"]["rare_draws"]["mean"]
     assert summary["meta"]["test_images"] == len(images) - 1000
+    done = [line for line in (tmp_path / "sweep" / "sweep.log").read_text().splitlines() if "sweep done" in line][-1]
+    assert "ratio_curves.png" in done and "set_size.png" not in done  # --set-sizes '' wrote none, and the line says so
 
 
 def test_imagefolder_leakage_check_sees_gray_files_as_finetune_does(tmp_path, tiny_ddpm_dir):
@@ -504,3 +509,67 @@ def test_a_derived_pool_killed_while_built_is_rebuilt_whole(tmp_path):
     assert sorted(m["source_seq"] for m in gated.metas().values()) == list(range(0, 600, 2))
     calls = EvenGate.calls
     assert len(gated_pool(pool, EvenGate(), tmp_path / "gated.lmdb")) == 300 and EvenGate.calls == calls  # reused, not rebuilt
+
+
+# ------------------------------------------------------------------ mismatches caught before work
+@needs_fmnist
+def test_sweep_mismatches_are_refused_before_anything_is_written(tmp_path):
+    """Each mistake is one clear line, found before the sweep's folder is written or anything
+    trains, so the corrected rerun is not refused for "other settings"."""
+    from synthaug.cache.store import SyntheticCache
+
+    out = tmp_path / "sweep"
+    base = dict(ratios=[0.5], seeds=2, per_class=20, shots=5, steps=5, arms=["real_only", "synthetic"], set_sizes=[], out=str(out),
+                base_model="builtin:fashion-mnist-ddpm")
+    wrong = SyntheticCache(tmp_path / "wrong.lmdb", label_names=["crack"])
+    wrong.append(np.zeros((4, 28, 28, 1), np.uint8), 0, {"adapter": "somewhere"})
+    wrong.close()
+    cases = [
+        (dict(per_class=7000), r"class 'T-shirt/top' \(label 0\) has 6000 training images; cannot draw 7000 for --per-class: lower --per-class to at most 6000"),
+        (dict(shots=6001), r"cannot draw 6001 for --shots"),
+        (dict(cache=str(tmp_path / "wrong.lmdb")), r"holds records of classes fashion-mnist lacks: 0 \('crack'\) ×4 .*synthaug cache relabel"),
+        (dict(synthetic_images=8, set_sizes=[4, 30]), r"--set-sizes \[30\] are larger than the synthetic pool \(the pool holds --synthetic-images 8\)"),
+        (dict(test_size=20000), r"--test-size 20000 is larger than the test set \(10000 images\)"),
+    ]
+    for settings, expected in cases:
+        with pytest.raises(ValueError, match=expected):
+            run_sweep(SweepConfig(**{**base, **settings}), progress=False)
+        assert not out.exists(), settings
+
+
+def test_an_adapter_of_another_image_size_is_named_and_refused_with_strict(tmp_path):
+    """A csv study of 16-pixel images with the 28-pixel built-in model: a warning with both sizes;
+    --strict refuses before any training."""
+    from synthaug.data.study import load_study_dataset
+    from synthaug.evaluation.sweep_checks import preflight
+
+    csv_path, _images, _target = _write_digit_csv(tmp_path)
+    cfg = SweepConfig(dataset=f"csv:{csv_path}", rare_class="Seven", shots=6, per_class=150, ratios=[0.25], seeds=1, steps=15,
+                      arms=["real_only", "synthetic"], set_sizes=[], image_size=16, base_model="builtin:fashion-mnist-ddpm",
+                      out=str(tmp_path / "sweep"))
+    data = load_study_dataset(cfg.dataset, rare_class=cfg.rare_class, image_size=16)
+    checks = preflight(cfg, data, None, steps_of=lambda n: 15)
+    assert checks["warnings"] == ["base model builtin:fashion-mnist-ddpm makes 28×28 images with 1 channel(s), but the study's images are "
+                                  "16×16 with 1: synthetic images are resized and converted to fit, which may not look like the real ones"]
+    # and the run is too small to mean anything: 15 steps, one seed
+    assert checks["too_small"].startswith("too small to compare arms: 15 optimizer steps per arm (under 100")
+    assert "one seed" in checks["too_small"]
+    with pytest.raises(ValueError, match=r"makes 28×28 images .* --strict refuses it"):
+        run_sweep(SweepConfig(**{**cfg.__dict__, "strict": True}), progress=False)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_sweep_that_finished_no_arm_does_not_block_the_corrected_rerun(tmp_path):
+    from synthaug.evaluation.sweep import _prepare_out
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep_config.json").write_text(json.dumps({"per_class": 1000}))
+    (out / "seeds").mkdir()
+    cfg = SweepConfig(ratios=[0.5], seeds=1, per_class=20, shots=5, steps=5, set_sizes=[], out=str(out))
+    assert _prepare_out(out, cfg, {}) == [] and not (out / "seeds").exists()
+    # one that finished an arm is kept: its results are refused to be thrown away without --overwrite
+    (out / "results.json").write_text(json.dumps({"rows": [{"arm": "real_only", "seed": 0}]}))
+    (out / "sweep_config.json").write_text(json.dumps({"per_class": 1000}))
+    with pytest.raises(FileExistsError, match="holds a sweep with other settings"):
+        _prepare_out(out, cfg, {})

@@ -669,7 +669,7 @@ def run(kills: int = DEFAULT_KILLS, *, seed: int = 0, quick: bool = False, reade
         progress: show a tqdm bar over the kills.
         write: write the JSON (and print the tables).
     """
-    from tqdm.auto import tqdm
+    from synthaug.progress import progress_bar
 
     if kills < 1:
         raise ValueError(f"kills must be >= 1, got {kills}")
@@ -685,7 +685,7 @@ def run(kills: int = DEFAULT_KILLS, *, seed: int = 0, quick: bool = False, reade
     t0 = time.perf_counter()
     reader_procs = camp.start_readers()
     try:
-        bar = tqdm(range(kills), desc="crash", unit="kill", dynamic_ncols=True, disable=not progress)
+        bar = progress_bar(range(kills), desc="crash", unit="kill", dynamic_ncols=True, disable=not progress)
         for k in bar:
             camp.kill_once(k)
             bar.set_postfix(appends=sum(led.appends for led in camp.ledgers.values()), bad=sum(camp.bad.values()), refresh=False)

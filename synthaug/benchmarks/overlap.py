@@ -164,12 +164,12 @@ def _worker(cache, setting: Setting, *, threads: int, min_fresh: int, seed: int)
 
 def _pregenerate(folder: Path, setting: Setting, n: int, threads: int) -> Dict[str, Any]:
     """The worker alone: time to fill ``n`` images and its rate after the first append."""
-    from tqdm.auto import tqdm
+    from synthaug.progress import progress_bar
 
     cache = SyntheticCache(folder, label_names=setting.classes)
     t0 = time.perf_counter()
     first_t = first_n = None
-    bar = tqdm(total=n, desc="generate", unit="img")
+    bar = progress_bar(total=n, desc="generate", unit="img")
     with _worker(cache, setting, threads=threads, min_fresh=n, seed=0) as worker:
         while len(cache) < n:
             worker.raise_if_failed()

@@ -243,9 +243,9 @@ def run(*, seconds: float = DEFAULT_SECONDS, max_items: int = 96, min_fresh: int
             trainers.append((cfg, out, subprocess.Popen(cmd, env=env)))
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from synthaug.progress import progress_bar
 
-            bar = tqdm(total=int(seconds), desc="soak", unit="s", dynamic_ncols=True)
+            bar = progress_bar(total=int(seconds), desc="soak", unit="s", dynamic_ncols=True)
         started = time.monotonic()
         while any(p.poll() is None for _, _, p in trainers):
             time.sleep(1.0)

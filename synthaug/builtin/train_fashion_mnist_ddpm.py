@@ -234,9 +234,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
     log = open(out / "training_log.jsonl", "a")
     t_start = time.time()
     losses = []
-    from tqdm.auto import tqdm
+    from synthaug.progress import progress_bar
 
-    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    bar = progress_bar(total=cfg.steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
     unet.train()
     while step < cfg.steps:
         g = _step_generator(cfg.seed, step)

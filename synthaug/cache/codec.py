@@ -68,6 +68,7 @@ __all__ = [
     "encode_record",
     "peek_label",
     "peek_meta",
+    "relabel_record",
     "read_header",
 ]
 
@@ -471,6 +472,10 @@ def encode_record(
 ) -> bytes:
     """One record value. ``image`` must already be uint8 H×W×C with C in (1, 3)."""
     h, w, c = image.shape
+    return _pack_record(int(encoding), c, h, w, label, meta_bytes, encode_image(image, encoding, quality=quality, png_level=png_level))
+
+
+def _pack_record(encoding: int, c: int, h: int, w: int, label: Label, meta_bytes: bytes, img: bytes) -> bytes:
     if isinstance(label, SoftLabel):
         packed = b"".join(_SOFT_PAIR.pack(cls, weight) for cls, weight in label.items())
         n_labels, flags = len(label), _FLAG_SOFT
@@ -481,11 +486,27 @@ def encode_record(
                 raise ValueError(f"label {v} does not fit in int32")
         packed = struct.pack(f">{len(labels)}i", *labels)
         n_labels, flags = len(labels), (_FLAG_MULTILABEL if isinstance(label, (tuple, list)) else 0)
-    img = encode_image(image, encoding, quality=quality, png_level=png_level)
     body = packed + meta_bytes + img
-    head = _HEADER.pack(MAGIC, FORMAT_VERSION, int(encoding), c, flags, h, w, n_labels, len(meta_bytes), len(img), 0)
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, encoding, c, flags, h, w, n_labels, len(meta_bytes), len(img), 0)
     crc = _crc32c(body, _crc32c(head[:_CRC_OFFSET]))
     return head[:_CRC_OFFSET] + struct.pack(">I", crc) + body
+
+
+def relabel_record(buf, label: Label, meta_bytes: bytes, seq: Optional[int] = None, path=None) -> bytes:
+    """Record value ``buf`` with a new label and metadata; the image bytes are kept as stored (no
+    re-encoding, so a JPEG record loses nothing). The CRC is checked first.
+
+    Raises:
+        CorruptRecordError: ``buf`` is damaged.
+    """
+    try:
+        _m, _v, enc, channels, flags, h, w, n_labels, meta_len, image_len, crc = _parse_header(buf)
+        _check_crc(buf, crc)
+        img_start = HEADER_SIZE + _label_bytes(n_labels, flags) + meta_len
+        img = bytes(buf[img_start : img_start + image_len])
+    except Exception as exc:
+        raise CorruptRecordError(seq, _reason(exc), path) from None
+    return _pack_record(enc, channels, h, w, label, meta_bytes, img)
 
 
 def _parse_header(buf) -> Tuple:

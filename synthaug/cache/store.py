@@ -33,16 +33,16 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from synthaug.cache import codec, liveness
-from synthaug.cache.codec import Encoding, Label, Record
+from synthaug.cache.codec import Encoding, Label, Record, SoftLabel
 from synthaug.cache.lmdb_env import EnvHandle, NotCreatedYetError, acquire_env, release_env
 from synthaug.cache.writers import seed_block
 from synthaug.errors import CacheFormatError, CorruptRecordError
 from synthaug.version import __version__
 
-__all__ = ["SyntheticCache", "DEFAULT_ENCODING"]
+__all__ = ["SyntheticCache", "DEFAULT_ENCODING", "merge_label_names"]
 
 DEFAULT_ENCODING = "raw"  # chosen from benchmarks/cache.py: see README "Choosing the encoding"
 _KEY = struct.Struct(">Q")
@@ -474,6 +474,120 @@ class SyntheticCache:
         handle.write(lambda txn: txn.put(b"label_names", _jdump(names), db=handle.dbs["meta"]))
         self._label_names = names
 
+    def adopt_label_names(self, names: Sequence[str]) -> List[str]:
+        """Take a generator's label names into the cache, merged with those stored.
+
+        ``""`` is a class the names' owner does not know (an adapter of one class of your label
+        space names only that class), so ``["", "", "crack"]`` and ``["ok", "", ""]`` merge into
+        ``["ok", "", "crack"]``. Returns the names now stored.
+
+        Raises:
+            ValueError: a label index named differently by the two lists; the records would
+                carry one class's label under another's name.
+        """
+        handle = self._env()
+
+        def merge(txn):
+            stored = _jload(txn.get(b"label_names", db=handle.dbs["meta"]))
+            merged = merge_label_names(stored, names, where=f"cache {self._path}")
+            if merged != stored:
+                txn.put(b"label_names", _jdump(merged), db=handle.dbs["meta"])
+            return merged
+
+        self._label_names = handle.write(merge)
+        return list(self._label_names)
+
+    def relabel(self, mapping: Mapping[int, int], label_names: Optional[Sequence[str]] = None, *, note: Optional[Dict[str, Any]] = None,
+                batch_size: int = 256, progress: bool = False) -> Dict[str, int]:
+        """Give every record labelled ``old`` the label ``mapping[old]`` (in multi-label records
+        and soft labels too), and store ``label_names`` as the cache's names.
+
+        Each batch of records is rewritten in its own write transaction (readers keep reading
+        meanwhile; a crash leaves whole batches done), image bytes untouched. Each changed
+        record's metadata gets ``label``/``label_name`` updated and an entry appended to its
+        ``"relabeled"`` list: ``{"id", "from", "to", "from_name", "to_name", "at"}`` plus
+        ``note``. ``id`` is derived from the mapping and names, so running the same relabel again
+        (after a crash) skips the records already done. Damaged records are left alone and
+        counted.
+
+        Returns:
+            ``{"changed", "unchanged", "already", "corrupt"}`` record counts.
+        """
+        import hashlib
+
+        mapping = {int(k): int(v) for k, v in mapping.items()}
+        old_names = self.label_names or []
+        new_names = [str(n) for n in label_names] if label_names is not None else list(old_names)
+        op_id = hashlib.sha256(json.dumps([sorted(mapping.items()), new_names]).encode()).hexdigest()[:16]
+        at = _now()
+
+        def name(names, i):
+            return names[i] if 0 <= i < len(names) and names[i] else None
+
+        def remap(label):
+            if isinstance(label, SoftLabel):
+                return SoftLabel([(mapping.get(c, c), w) for c, w in label.items()])
+            if isinstance(label, tuple):
+                return tuple(mapping.get(v, v) for v in label)
+            return mapping.get(label, label)
+
+        counts = {"changed": 0, "unchanged": 0, "already": 0, "corrupt": 0}
+        handle = self._env()
+        if label_names is not None:
+            handle.write(lambda txn: txn.put(b"label_names", _jdump(new_names), db=handle.dbs["meta"]))
+            self._label_names = new_names
+        seqs = self.seqs()
+        bar = None
+        if progress:
+            from synthaug.progress import progress_bar
+
+            bar = progress_bar(total=len(seqs), desc="relabel", unit="rec")
+        for start in range(0, len(seqs), batch_size):
+            chunk = seqs[start : start + batch_size]
+
+            def rewrite(txn, chunk=chunk):
+                done = {"changed": 0, "unchanged": 0, "already": 0, "corrupt": 0}
+                for seq in chunk:
+                    value = txn.get(_key(seq), db=handle.dbs["records"])
+                    if value is None:  # evicted meanwhile
+                        continue
+                    try:
+                        label = codec.peek_label(value, seq, self._path)
+                        meta = codec.peek_meta(value, seq, self._path)
+                    except CorruptRecordError:
+                        done["corrupt"] += 1
+                        continue
+                    history = list(meta.get("relabeled") or [])
+                    if any(h.get("id") == op_id for h in history):
+                        done["already"] += 1
+                        continue
+                    new = remap(label)
+                    if new == label:
+                        done["unchanged"] += 1
+                        continue
+                    first_old, first_new = codec.label_class(label), codec.label_class(new)
+                    first_old = first_old[0] if isinstance(first_old, tuple) else first_old
+                    first_new = first_new[0] if isinstance(first_new, tuple) else first_new
+                    entry = {"id": op_id, "from": list(label) if isinstance(label, tuple) else (dict(label) if isinstance(label, SoftLabel) else label),
+                             "to": list(new) if isinstance(new, tuple) else (dict(new) if isinstance(new, SoftLabel) else new),
+                             "from_name": name(old_names, first_old), "to_name": name(new_names, first_new), "at": at, **(note or {})}
+                    meta = dict(meta, relabeled=history + [entry])
+                    if "label" in meta:
+                        meta["label"] = entry["to"]
+                    if "label_name" in meta:
+                        meta["label_name"] = entry["to_name"]
+                    txn.put(_key(seq), codec.relabel_record(value, new, codec.encode_meta(meta), seq, self._path), db=handle.dbs["records"])
+                    done["changed"] += 1
+                return done
+
+            for k, v in handle.write(rewrite).items():
+                counts[k] += v
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        return counts
+
     # ------------------------------------------------------------------ reading
     def get(self, seq: int) -> Record:
         """The record with sequence number ``seq``.
@@ -850,9 +964,9 @@ class SyntheticCache:
         total = len(self)
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from synthaug.progress import progress_bar
 
-            bar = tqdm(total=total, desc="verify", unit="rec", dynamic_ncols=True)
+            bar = progress_bar(total=total, desc="verify", unit="rec", dynamic_ncols=True)
         start = 0
         last_seen = None
         while True:
@@ -891,6 +1005,29 @@ class SyntheticCache:
         except Exception:
             n = "?"
         return f"SyntheticCache({str(self._path)!r}, count={n}, encoding={self.encoding!r})"
+
+
+def merge_label_names(stored: Optional[Sequence[str]], names: Sequence[str], *, where: str = "the cache") -> List[str]:
+    """``stored`` and ``names`` as one list of label names (``""``: a class not named there).
+
+    Raises:
+        ValueError: an index the two name differently.
+    """
+    a = [str(n) for n in (stored or [])]
+    b = [str(n) for n in names]
+    merged = []
+    for i in range(max(len(a), len(b))):
+        x = a[i] if i < len(a) else ""
+        y = b[i] if i < len(b) else ""
+        if x and y and x != y:
+            raise ValueError(
+                f"{where} has label {i} named {x!r}, but these records would name it {y!r}: their label spaces disagree "
+                f"(stored {a}, new {b}); use another cache, or relabel with `synthaug cache relabel`"
+            )
+        merged.append(x or y)
+    while merged and not merged[-1]:  # unnamed trailing labels say nothing
+        merged.pop()
+    return merged
 
 
 def _fresh(count: int, first_seq: int, next_seq: int, handed: int) -> int:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from contextlib import nullcontext
+
+from synthaug.progress import progress_off
 
 __all__ = ["register", "BENCHMARKS"]
 
@@ -23,11 +26,17 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     module = importlib.import_module(f"synthaug.benchmarks.{args.benchmark}")
+    # synthaug's --traceback and --no-progress work anywhere on the line, among the benchmark's
+    # flags too: taken out of them here (a benchmark's bars all go through synthaug.progress)
+    rest = [a for a in args.args if a not in ("--traceback", "--no-progress")]
+    args.traceback = args.traceback or "--traceback" in args.args
+    no_progress = "--no-progress" in args.args  # before the name: already off (synthaug.cli.main)
     argv0 = sys.argv[0] if sys.argv else ""
     try:
         if sys.argv:
             sys.argv[0] = f"synthaug bench {args.benchmark}"  # the benchmark's parser names itself after it
-        module.main(list(args.args))
+        with progress_off() if no_progress else nullcontext():
+            module.main(rest)
     finally:
         if sys.argv:
             sys.argv[0] = argv0

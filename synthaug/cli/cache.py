@@ -1,4 +1,4 @@
-"""``synthaug cache inspect|verify|export|grid PATH``: look into a synthetic-image cache."""
+"""``synthaug cache inspect|verify|export|relabel|grid PATH``: look into (or relabel) a synthetic-image cache."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ _SUMMARY_KEYS = [
     "prompt",
     "negative_prompt",
     "label_name",
+    "model_class_name",
     "scheduler",
     "num_inference_steps",
     "guidance_scale",
@@ -139,14 +140,14 @@ def _select(cache, limit: int, sample: bool, seed: int) -> List[int]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from PIL import Image
-    from tqdm.auto import tqdm
+    from synthaug.progress import progress_bar
 
     cache = _open(args.path)
     out = output_dir(args.out, overwrite=args.overwrite, what="export folder")
     seqs = _select(cache, args.limit, args.sample, args.seed)
     written = 0
     with open(out / "metadata.jsonl", "w") as f:
-        for start in tqdm(range(0, len(seqs), 256), desc="export", unit="batch", dynamic_ncols=True):
+        for start in progress_bar(range(0, len(seqs), 256), desc="export", unit="batch", dynamic_ncols=True):
             for rec in cache.get_many(seqs[start : start + 256]):
                 name = f"{rec.seq:08d}.png"
                 img = rec.image[:, :, 0] if rec.image.shape[2] == 1 else rec.image
@@ -166,6 +167,73 @@ def cmd_grid(args: argparse.Namespace) -> int:
     records = cache.get_many(seqs)
     path = save_image_grid([r.image for r in records], args.out, args.cols)
     print(f"wrote a grid of {len(records)} images to {path}")
+    return 0
+
+
+def _label_classes(label) -> List[int]:
+    if isinstance(label, dict):
+        return [int(c) for c in label]
+    if isinstance(label, (tuple, list)):
+        return [int(c) for c in label]
+    return [int(label)]
+
+
+def cmd_relabel(args: argparse.Namespace) -> int:
+    """Give the records of one class your class name and label (provenance of the change kept)."""
+    import os
+    from pathlib import Path
+
+    from synthaug.cache.store import merge_label_names
+    from synthaug.cache.writers import SEED_BLOCK, WriterLock
+    from synthaug.cli.finetune import _label_names
+    from synthaug.finetune.common import user_label_space
+
+    if not os.path.isfile(os.path.join(args.path, "data.mdb")):
+        raise FileNotFoundError(f"no synthetic cache at {args.path} (no data.mdb)")
+    classes = _label_names(args)
+    cache = SyntheticCache(args.path)
+    # hold every writer lock, so no worker appends records in the old label space meanwhile
+    blocks = {0} | {int(p.stem.split("-", 1)[1]) for p in Path(args.path).glob("writer-*.lock") if p.stem.split("-", 1)[1].isdigit()}
+    locks = [WriterLock(args.path, b * SEED_BLOCK, kind="synthaug cache relabel").acquire() for b in sorted(blocks)]
+    try:
+        names = cache.label_names or []
+        labels, corrupt = cache.scan_labels(0, None)
+        present = Counter(c for label in labels.values() for c in _label_classes(label))
+        if not present:
+            raise ValueError(f"cache {args.path} holds no records to relabel")
+
+        def shown(c):
+            return f"{c} ({names[c]!r})" if 0 <= c < len(names) and names[c] else str(c)
+
+        if args.source is None:
+            if len(present) > 1:
+                raise ValueError(f"cache {args.path} holds several classes ({', '.join(shown(c) for c in sorted(present))}); "
+                                 "choose the one to relabel with --from LABEL_OR_NAME")
+            old = next(iter(present))
+        elif args.source.lstrip("-").isdigit():
+            old = int(args.source)
+        elif args.source in names:
+            old = names.index(args.source)
+        else:
+            raise ValueError(f"--from {args.source!r} is neither a label nor a name of cache {args.path} (its names: {names or 'none'})")
+        if old not in present:
+            raise ValueError(f"cache {args.path} has no records of class {shown(old)}; it holds {', '.join(shown(c) for c in sorted(present))}")
+        new, user_names = user_label_space(args.class_name, args.label, classes)
+        others = [""] * max(len(names), 1)
+        for c in present:
+            if c != old and 0 <= c < len(names):
+                others[c] = names[c]
+        final = merge_label_names(others, user_names, where=f"cache {args.path} (its other classes)")
+        counts = cache.relabel({old: new}, final, note={"by": "synthaug cache relabel"}, progress=True)
+    finally:
+        for lock in locks:
+            lock.release()
+    print(
+        f"relabelled {counts['changed']} record(s) of {args.path}: class {shown(old)} -> {new} ({args.class_name!r})"
+        + (f"; {counts['already']} already done by an earlier run" if counts["already"] else "")
+        + (f"; {counts['corrupt']} damaged record(s) left alone (see `synthaug cache verify`)" if counts["corrupt"] else "")
+        + f"; label names now {final}"
+    )
     return 0
 
 
@@ -191,6 +259,20 @@ def register(sub) -> None:
     q.add_argument("--seed", type=int, default=0, help="seed of --sample")
     q.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
     q.set_defaults(func=cmd_export)
+
+    q = csub.add_parser(
+        "relabel", help="give the records of one class your class name and label (e.g. a cache made before finetune --class-name)",
+        description="Rewrite the label of every record of one class (one write transaction per batch; images untouched; "
+        "each record's provenance keeps the change) and the cache's label names. Refused while a worker or generate "
+        "writes the cache. Running it again after a crash finishes the records not yet done.",
+    )
+    q.add_argument("path", help="cache directory")
+    q.add_argument("--class-name", required=True, help="your class's name, which the records will carry")
+    q.add_argument("--label", type=int, default=None, help="the class's index in your classifier (default: its index in --classes/--classes-from, else 0)")
+    q.add_argument("--classes", nargs="+", default=None, metavar="NAME", help="your classifier's class names in label order")
+    q.add_argument("--classes-from", default=None, metavar="DIR", help="take --classes from an ImageFolder root's class folders, sorted")
+    q.add_argument("--from", dest="source", default=None, metavar="LABEL_OR_NAME", help="the class to relabel (default: the cache's only class)")
+    q.set_defaults(func=cmd_relabel)
 
     q = csub.add_parser("grid", help="a PNG grid of sample images")
     q.add_argument("path", help="cache directory")

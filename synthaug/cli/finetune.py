@@ -17,6 +17,7 @@ def run(args: argparse.Namespace) -> int:
         "negative_prompt": args.negative_prompt,
         "label": args.label,
         "class_name": args.class_name,
+        "label_names": _label_names(args),
         "rank": args.rank,
         "alpha": args.alpha,
         "lr": args.lr,
@@ -36,16 +37,43 @@ def run(args: argparse.Namespace) -> int:
     }
     with warnings.catch_warnings():
         warnings.simplefilter("always")
+        # diffusers' schedulers call np.array(tensor) in set_timesteps; torch's Tensor.__array__ takes no copy= (numpy 2 warns)
+        warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword", category=DeprecationWarning,
+                                module=r"diffusers\.schedulers\.")
         warnings.showwarning = lambda msg, *a, **k: print(f"synthaug finetune: warning: {msg}")
         out = finetune_lora(args.model, args.images, args.out, resume=args.resume, overwrite=args.overwrite, **settings)
     cfg = json.loads((out / "synthaug.json").read_text())
     tr = cfg["training"]
+    window = tr.get("final_loss_window", 20)
+    slot = cfg.get("model_class")
+    on = ""
+    if slot is not None and cfg.get("model_class_name") != cfg.get("class_name"):
+        on = f" on the base model's slot {slot}" + (f" (untrained {cfg['model_class_name']!r})" if cfg.get("model_class_name") else " (added)")
     print(
-        f"wrote LoRA adapter to {out} ({len(cfg['train_images'])} images, {tr['steps']} steps, "
-        f"final loss {tr['final_loss']:.4f}, {tr['wall_time_s']:.0f} s); "
+        f"wrote LoRA adapter to {out}: class {cfg.get('class_name')!r}, label {cfg.get('label')}{on}; "
+        f"{len(cfg['train_images'])} images, {tr['steps']} steps, "
+        f"final loss {tr['final_loss']:.4f} (mean of the last {window} steps, as the bar shows), {tr['wall_time_s']:.0f} s; "
         f"see {out / 'validation.png'} and {out / 'loss.png'}; use it with: synthaug generate --adapter {out}"
     )
     return 0
+
+
+def _label_names(args: argparse.Namespace):
+    """Your label space from --classes or --classes-from (an ImageFolder root: its class
+    folders in sorted order, as torchvision's ImageFolder numbers them)."""
+    if args.classes and args.classes_from:
+        raise ValueError("pass --classes or --classes-from, not both")
+    if args.classes_from:
+        from pathlib import Path
+
+        root = Path(args.classes_from)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--classes-from {root} does not exist (no such folder)")
+        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not names:
+            raise ValueError(f"--classes-from {root} holds no class folders (expected ROOT/<class>/*.png, as torchvision's ImageFolder)")
+        return names
+    return list(args.classes) if args.classes else None
 
 
 def register(sub) -> None:
@@ -60,8 +88,10 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="adapter folder to write")
     p.add_argument("--prompt", default=None, help="text condition for Stable-Diffusion models, e.g. 'a photo of sks crack' (default: none; required there)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt stored for generation (default: none)")
-    p.add_argument("--label", type=int, default=None, help="class index the generated images get in your classifier's label space (required for Stable-Diffusion models; default for builtin models: the index of --class-name, else the model's rare class)")
-    p.add_argument("--class-name", default=None, help="class name recorded with the adapter; for builtin models the class the LoRA learns (default: the model's rare class, e.g. Shirt)")
+    p.add_argument("--class-name", default=None, help="your class's name, carried by every generated record (MixedDataset maps records into your dataset by it); on a class-conditional model that lacks it, the LoRA trains a free conditioning slot (default: the model's rare class, e.g. Shirt)")
+    p.add_argument("--label", type=int, default=None, help="the class's index in YOUR classifier's label space (default: its index in --classes/--classes-from; else the model's index for one of its classes; else 0)")
+    p.add_argument("--classes", nargs="+", default=None, metavar="NAME", help="your classifier's class names in label order, so records carry your whole label space (default: none)")
+    p.add_argument("--classes-from", default=None, metavar="DIR", help="take --classes from an ImageFolder root: its class folders, sorted (default: none)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: equal to --rank)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 1e-4 for Stable Diffusion, 1e-3 for the pixel DDPM)")

@@ -32,9 +32,11 @@ from synthaug.cli.gate_args import add_gate_arguments, gate_from_args
 from synthaug.generation.fill import fill_cache
 from synthaug.generation.loading import load_generator
 from synthaug.generation.modes import FEEDBACK_OBJECTIVES, MODES
+from synthaug.generation.sources import resolve_source
 from synthaug.generation.stopping import StopSignal
 
-__all__ = ["register", "add_generator_arguments", "add_seed_arguments", "generator_source", "generator_overrides", "strength_arg", "HelpFormatter"]
+__all__ = ["register", "add_generator_arguments", "add_seed_arguments", "check_generator_source", "generator_source", "generator_overrides",
+           "strength_arg", "HelpFormatter"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -102,6 +104,22 @@ def add_seed_arguments(p: argparse.ArgumentParser) -> None:
 
 def generator_source(args: argparse.Namespace) -> str:
     return args.adapter if args.adapter is not None else args.model
+
+
+def check_generator_source(args: argparse.Namespace) -> None:
+    """Check that ``--adapter`` / ``--model`` names something, before any cache is created.
+
+    Raises:
+        FileNotFoundError: an ``--adapter`` folder that does not exist (an adapter is never a hub
+            id), or a ``--model`` that is no folder, hub id or ``builtin:`` name.
+        ValueError: a file, or a folder that is no model or adapter.
+    """
+    if args.adapter is not None:
+        if not Path(args.adapter).expanduser().exists():
+            raise FileNotFoundError(f"adapter {args.adapter} does not exist (no such folder)")
+        resolve_source(args.adapter, what="adapter")
+    else:
+        resolve_source(args.model, what="model")
 
 
 def strength_arg(text: str) -> Any:
@@ -186,22 +204,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     source = generator_source(args)
     overrides = generator_overrides(args)  # flags that do not go together fail before the cache is touched
+    check_generator_source(args)  # so does a missing --adapter / --model
     gate = gate_from_args(args)
     seed = args.seed + args.seed_offset * SEED_BLOCK
-    cache = SyntheticCache(args.cache, encoding=args.encoding)
-    lock = WriterLock(cache.path, seed, kind="synthaug generate").acquire()  # one writer per seed block
+    # An existing cache: take its writer lock first (one writer per seed block), so a busy cache is
+    # refused at once, not after the model loads. A new one: load the model first, so a model that
+    # fails to load leaves no empty cache behind.
+    cache = lock = None
+    if (Path(args.cache) / "data.mdb").is_file():
+        cache = SyntheticCache(args.cache, encoding=args.encoding)
+        lock = WriterLock(cache.path, seed, kind="synthaug generate").acquire()
     try:
-        return _generate(args, cache, source, seed, overrides, gate)
+        t_load = time.perf_counter()
+        generator = load_generator(source, **overrides)
+        t_load = time.perf_counter() - t_load
+        if cache is None:
+            cache = SyntheticCache(args.cache, encoding=args.encoding)
+            lock = WriterLock(cache.path, seed, kind="synthaug generate").acquire()
+        return _generate(args, cache, source, seed, generator, t_load, gate)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
-def _generate(args: argparse.Namespace, cache, source: str, seed: int, overrides: Dict[str, Any], gate) -> int:
-    t_load = time.perf_counter()
-    generator = load_generator(source, **overrides)
-    t_load = time.perf_counter() - t_load
-    if getattr(generator, "label_names", None) and cache.label_names is None:
-        cache.set_label_names(generator.label_names)
+def _generate(args: argparse.Namespace, cache, source: str, seed: int, generator, t_load: float, gate) -> int:
+    if getattr(generator, "label_names", None):
+        cache.adopt_label_names(generator.label_names)  # refuses a cache whose names disagree
     stop = StopSignal()
     old_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     stop.install()  # Ctrl-C / SIGTERM: finish the append in progress, then stop

@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         given.pop("overwrite", None)
     if args.worker is False:
         given.pop("worker", None)
+    if args.strict is False:
+        given.pop("strict", None)
     if args.no_leakage_check:
         given["leakage_check"] = False
     cfg = SweepConfig.from_yaml(args.config, **given) if args.config else SweepConfig.from_dict(given, source="command line")
@@ -121,7 +123,9 @@ def register(sub) -> None:
     p.add_argument("--bootstrap", type=int, help=f"bootstrap resamples of each CI (default: {d.bootstrap})")
     p.add_argument("--no-leakage-check", action="store_true", help="skip the check that no test image is among the adapter's training "
                    "images (only when the adapter that made --cache is not at hand; the summary then says the check was skipped)")
+    p.add_argument("--strict", action="store_true", default=None, help="refuse instead of warn on data mismatches: a patient in both train "
+                   "and test, an adapter whose resolution or channels differ from the study's images")
     p.add_argument("--out", help=f"report folder (default: {d.out})")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace --out when it holds an earlier sweep with other settings (default: refuse; same settings: resume)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    # --no-progress (args.no_progress) is the shared option synthaug.cli adds to every subcommand
     p.set_defaults(func=run)

@@ -17,20 +17,22 @@ import signal
 from synthaug.cache.store import SyntheticCache
 from synthaug.cache.writers import SEED_BLOCK
 from synthaug.cli.gate_args import add_gate_arguments, gate_from_args
-from synthaug.cli.generate import HelpFormatter, add_generator_arguments, add_seed_arguments, generator_overrides, generator_source
+from synthaug.cli.generate import (HelpFormatter, add_generator_arguments, add_seed_arguments, check_generator_source, generator_overrides,
+                                   generator_source)
 from synthaug.generation.worker import run_worker
 
 __all__ = ["register"]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+    from synthaug.progress import progress_bar
 
     source = generator_source(args)
     spec = {"source": source, "overrides": generator_overrides(args)}
     gate = gate_from_args(args)
+    check_generator_source(args)  # a missing --adapter / --model is named before the cache is created
     cache = SyntheticCache(args.cache)
-    bar = tqdm(desc="worker", unit="img", dynamic_ncols=True)
+    bar = progress_bar(desc="worker", unit="img", dynamic_ncols=True)
 
     def progress(info) -> None:
         bar.update(info["generated"] - bar.n)

@@ -89,8 +89,9 @@ def few_shot_split(dataset, rare_class: Union[str, int], *, shots: int, per_clas
         idx = np.nonzero(targets == c)[0]
         want = shots if c == rare else (len(idx) if per_class is None else per_class)
         if want > len(idx):
-            name = f"{c} ({names[c]})" if c < len(names) else str(c)
-            raise ValueError(f"class {name} has {len(idx)} images; cannot draw {want} (lower shots/per_class)")
+            name = f"{names[c]!r} (label {c})" if c < len(names) else str(c)
+            option = "--shots" if c == rare else "--per-class"
+            raise ValueError(f"class {name} has {len(idx)} training images; cannot draw {want} for {option}: lower {option} to at most {len(idx)}")
         pick = np.sort(rng.choice(idx, size=want, replace=False))
         if c == rare:
             rare_idx = pick

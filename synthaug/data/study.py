@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from synthaug.data.fashion_mnist import FashionMNIST
 from synthaug.data.splits import class_index, few_shot_split
 from synthaug.data.transforms import PILResize, WithTransform, fashion_mnist_transform, normalize_transform
 
-__all__ = ["StudyData", "load_study_dataset", "parse_dataset_spec"]
+__all__ = ["StudyData", "check_patient_overlap", "load_study_dataset", "parse_dataset_spec"]
 
 
 @dataclass
@@ -30,7 +30,8 @@ class StudyData:
     ``train``/``test`` return ``(PIL image, target)``; ``targets`` are the training pool's class
     indices (N) or multi-hot rows (N×L); ``prepare`` (PIL → PIL at the study's size, or ``None``)
     is applied to real images when the split is made and to synthetic images by the mixer;
-    ``transform`` (PIL → normalized tensor) to every image after that.
+    ``transform`` (PIL → normalized tensor) to every image after that. ``train_patients`` and
+    ``test_patients`` are each image's patient id (a CSV with a patient column; else ``None``).
     """
 
     name: str
@@ -46,6 +47,8 @@ class StudyData:
     prepare: Optional[Callable] = None
     train_files: Optional[List[Path]] = None
     test_files: Optional[List[Path]] = None
+    train_patients: Optional[List[str]] = None
+    test_patients: Optional[List[str]] = None
 
     @property
     def mode(self) -> str:
@@ -117,6 +120,36 @@ class StudyData:
         """Training image ``index`` at the study's size."""
         x = self.train[int(index)][0]
         return x if self.prepare is None else self.prepare(x)
+
+
+def check_patient_overlap(data: StudyData, *, strict: bool = False, test_indices: Optional[Sequence[int]] = None,
+                          warn: bool = True) -> Optional[str]:
+    """Find patients with images on both sides: the training pool (training, validation) and the
+    test set (its images at ``test_indices`` if given), a leak that flatters the test scores.
+
+    Returns the message naming them (``None``: no patient ids, or no patient on both sides), also
+    given as a ``UserWarning`` when ``warn``.
+
+    Raises:
+        ValueError: ``strict`` and some patient is on both sides.
+    """
+    if data.train_patients is None or data.test_patients is None:
+        return None
+    train = {p for p in data.train_patients if p}
+    test = data.test_patients if test_indices is None else [data.test_patients[int(i)] for i in test_indices]
+    shared = sorted({p for p in test if p in train})
+    if not shared:
+        return None
+    n_images = sum(p in train for p in test)
+    example = ", ".join(shared[:5]) + (", ..." if len(shared) > 5 else "")
+    message = (f"{data.name}: {len(shared)} patient{'s' if len(shared) != 1 else ''} (e.g. {example}) "
+               f"{'have' if len(shared) != 1 else 'has'} images in both train and test: {n_images} test image{'s' if n_images != 1 else ''}")
+    if strict:
+        raise ValueError(f"{message}; refused (--strict): split the CSV by patient, or drop --strict to only warn")
+    message += "; their test scores are optimistic (--strict refuses this)"
+    if warn:
+        warnings.warn(message, stacklevel=2)
+    return message
 
 
 def _mode(channels: int) -> str:
@@ -192,4 +225,4 @@ def load_study_dataset(
         raise ValueError(f"finding {rare_class!r} is not a label of {arg}; its labels are {', '.join(train.classes)}")
     rare = train.class_to_idx[rare_class]  # both sides share the CSV's label list
     return StudyData(f"csv:{arg}", train, WithTransform(test, prep), list(train.classes), rare, True, channels, image_size,
-                     train.targets, normalize_transform(channels), prep, list(train.files), list(test.files))
+                     train.targets, normalize_transform(channels), prep, list(train.files), list(test.files), train.patients, test.patients)

@@ -41,9 +41,9 @@ def adapter_image_hashes(adapter: Union[str, os.PathLike]) -> Dict[str, str]:
 
 def dataset_image_hashes(dataset, *, progress: bool = False, desc: str = "hash test images") -> List[str]:
     """The :func:`~synthaug.adapter.image_sha256` of every image of ``dataset`` (``dataset[i][0]``)."""
-    from tqdm.auto import tqdm
+    from synthaug.progress import progress_bar
 
-    return [image_sha256(dataset[i][0]) for i in tqdm(range(len(dataset)), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)]
+    return [image_sha256(dataset[i][0]) for i in progress_bar(range(len(dataset)), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)]
 
 
 def file_image_hashes(paths, *, progress: bool = False, desc: str = "hash test images") -> List[str]:
@@ -51,9 +51,9 @@ def file_image_hashes(paths, *, progress: bool = False, desc: str = "hash test i
     images (:func:`synthaug.data.folders.read_image`: gray stays gray), so a test image and the
     same picture among an adapter's training images hash alike whatever the dataset's loader
     converts them to."""
-    from tqdm.auto import tqdm
+    from synthaug.progress import progress_bar
 
-    return [image_sha256(read_image(p)) for p in tqdm(list(paths), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)]
+    return [image_sha256(read_image(p)) for p in progress_bar(list(paths), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)]
 
 
 def check_no_leakage(adapters: Iterable[Union[str, os.PathLike]], test_hashes: Sequence[str], *, test_name: str = "the test set") -> Dict[str, Any]:

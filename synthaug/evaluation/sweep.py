@@ -47,10 +47,11 @@ import numpy as np
 
 from synthaug.adapter import read_adapter_config
 from synthaug.cache.store import SyntheticCache
-from synthaug.data.study import StudyData, load_study_dataset
+from synthaug.data.study import StudyData, check_patient_overlap, load_study_dataset
 from synthaug.data.transforms import WithTransform, classic_augmentation
 from synthaug.evaluation.arms import mixed_arm_loader, real_only_loader, real_rare_cache, train_and_evaluate
 from synthaug.evaluation.leakage import dataset_image_hashes, file_image_hashes
+from synthaug.evaluation.sweep_checks import preflight
 from synthaug.evaluation.sweep_config import ARM_KINDS, SweepConfig
 from synthaug.evaluation.sweep_pools import (
     check_leakage,
@@ -93,17 +94,22 @@ class _Log:
 
 def _prepare_out(out: Path, cfg: SweepConfig, inputs: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Create ``out``; return the rows of an interrupted sweep with the same settings and inputs
-    (resume). ``--overwrite`` replaces an earlier sweep's folder, never any other folder."""
+    (resume). ``--overwrite`` replaces an earlier sweep's folder, never any other folder; an earlier
+    sweep that finished no arm (it failed early) is replaced without it."""
     config_path = out / "sweep_config.json"
     identity = jsonable({**cfg.identity(), "inputs": inputs})
     if out.is_dir() and any(out.iterdir()):
         if not config_path.is_file():
             raise FileExistsError(f"{out} is not empty and holds no sweep; choose another --out (an empty or new folder)")
         earlier = json.loads(config_path.read_text())
+        results = out / "results.json"
+        rows = json.loads(results.read_text())["rows"] if results.is_file() else []
         if earlier == identity and not cfg.overwrite:
-            results = out / "results.json"
-            return json.loads(results.read_text())["rows"] if results.is_file() else []
-        if not cfg.overwrite:
+            return rows
+        if not cfg.overwrite and not rows:  # an earlier sweep that failed before its first arm finished: nothing to lose
+            changed = sorted(k for k in set(earlier) | set(identity) if earlier.get(k) != identity.get(k))
+            print(f"synthaug sweep: replacing {out}, an earlier sweep with other settings ({', '.join(changed)}) that finished no arm")
+        elif not cfg.overwrite:
             changed = sorted(k for k in set(earlier) | set(identity) if earlier.get(k) != identity.get(k))
             raise FileExistsError(f"{out} holds a sweep with other settings or inputs ({', '.join(changed)}); choose another --out or "
                                   "pass --overwrite to replace it")
@@ -145,13 +151,27 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> Dict[str, Any]:
     cfg = config
     cfg.check()
     out = Path(cfg.out)
-    done_rows = _prepare_out(out, cfg, _inputs(cfg))
-    log = _Log(out)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    inputs = _inputs(cfg)
+    # everything that can be checked before the sweep's folder is written or anything trains:
+    # a mistake found here leaves nothing behind that blocks the corrected rerun
     data = load_study_dataset(cfg.dataset, data_dir=cfg.data, rare_class=cfg.rare_class, image_size=cfg.image_size, channels=cfg.channels)
     test = WithTransform(data.test, data.transform)
     if cfg.test_size:
+        if cfg.test_size > len(data.test):
+            raise ValueError(f"--test-size {cfg.test_size} is larger than the test set ({len(data.test)} images)")
         test = torch.utils.data.Subset(test, np.sort(np.random.default_rng(12345).choice(len(data.test), cfg.test_size, replace=False)).tolist())
+    # a patient with images in both the training pool and the test set: refused (strict) or named, before any training
+    overlap = check_patient_overlap(data, strict=cfg.strict, test_indices=getattr(test, "indices", None), warn=False)
+    checks = preflight(cfg, data, getattr(test, "indices", None), steps_of=lambda n: _training_steps(cfg, n))
+    done_rows = _prepare_out(out, cfg, inputs)
+    log = _Log(out)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if overlap:
+        log(f"WARNING: {overlap}")
+    for warning in checks["warnings"]:
+        log(f"WARNING: {warning}")
+    if checks["too_small"]:
+        log(f"WARNING: {checks['too_small']}")
     test_loader = torch.utils.data.DataLoader(test, batch_size=500, num_workers=cfg.num_workers)
     test_hashes = _test_hashes(data, test, progress)
     plan = cfg.arm_plan()
@@ -159,15 +179,17 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> Dict[str, Any]:
     done = {(r["arm"], r["seed"]) for r in done_rows}
     rows = list(done_rows)
     meta: Dict[str, Any] = {"dataset": data.name, "classes": data.classes, "rare_class": {"index": data.rare, "name": data.classes[data.rare]},
-                            "multilabel": data.multilabel, "test_images": len(test), "device": device, "leakage": {}, "seeds": {}}
+                            "multilabel": data.multilabel, "test_images": len(test), "device": device, "leakage": {}, "seeds": {},
+                            "patient_overlap": overlap, "warnings": checks["warnings"], "too_small": checks["too_small"],
+                            "rare_test_images": checks["rare_test"]}
     if done:
         log(f"resuming: {len(done)} of {len(plan) * len(seeds)} arm runs already in {out}/results.json")
     log(f"sweep: {data.name}, rare class '{data.classes[data.rare]}', {len(seeds)} seed{'s' if len(seeds) != 1 else ''} x {len(plan)} arms, classifier {cfg.model} on {device}")
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from synthaug.progress import progress_bar
 
-        bar = tqdm(total=len(plan) * len(seeds), initial=len(done), desc="sweep", unit="arm", dynamic_ncols=True)
+        bar = progress_bar(total=len(plan) * len(seeds), initial=len(done), desc="sweep", unit="arm", dynamic_ncols=True)
     t_start = time.time()
     for seed in seeds:
         todo = [p for p in plan if (p["arm"], seed) not in done]
@@ -180,7 +202,9 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> Dict[str, Any]:
     meta["wall_s"] = time.time() - t_start
     summary = summarize_results(rows, out, cfg, meta=meta)
     log((out / "summary.md").read_text())
-    log(f"sweep done in {meta['wall_s'] / 60:.1f} min: {out}/results.json, summary.json, summary.md, ratio_curves.png, set_size.png")
+    written = [name for name in ("results.json", "summary.json", "summary.md", "ratio_curves.png", "set_size.png") if (out / name).is_file()]
+    log(f"sweep done in {meta['wall_s'] / 60:.1f} min: {out}/" + ", ".join(written)
+        + (f" (WARNING: {checks['too_small']})" if checks["too_small"] else ""))
     return summary
 
 

@@ -82,6 +82,7 @@ class SweepConfig:
     num_workers: int = 0
     device: str = "auto"
     leakage_check: bool = True
+    strict: bool = False  # refuse instead of warn on data mismatches (a patient in both train and test, ...)
     bootstrap: int = 10_000
     out: str = "sweep-report"
     overwrite: bool = False
@@ -243,7 +244,7 @@ class SweepConfig:
     def identity(self) -> Dict[str, Any]:
         """The settings that decide the results (not where they go, nor how they are displayed)."""
         d = asdict(self)
-        for k in ("out", "overwrite", "bootstrap"):
+        for k in ("out", "overwrite", "bootstrap", "strict"):  # strict only refuses runs, never changes one
             d.pop(k)
         d["seeds"] = self.seed_list
         return d
@@ -254,7 +255,7 @@ _INT_FIELDS = ("shots", "per_class", "steps", "batch_size", "lora_steps", "lora_
                "image_size", "channels", "test_size", "num_workers", "bootstrap", "translate_classes", "refit_steps", "val_shots",
                "reference_steps")
 _LIST_FIELDS = {"ratios": float, "set_sizes": int, "strengths": float, "gate": float, "generation": str, "variants": str, "translate_from": str}
-_BOOL_FIELDS = ("worker", "overwrite", "leakage_check")
+_BOOL_FIELDS = ("worker", "overwrite", "leakage_check", "strict")
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:

@@ -118,8 +118,8 @@ def train_seed_adapter(cfg: SweepConfig, data: StudyData, seed: int, rare_idx, s
     kwargs: Dict[str, Any] = {}
     if cfg.prompt:
         kwargs.update(prompt=cfg.prompt, label=data.rare, class_name=name)
-    elif data.name == "fashion-mnist":
-        kwargs.update(class_name=name)
+    else:  # the study's class and label space: a class the base model lacks trains a free slot
+        kwargs.update(class_name=name, label_names=list(data.classes))
     t0 = time.time()
     path = finetune_lora(cfg.base_model, images, adapter, steps=cfg.lora_steps, rank=cfg.lora_rank, seed=seed, progress=progress,
                          overwrite=True, min_images=min(5, len(rare_idx)), **kwargs)

@@ -152,7 +152,13 @@ def _arm_order(summary) -> List[str]:
 def markdown_summary(summary: Dict[str, Any]) -> str:
     """The arm table (mean ± std over seeds) and the paired-comparison table, in markdown."""
     lines = []
-    leak = [v for v in (summary.get("meta") or {}).get("leakage", {}).values() if v]
+    meta = summary.get("meta") or {}
+    if meta.get("too_small"):
+        lines += [f"**Warning: {meta['too_small']}.** The tables below are printed, but differences between arms this small a run "
+                  "shows are not evidence.", ""]
+    for warning in (meta.get("warnings") or []) + ([meta["patient_overlap"]] if meta.get("patient_overlap") else []):
+        lines += [f"**Warning:** {warning}.", ""]
+    leak = [v for v in meta.get("leakage", {}).values() if v]
     if leak:
         if all(v.get("checked") for v in leak):
             lines += [f"Leakage check passed for every seed: none of the {leak[0]['test_images']} test images is among the adapters' "

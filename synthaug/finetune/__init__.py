@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from synthaug.finetune.common import FinetuneConfig, load_training_images, prepare_output_dir
-from synthaug.finetune.ddpm import finetune_pixel_ddpm, resolve_label
+from synthaug.finetune.ddpm import finetune_pixel_ddpm, resolve_class
 from synthaug.finetune.sd import check_settings, finetune_stable_diffusion
 from synthaug.generation.sources import resolve_source
 
@@ -29,8 +29,10 @@ def finetune_lora(
 
     Args:
         model: the base model: a diffusers Stable-Diffusion-family folder or hub id (needs
-            ``prompt=``), or ``builtin:<name>`` / a pixel-DDPM folder (class-conditional: the
-            class is ``class_name=`` or ``label=``; default: the model's rare class).
+            ``prompt=``), or ``builtin:<name>`` / a pixel-DDPM folder (class-conditional: your
+            class is ``class_name=``, a class of the model or your own, which then trains a
+            free conditioning slot; default: the model's rare class). ``label=`` is the class's
+            index in *your* classifier; ``label_names=`` your classes in label order.
         images: a folder of the real training images (PNG/JPEG/...; 20–50 intended).
         out: the adapter folder to write (see :mod:`synthaug.adapter` for its layout).
         config: a :class:`FinetuneConfig`; or pass its fields as keyword ``settings``
@@ -49,7 +51,7 @@ def finetune_lora(
     source = resolve_source(model, adapters=False, what="model")
     train = load_training_images(images, min_images=cfg.min_images)  # checked before `out` is touched
     if source.backend == "pixel-ddpm":
-        resolve_label(source, cfg)
+        resolve_class(source, cfg)
     else:
         check_settings(source, cfg)
     out = prepare_output_dir(out, resume=resume, overwrite=overwrite)

@@ -28,6 +28,7 @@ from synthaug.outputs import output_dir
 __all__ = [
     "FinetuneConfig",
     "TrainingImages",
+    "user_label_space",
     "load_training_images",
     "prepare_output_dir",
     "step_generator",
@@ -35,6 +36,8 @@ __all__ = [
     "check_plain_state",
     "load_plain_state",
     "save_loss_curve",
+    "FINAL_LOSS_WINDOW",
+    "final_loss",
     "noise_prediction_loss",
     "peak_rss_mb",
     "write_training_log",
@@ -50,9 +53,15 @@ class FinetuneConfig:
 
     Attributes:
         prompt: text condition (Stable-Diffusion models), e.g. ``"a photo of sks crack"``.
-        label: class index the generated images get in the classifier's label space.
-        class_name: name of that class (for a pixel-DDPM model, the class to learn; resolves
-            ``label`` through the model's class list when ``label`` is not given).
+        class_name: your class's name: every record generated from the adapter carries it, and
+            :class:`~synthaug.MixedDataset` maps records by it into your dataset's classes. On a
+            class-conditional base model that lacks the class, the LoRA trains a free
+            conditioning slot (see :func:`synthaug.finetune.ddpm.resolve_class`).
+        label: the class index the generated images get in *your* classifier's label space
+            (default: the index of ``class_name`` in ``label_names``; else, for a class of the
+            base model, the model's index; else 0).
+        label_names: your classifier's class names in label order (e.g. an ImageFolder's
+            ``classes``), so records carry your whole label space; optional.
         rank, alpha: LoRA rank and scaling numerator (``alpha=None``: equal to ``rank``).
         lr: AdamW learning rate (default 1e-4 for Stable Diffusion, 1e-3 for the pixel DDPM,
             whose LoRA is small and whose rare-class embedding slot starts untrained).
@@ -77,6 +86,7 @@ class FinetuneConfig:
     negative_prompt: Optional[str] = None
     label: Optional[int] = None
     class_name: Optional[str] = None
+    label_names: Optional[List[str]] = None
     rank: int = 8
     alpha: Optional[float] = None
     lr: Optional[float] = None
@@ -110,6 +120,14 @@ class FinetuneConfig:
             raise ValueError(f"--resolution must be >= 8 pixels, got {self.resolution}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.label is not None and self.label < 0:
+            raise ValueError(f"--label must be >= 0 (a class index of your classifier), got {self.label}")
+        if self.class_name is not None and not str(self.class_name).strip():
+            raise ValueError("--class-name must not be empty")
+        if self.label_names is not None:
+            names = [str(n) for n in self.label_names]
+            if len(set(names)) != len(names) or not all(n.strip() for n in names):
+                raise ValueError(f"--classes must be distinct, non-empty names, got {names}")
         if self.min_images < 1:
             raise ValueError(f"--min-images must be >= 1, got {self.min_images}")
         for name in ("validation_every", "checkpoint_every"):
@@ -127,6 +145,29 @@ class FinetuneConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+def user_label_space(class_name: str, label: Optional[int], label_names: Optional[Sequence[str]]) -> Tuple[int, List[str]]:
+    """``(label, label_names)`` of your class in your classifier's label space.
+
+    With ``label_names`` (your classes in label order) the label is ``class_name``'s index there
+    (``label``, when given too, must agree). Without, the label is ``label`` (default 0) and the
+    names list holds ``class_name`` at that index and ``""`` (a class this adapter does not
+    know) elsewhere; a cache merges such lists (:meth:`SyntheticCache.adopt_label_names`).
+
+    Raises:
+        ValueError: the class is not among ``label_names``, or ``label`` disagrees with it.
+    """
+    if label_names:
+        names = [str(n) for n in label_names]
+        if class_name not in names:
+            raise ValueError(f"--class-name {class_name!r} is not among --classes {names}")
+        index = names.index(class_name)
+        if label is not None and int(label) != index:
+            raise ValueError(f"--label {label} disagrees with --classes, where {class_name!r} is class {index}; pass one of them")
+        return index, names
+    label = 0 if label is None else int(label)
+    return label, [""] * label + [class_name]
 
 
 @dataclass
@@ -334,6 +375,15 @@ def save_loss_curve(losses: Sequence[Tuple[int, float]], path: Union[str, os.Pat
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+FINAL_LOSS_WINDOW = 20
+
+
+def final_loss(losses: Sequence[Tuple[int, float]]) -> float:
+    """The loss a run reports as final: the mean of the last :data:`FINAL_LOSS_WINDOW` steps'
+    losses, as the progress bar shows it (a single step's loss is too noisy to compare)."""
+    return float(np.mean([v for _, v in losses[-FINAL_LOSS_WINDOW:]]))
 
 
 def write_training_log(out: Path, losses: Sequence[Tuple[int, float]]) -> None:

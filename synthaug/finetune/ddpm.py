@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from synthaug.finetune.common import (
     FinetuneConfig,
     TrainingImages,
     to_gray,
+    user_label_space,
+    FINAL_LOSS_WINDOW,
+    final_loss,
     noise_prediction_loss,
     peak_rss_mb,
     save_loss_curve,
@@ -29,11 +33,11 @@ from synthaug.finetune.common import (
     write_training_log,
 )
 from synthaug.generation.base import default_device
-from synthaug.generation.ddpm import make_scheduler, model_generation_settings, sample_pixel_ddpm
+from synthaug.generation.ddpm import extend_class_embedding, make_scheduler, model_generation_settings, sample_pixel_ddpm
 from synthaug.generation.sources import ModelSource
 from synthaug.imaging import save_image_grid
 
-__all__ = ["finetune_pixel_ddpm", "resolve_label", "PIXEL_TARGET_MODULES"]
+__all__ = ["ClassChoice", "finetune_pixel_ddpm", "resolve_class", "PIXEL_TARGET_MODULES"]
 
 PIXEL_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 _DEFAULT_LR = 1e-3
@@ -81,34 +85,97 @@ def _validation_grid(unet, model_dir: Path, label: int, null_class: int, size: i
     save_image_grid(row + list(fake), path, cols=8)
 
 
-def resolve_label(source, cfg) -> Tuple[int, str]:
-    """The class the LoRA learns, ``(label, class_name)``, from ``--label``/``--class-name`` and
-    the model's rare class; checked before anything is written.
+@dataclass
+class ClassChoice:
+    """What a pixel-DDPM LoRA learns and how its records are labelled.
+
+    Attributes:
+        slot: the base model's conditioning class the LoRA trains (``class_labels`` of the UNet).
+        slot_name: the base model's name of that slot (``None`` for a slot it never had).
+        label, class_name: the records' label and class name, in your classifier's label space.
+        label_names: your label space's names (``None``: the base model's classes are it).
+        extend: the slot is new, one past the null class (the base model has no free slot).
+        free: the slot is one the base model never trained (so nothing it knew is overwritten).
+    """
+
+    slot: int
+    slot_name: Optional[str]
+    label: int
+    class_name: str
+    label_names: Optional[List[str]]
+    extend: bool = False
+    free: bool = False
+
+    def describe(self) -> str:
+        where = ("a new conditioning slot (the base model has no free one)" if self.extend
+                 else f"the base model's untrained slot {self.slot}" + (f" ({self.slot_name!r})" if self.slot_name else "") if self.free
+                 else f"the base model's class {self.slot} ({self.slot_name!r})")
+        return f"class {self.class_name!r} (label {self.label}) on {where}"
+
+
+def _free_slots(model_cfg: Dict[str, Any], n_classes: int) -> List[int]:
+    """Class slots the base model never trained (known from ``trained_classes``), the model's
+    rare class first."""
+    trained = model_cfg.get("trained_classes")
+    if trained is None:
+        return []
+    free = [i for i in range(n_classes) if i not in set(int(t) for t in trained)]
+    rare = model_cfg.get("rare_class_index")
+    return sorted(free, key=lambda i: (i != rare, i))
+
+
+def resolve_class(source, cfg) -> ClassChoice:
+    """The class the LoRA learns and the label its records get; checked before anything is written.
+
+    * ``--class-name`` a class of the base model: the LoRA trains that class's slot; the records'
+      label is the model's index unless ``--label`` or ``--classes`` put it elsewhere.
+    * ``--class-name`` the model lacks (your own class): the LoRA trains a slot the model never
+      trained (the built-in model's Shirt slot, held out of its pretraining), or, when the model
+      trained all its slots, a new slot added after the null class and started from the null
+      embedding (the null-adjacent slot); records carry your name and ``--label`` (default: its index in ``--classes``,
+      else 0), provenance the slot.
+    * neither: the model's rare class (``--label`` alone must name that class's index).
 
     Raises:
-        ValueError: a prompt for this text-free model, an unknown or out-of-range class, or a
-            label and a class name that disagree.
+        ValueError: a prompt for this text-free model, a ``--label``/``--classes`` conflict, or
+            ``--label`` without ``--class-name`` that is not the model's rare class.
     """
     model_cfg = json.loads((Path(source.path) / "synthaug_model.json").read_text())
     classes: List[str] = list(model_cfg.get("classes") or [])
     if cfg.prompt or cfg.negative_prompt:
-        raise ValueError(f"{source.ref} is a class-conditional pixel model without text input; use --class-name or --label, not --prompt")
-    label, class_name = cfg.label, cfg.class_name
-    if label is None and class_name is not None:
-        if class_name not in classes:
-            raise ValueError(f"--class-name {class_name!r} is not a class of {source.ref} ({', '.join(classes)})")
-        label = classes.index(class_name)
-    if label is None:
-        label = model_cfg.get("rare_class_index")
-    if label is None:
-        raise ValueError(f"pass --class-name or --label: which class of {source.ref} should the LoRA learn?")
-    label = int(label)
-    if not 0 <= label < len(classes):
-        raise ValueError(f"--label {label} is outside the {len(classes)} classes of {source.ref}")
-    if class_name is not None and class_name != classes[label]:
-        raise ValueError(f"--label {label} is class {classes[label]!r} of {source.ref}, not --class-name {class_name!r}; pass one of them")
-    class_name = class_name or classes[label]
-    return label, class_name
+        raise ValueError(f"{source.ref} is a class-conditional pixel model without text input; use --class-name (and --label), not --prompt")
+    if not cfg.train_class_embedding and (cfg.class_name is not None and cfg.class_name not in classes):
+        raise ValueError(f"--class-name {cfg.class_name!r} is not a class of {source.ref}, so its conditioning slot must learn an "
+                         "embedding; drop --no-train-class-embedding")
+    name, label = cfg.class_name, cfg.label
+    if name is None and cfg.label_names and label is not None and 0 <= label < len(cfg.label_names):
+        name = str(cfg.label_names[label])
+    if name is None:
+        rare = model_cfg.get("rare_class_index")
+        if rare is None:
+            raise ValueError(f"pass --class-name NAME: which class should the LoRA learn on {source.ref}?")
+        rare = int(rare)
+        if label is not None and label != rare:
+            raise ValueError(
+                f"--label {label} without --class-name: name your class with --class-name NAME (the LoRA then learns a free slot "
+                f"of {source.ref} and your records carry NAME and label {label})"
+            )
+        name = classes[rare]
+        return ClassChoice(slot=rare, slot_name=name, label=rare, class_name=name, label_names=None,
+                           free=rare in _free_slots(model_cfg, len(classes)))
+    name = str(name)
+    free = _free_slots(model_cfg, len(classes))
+    if name in classes:
+        slot = classes.index(name)
+        if (label is None or label == slot) and (not cfg.label_names or list(cfg.label_names) == classes):
+            return ClassChoice(slot=slot, slot_name=name, label=slot, class_name=name, label_names=None, free=slot in free)
+        label, names = user_label_space(name, label, cfg.label_names)
+        return ClassChoice(slot=slot, slot_name=name, label=label, class_name=name, label_names=names, free=slot in free)
+    label, names = user_label_space(name, label, cfg.label_names)
+    if free:
+        return ClassChoice(slot=free[0], slot_name=classes[free[0]], label=label, class_name=name, label_names=names, free=True)
+    unet_cfg = json.loads((Path(source.path) / "unet" / "config.json").read_text())
+    return ClassChoice(slot=int(unet_cfg.get("num_class_embeds") or len(classes) + 1), slot_name=None, label=label, class_name=name, label_names=names, extend=True, free=True)
 
 
 def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, cfg: FinetuneConfig, *, resume: bool, progress: bool = True) -> Path:
@@ -117,7 +184,7 @@ def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, c
     from diffusers import DDPMScheduler, UNet2DModel
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
+    from synthaug.progress import progress_bar
 
 
     model_dir = Path(source.path)
@@ -126,7 +193,8 @@ def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, c
     null_class = int(model_cfg.get("null_class", len(classes)))
     size = int(model_cfg.get("image_size", 32))
     crop = model_cfg.get("crop") or [0, 0, size, size]
-    label, class_name = resolve_label(source, cfg)
+    choice = resolve_class(source, cfg)
+    label, class_name = choice.label, choice.class_name
     if cfg.resolution not in (None, crop[2]):
         raise ValueError(f"{source.ref} works at {crop[2]}×{crop[3]} pixels; --resolution {cfg.resolution} is not possible")
     if cfg.mixed_precision != "no":
@@ -143,6 +211,9 @@ def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, c
         peft_config["modules_to_save"] = ["class_embedding"]
 
     unet = UNet2DModel.from_pretrained(model_dir, subfolder="unet")
+    if choice.extend:
+        extend_class_embedding(unet, choice.slot + 1, null_class)
+    class_embeds = int(unet.class_embedding.weight.shape[0])
     unet.requires_grad_(False)
     torch.manual_seed(cfg.seed)
     try:
@@ -160,7 +231,8 @@ def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, c
     if resume:
         latest = ckpts.latest()
         weights, state = ckpts.load(latest)
-        if state.get("train_images") != train.records or state.get("peft_config") != peft_config or state.get("label") != label:
+        if state.get("train_images") != train.records or state.get("peft_config") != peft_config or state.get("label") != label \
+                or state.get("slot", label) != choice.slot:
             raise ValueError(f"cannot resume {out}: its checkpoint was made with other images, LoRA settings or class")
         set_peft_model_state_dict(unet, weights)
         opt.load_state_dict(state["optimizer"])
@@ -174,8 +246,8 @@ def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, c
     (out / "validation").mkdir(exist_ok=True)
 
     t0 = time.time()
-    labels = torch.full((batch_size,), label, dtype=torch.long, device=device)
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"LoRA {class_name}", unit="step", disable=not progress, dynamic_ncols=True)
+    labels = torch.full((batch_size,), choice.slot, dtype=torch.long, device=device)
+    bar = progress_bar(total=cfg.steps, initial=step, desc=f"LoRA {class_name}", unit="step", disable=not progress, dynamic_ncols=True)
     while step < cfg.steps:
         g = step_generator(cfg.seed, step)
         idx = torch.randint(0, len(x_all), (batch_size,), generator=g)
@@ -194,9 +266,9 @@ def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, c
         step += 1
         losses.append((step, float(loss.item())))
         bar.update(1)
-        bar.set_postfix(loss=f"{np.mean([v for _, v in losses[-20:]]):.4f}")
+        bar.set_postfix(loss=f"{final_loss(losses):.4f}")
         if step % validation_every == 0 or step == cfg.steps:
-            _validation_grid(unet, model_dir, label, null_class, size, crop, train.images, val_steps, out / "validation" / f"step-{step:06d}.png", generation)
+            _validation_grid(unet, model_dir, choice.slot, null_class, size, crop, train.images, val_steps, out / "validation" / f"step-{step:06d}.png", generation)
         if step % checkpoint_every == 0 or step == cfg.steps:
             ckpts.save(
                 step,
@@ -208,6 +280,7 @@ def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, c
                     "train_images": train.records,
                     "peft_config": peft_config,
                     "label": label,
+                    "slot": choice.slot,
                     "elapsed_s": elapsed_before + time.time() - t0,
                 },
             )
@@ -232,6 +305,12 @@ def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, c
             "negative_prompt": None,
             "label": label,
             "class_name": class_name,
+            "label_names": choice.label_names,
+            # the base model's conditioning slot the LoRA trained (provenance; the generator
+            # conditions on it) and the model's name for it (None: a slot added by this adapter)
+            "model_class": choice.slot,
+            "model_class_name": choice.slot_name,
+            "class_embeds": class_embeds,
             "resolution": crop[2],
             "channels": 1,
             "lora": {
@@ -245,7 +324,8 @@ def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, c
                 **cfg.to_dict(),
                 "lr": lr,
                 "batch_size": batch_size,
-                "final_loss": float(np.mean([v for _, v in losses[-50:]])),
+                "final_loss": final_loss(losses),
+                "final_loss_window": FINAL_LOSS_WINDOW,
                 "wall_time_s": round(wall, 1),
                 "peak_rss_mb": peak_rss_mb(),
                 "device": device,

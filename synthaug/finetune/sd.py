@@ -23,6 +23,9 @@ from synthaug.finetune.common import (
     CheckpointManager,
     FinetuneConfig,
     TrainingImages,
+    FINAL_LOSS_WINDOW,
+    final_loss,
+    user_label_space,
     noise_prediction_loss,
     peak_rss_mb,
     save_loss_curve,
@@ -78,16 +81,29 @@ def check_settings(source, cfg) -> None:
     """Refuse settings that would make an unusable adapter, before anything is written.
 
     Raises:
-        ValueError: no prompt, or no ``label`` (the images need a class index in the
-            classifier's label space, or ``load_generator(out)`` could not label them).
+        ValueError: no prompt, no class (``--class-name`` or ``--label``: the images need a
+            class in the classifier's label space), or a ``--label``/``--classes`` conflict.
     """
     if not cfg.prompt:
         raise ValueError(f"{source.ref} is a text-conditioned model: pass --prompt (e.g. 'a photo of sks {cfg.class_name or 'object'}')")
-    if cfg.label is None:
-        raise ValueError(
-            f"{source.ref} is a text-conditioned model: pass --label N, the class index its images get in your "
-            "classifier's label space (and --class-name NAME to record the class's name)"
-        )
+    resolve_sd_class(source, cfg)
+
+
+def resolve_sd_class(source, cfg):
+    """``(label, class_name, label_names)`` of a Stable-Diffusion adapter's records: your class's
+    name and label as :func:`~synthaug.finetune.common.user_label_space` resolves them."""
+    name = cfg.class_name
+    if name is None and cfg.label_names and cfg.label is not None and 0 <= cfg.label < len(cfg.label_names):
+        name = str(cfg.label_names[cfg.label])
+    if name is None:
+        if cfg.label is None:
+            raise ValueError(
+                f"{source.ref} is a text-conditioned model: pass --class-name NAME (and --label N, the class index its images "
+                "get in your classifier's label space, if your loader does not map classes by name)"
+            )
+        return int(cfg.label), None, None
+    label, names = user_label_space(str(name), cfg.label, cfg.label_names)
+    return label, str(name), names
 
 
 def finetune_stable_diffusion(source: ModelSource, train: TrainingImages, out: Path, cfg: FinetuneConfig, *, resume: bool, progress: bool = True) -> Path:
@@ -97,10 +113,11 @@ def finetune_stable_diffusion(source: ModelSource, train: TrainingImages, out: P
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from tqdm.auto import tqdm
+    from synthaug.progress import progress_bar
 
 
     check_settings(source, cfg)
+    label, class_name, label_names = resolve_sd_class(source, cfg)
     device = default_device(cfg.device)
     if cfg.mixed_precision != "no" and not device.startswith("cuda"):
         raise ValueError(f"--mixed-precision {cfg.mixed_precision} needs a CUDA device; on {device} use --mixed-precision no")
@@ -178,7 +195,7 @@ def finetune_stable_diffusion(source: ModelSource, train: TrainingImages, out: P
 
     t0 = time.time()
     unet.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="LoRA", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=cfg.steps, initial=step, desc="LoRA", unit="step", disable=not progress, dynamic_ncols=True)
     while step < cfg.steps:
         g = step_generator(cfg.seed, step)
         idx = torch.randint(0, len(train.images), (batch_size,), generator=g)
@@ -206,7 +223,7 @@ def finetune_stable_diffusion(source: ModelSource, train: TrainingImages, out: P
         step += 1
         losses.append((step, float(loss.item())))
         bar.update(1)
-        bar.set_postfix(loss=f"{np.mean([v for _, v in losses[-20:]]):.4f}")
+        bar.set_postfix(loss=f"{final_loss(losses):.4f}")
         if step % validation_every == 0 or step == cfg.steps:
             validate(out / "validation" / f"step-{step:06d}.png")
         if step % checkpoint_every == 0 or step == cfg.steps:
@@ -244,8 +261,9 @@ def finetune_stable_diffusion(source: ModelSource, train: TrainingImages, out: P
             "adapter_hash": file_sha256(out / ADAPTER_WEIGHTS),
             "prompt": cfg.prompt,
             "negative_prompt": cfg.negative_prompt,
-            "label": cfg.label,
-            "class_name": cfg.class_name,
+            "label": label,
+            "class_name": class_name,
+            "label_names": label_names,
             "resolution": resolution,
             # gray training images (X-rays, Fashion-MNIST): the generator converts its RGB output
             "channels": 1 if all(im.shape[2] == 1 for im in train.images) else 3,
@@ -255,7 +273,8 @@ def finetune_stable_diffusion(source: ModelSource, train: TrainingImages, out: P
                 "lr": lr,
                 "batch_size": batch_size,
                 "resolution": resolution,
-                "final_loss": float(np.mean([v for _, v in losses[-50:]])),
+                "final_loss": final_loss(losses),
+                "final_loss_window": FINAL_LOSS_WINDOW,
                 "wall_time_s": round(wall, 1),
                 "peak_rss_mb": peak_rss_mb(),
                 "peak_cuda_mb": peak,

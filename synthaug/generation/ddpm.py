@@ -33,6 +33,7 @@ __all__ = [
     "FEEDBACK_DEFAULTS",
     "FeedbackGuidance",
     "MODEL_CONFIG",
+    "extend_class_embedding",
     "PixelDDPMGenerator",
     "SCHEDULERS",
     "load_lora_into_unet",
@@ -76,6 +77,23 @@ def load_lora_into_unet(unet, adapter_dir: Union[str, Path], config: Dict[str, A
         for module in unet.modules():
             if isinstance(module, BaseTunerLayer):
                 module.merge()
+
+
+def extend_class_embedding(unet, slots: int, null_class: int) -> None:
+    """Grow ``unet``'s class-embedding table to ``slots`` rows; new rows start as the null
+    class's embedding, so a new class starts where the unconditional model is."""
+    import torch
+
+    emb = unet.class_embedding
+    n, dim = emb.weight.shape
+    if slots <= n:
+        return
+    new = torch.nn.Embedding(slots, dim).to(emb.weight.device, emb.weight.dtype)
+    with torch.no_grad():
+        new.weight[:n] = emb.weight
+        new.weight[n:] = emb.weight[null_class]
+    unet.class_embedding = new
+    unet.register_to_config(num_class_embeds=slots)
 
 
 def model_generation_settings(model_config: Dict[str, Any]) -> Dict[str, Any]:
@@ -207,16 +225,32 @@ class PixelDDPMGenerator(Generator):
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model_classes = model_classes = list(self.label_names or [])
+        self.null_class = int(self.model_config.get("null_class", len(model_classes)))
+        # An adapter of *your* class (synthaug.json "label_names"): it conditions on the model slot
+        # it trained ("model_class"); records carry your label and name, label= overrides the label.
+        self.user_classes = bool(self.adapter_config.get("label_names"))
+        if self.user_classes:
+            self.label_names = [str(n) for n in self.adapter_config["label_names"]]
+            self.slot = int(self.adapter_config["model_class"])
         if label is None:
             label = self.adapter_config.get("label")
         if label is None:
             names = ", ".join(f"{i}={n}" for i, n in enumerate(self.label_names or []))
             raise ValueError(f"{self.model_ref} is class-conditional: pass label= (one of {names})")
         self.label = int(label)
-        n_classes = len(self.label_names or [])
-        if n_classes and not 0 <= self.label < n_classes:
-            raise ValueError(f"label {self.label} is outside the model's {n_classes} classes")
-        self.null_class = int(self.model_config.get("null_class", n_classes))
+        if self.user_classes:
+            if self.label < 0:
+                raise ValueError(f"label {self.label} must be >= 0")
+            if self.label >= len(self.label_names):
+                self.label_names += [""] * (self.label + 1 - len(self.label_names))
+            if not self.label_names[self.label]:
+                self.label_names[self.label] = str(self.adapter_config.get("class_name") or "")
+        else:
+            n_classes = len(model_classes)
+            if n_classes and not 0 <= self.label < n_classes:
+                raise ValueError(f"label {self.label} is outside the model's {n_classes} classes")
+            self.slot = self.label
         self.image_size = int(self.model_config.get("image_size", 32))
         self.crop = self.model_config.get("crop") or [0, 0, self.image_size, self.image_size]
         out_h, out_w = self.crop[2], self.crop[3]
@@ -248,6 +282,9 @@ class PixelDDPMGenerator(Generator):
 
         self.unet = UNet2DModel.from_pretrained(self.model_dir, subfolder="unet", **dtype_kwargs(self.dtype))
         if self.adapter is not None:
+            embeds = self.adapter_config.get("class_embeds")
+            if embeds and embeds > self.unet.class_embedding.weight.shape[0]:  # the adapter added a class slot
+                extend_class_embedding(self.unet, int(embeds), self.null_class)
             load_lora_into_unet(self.unet, self.adapter, self.adapter_config, merge=True)
         self.unet = self.unet.to(self.device).eval().requires_grad_(False)
         if compile:
@@ -374,6 +411,8 @@ class PixelDDPMGenerator(Generator):
             "negative_prompt": None,
             "label": self.label,
             "label_name": label_name,
+            "model_class": self.slot,
+            "model_class_name": self.model_classes[self.slot] if 0 <= self.slot < len(self.model_classes) else None,
             "scheduler": self.scheduler_name,
             "eta": self.eta,
             "num_inference_steps": self.num_inference_steps,
@@ -410,7 +449,7 @@ class PixelDDPMGenerator(Generator):
             self.unet,
             self._scheduler(),
             seeds=seeds,
-            label=self.label,
+            label=self.slot,
             null_class=self.null_class,
             num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale,

@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from synthaug.generation.gate import FidelityGate, check_acceptance
 from synthaug.generation.stopping import StopRequested, StopSignal
+from synthaug.progress import progress_bar
 
 __all__ = ["Batch", "FillResult", "fill_cache", "generate_into"]
 
@@ -227,7 +227,7 @@ def fill_cache(
     counted = gate is not None or cache.seed_counter(seed) is not None  # the counter rule (module docstring)
     result = FillResult()
     t0 = time.perf_counter()
-    with tqdm(total=count, desc=desc, unit="img", disable=not progress, leave=leave, dynamic_ncols=True) as bar:
+    with progress_bar(total=count, desc=desc, unit="img", disable=not progress, leave=leave, dynamic_ncols=True) as bar:
 
         def stored(out: Batch) -> None:
             result.seqs.extend(out.seqs)

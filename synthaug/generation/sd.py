@@ -369,7 +369,8 @@ class StableDiffusionGenerator(Generator):
     def _load_lora(self, pipe) -> None:
         weights = self.adapter_config["weights"]
         try:
-            pipe.load_lora_weights(str(self.adapter), weight_name=weights, adapter_name="synthaug")
+            with _quiet_text_encoder_notice():
+                pipe.load_lora_weights(str(self.adapter), weight_name=weights, adapter_name="synthaug")
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             raise ValueError(f"adapter {self.adapter} ({weights}) could not be loaded into {self.model_ref}: {exc}") from exc
         # Fold the LoRA into the weights: no per-step overhead, and torch.compile sees plain layers.
@@ -579,6 +580,31 @@ def _scheduler_class(name: str):
     if key.endswith("Scheduler") and isinstance(getattr(diffusers, key, None), type):
         return getattr(diffusers, key), {}
     raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name")
+
+
+class _DropTextEncoderNotice:
+    """A logging filter dropping diffusers' "No LoRA keys associated to CLIPTextModel found" notice:
+    synthaug's adapters train the UNet only, so the notice is true of every adapter, printed on
+    every load, and nothing a user can act on."""
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("No LoRA keys associated to") and "text_encoder" in message)
+
+
+@contextmanager
+def _quiet_text_encoder_notice():
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("diffusers.loaders.lora_base", "diffusers.loaders.peft")]
+    drop = _DropTextEncoderNotice()
+    for lg in loggers:
+        lg.addFilter(drop)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(drop)
 
 
 def _spec_sources(source_images) -> Optional[Union[str, List[str]]]:

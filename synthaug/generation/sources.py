@@ -8,6 +8,7 @@ that one accepts the other reads the same way.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -34,10 +35,15 @@ class ModelSource:
     adapter: Optional[Path] = None
 
 
+_HUB_ID_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+
+
 def looks_like_hub_id(ref: str) -> bool:
-    """``org/name`` that is not a relative or absolute path."""
+    """``org/name`` (letters, digits, ``.``, ``_``, ``-``; not starting with ``.``, ``/`` or ``~``)
+    that is not a path: a missing ``runs/adapter`` next to a local ``runs/`` folder is a missing
+    folder, not a hub id; ``runwayml/stable-diffusion-v1-5`` without a ``runwayml/`` folder is one."""
     parts = ref.split("/")
-    return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~"))
+    return len(parts) == 2 and all(_HUB_ID_PART.match(p) for p in parts) and not Path(parts[0]).is_dir()
 
 
 def resolve_source(source: Union[str, os.PathLike], *, adapters: bool = True, what: str = "model source") -> ModelSource:
@@ -85,4 +91,14 @@ def resolve_source(source: Union[str, os.PathLike], *, adapters: bool = True, wh
         raise ValueError(f"{what} {path} is a file; give {give}, a hub id, or builtin:<name>")
     if looks_like_hub_id(ref):
         return ModelSource("stable-diffusion", ref, ref)
-    raise FileNotFoundError(f"{what} {ref!r} not found: no such folder, and not a hub id (org/name) or builtin:<name>")
+    raise FileNotFoundError(f"{what} {ref} does not exist (no such folder){_not_a_hub_id(ref)}")
+
+
+def _not_a_hub_id(ref: str) -> str:
+    """Why a missing ``ref`` was not read as a hub id, where the reader might have meant one."""
+    parts = ref.split("/")
+    if len(parts) == 2 and all(_HUB_ID_PART.match(p) for p in parts):
+        return f"; with a local folder {parts[0]}/ here it names a path, not the hub id {ref}"
+    if "/" in ref or os.sep in ref or ref.startswith((".", "~")):
+        return ""
+    return ", and it is not a hub id (org/name) or builtin:<name>"

@@ -349,8 +349,8 @@ class _WorkerLoop:
 
     def _prepare_cache(self, generator) -> None:
         names = getattr(generator, "label_names", None)
-        if names and self.cache.label_names is None:
-            self.cache.set_label_names(names)
+        if names:
+            self.cache.adopt_label_names(names)  # refuses a cache whose names disagree
 
     def _plan(self) -> Optional[Tuple[int, int, int]]:
         """``(first seq, number of images, limit)`` to generate now, or ``None`` (and the state)

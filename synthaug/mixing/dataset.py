@@ -22,6 +22,7 @@ from synthaug.cache.codec import Label, Record, SoftLabel
 from synthaug.cache.store import SyntheticCache
 from synthaug.errors import CorruptRecordError
 from synthaug.imaging import pil_channels
+from synthaug.mixing.columns import ColumnDataset
 from synthaug.mixing.index import SyntheticIndex
 
 __all__ = ["MixedDataset", "ON_CORRUPT"]
@@ -192,6 +193,10 @@ class MixedDataset(Dataset):
             cache that holds soft labels (a single-label real dataset with a known number of
             classes), so the items of a batch collate; train with a cross-entropy that takes
             probabilities (``torch.nn.functional.cross_entropy`` does).
+        image_column, label_column: for a real dataset whose items are dicts of columns (a Hugging
+            Face ``datasets.Dataset``): the columns that hold the image and the class index; the
+            dataset is read through :class:`~synthaug.mixing.columns.ColumnDataset`, and a
+            ``ClassLabel`` label column's names are its classes (records map to them by name).
         mark_synthetic: items become ``(image, target, is_synthetic)``, so a training loop can
             weight the loss of synthetic items (``synthaug.classifier.train_classifier``'s
             ``synthetic_weight``).
@@ -237,6 +242,8 @@ class MixedDataset(Dataset):
         on_corrupt: str = "replace",
         soft_targets: bool = False,
         mark_synthetic: bool = False,
+        image_column: Optional[str] = None,
+        label_column: Optional[str] = None,
     ) -> None:
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
@@ -263,6 +270,10 @@ class MixedDataset(Dataset):
             ) from None
         if n == 0:
             raise ValueError("real_dataset is empty; MixedDataset needs at least one real item (the epoch is defined by the real data)")
+        if (image_column is None) != (label_column is None):
+            raise ValueError("pass both image_column and label_column (the columns of a dataset whose items are dicts), or neither")
+        if image_column is not None:
+            real_dataset = ColumnDataset(real_dataset, image_column, label_column)
         self.real_dataset = real_dataset
         self.cache = cache
         self.transform = transform
@@ -273,6 +284,11 @@ class MixedDataset(Dataset):
         self.mark_synthetic = bool(mark_synthetic)
 
         sample = real_dataset[0]
+        if isinstance(sample, dict):
+            raise ValueError(
+                f"real_dataset items are dicts (columns {list(sample)}), e.g. a Hugging Face datasets.Dataset; pass "
+                "image_column= and label_column= (e.g. image_column='image', label_column='label') to read them as (image, target)"
+            )
         if not isinstance(sample, (tuple, list)) or len(sample) != 2:
             raise ValueError(
                 f"real_dataset items must be (image, target) pairs, but item 0 is a {type(sample).__name__}"

@@ -13,7 +13,7 @@ from synthaug.mixing.sampler import Ratio, RatioBatchSampler
 
 __all__ = ["mixed_loader", "DATASET_KWARGS", "SAMPLER_KWARGS"]
 
-DATASET_KWARGS = ("transform", "synthetic_transform", "target_transform", "on_corrupt", "soft_targets", "mark_synthetic")
+DATASET_KWARGS = ("transform", "synthetic_transform", "target_transform", "on_corrupt", "soft_targets", "mark_synthetic", "image_column", "label_column")
 SAMPLER_KWARGS = (
     "shuffle",
     "seed",
@@ -45,7 +45,7 @@ def mixed_loader(
     Builds ``MixedDataset(real, cache, ...)`` and ``RatioBatchSampler(mixed, batch_size=...,
     synthetic_ratio=..., ...)`` and passes the sampler as the DataLoader's ``batch_sampler``.
     Keyword arguments are routed by name: ``transform``, ``synthetic_transform``,
-    ``target_transform``, ``on_corrupt``, ``soft_targets``, ``mark_synthetic`` go to
+    ``target_transform``, ``on_corrupt``, ``soft_targets``, ``mark_synthetic``, ``image_column``, ``label_column`` go to
     :class:`MixedDataset`; ``shuffle``, ``seed``,
     ``drop_last``, ``num_replicas``, ``rank``, ``classes``, ``on_exhausted``, ``max_reuse``,
     ``wait_timeout``, ``batches_per_epoch``, ``consumer``, ``cursor_interval``, ``history``,

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from synthaug.progress import progress_bar
 
 __all__ = ["ALEXNET_WEIGHTS_FILE", "LPIPS_MIN_SIDE", "find_lpips_backbone", "lpips_status"]
 
@@ -127,6 +128,6 @@ def lpips_scores(a: np.ndarray, b: np.ndarray, backbone: Path, *, progress: bool
 
     out = np.empty(len(a))
     with torch.no_grad():
-        for s in tqdm(range(0, len(a), batch), desc="LPIPS", unit="batch", disable=not progress, dynamic_ncols=True):
+        for s in progress_bar(range(0, len(a), batch), desc="LPIPS", unit="batch", disable=not progress, dynamic_ncols=True):
             out[s : s + batch] = model(prep(a[s : s + batch]), prep(b[s : s + batch])).flatten().double().numpy()
     return out

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from synthaug.adapter import image_sha256, read_adapter_config
 from synthaug.cache.store import SyntheticCache
@@ -41,6 +40,7 @@ from synthaug.evaluation.quality.metrics import (
 )
 from synthaug.evaluation.quality.plots import plot_fidelity, plot_nearest_pairs, plot_quality_histograms
 from synthaug.outputs import output_dir, write_json
+from synthaug.progress import progress_bar
 from synthaug.version import __version__
 
 __all__ = ["image_quality_report", "load_cache_images", "train_images_from_adapter", "write_quality_report"]
@@ -193,7 +193,7 @@ def image_quality_report(
     dim = h * w * c
 
     def bar(total: int, desc: str):
-        return tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True, leave=False)
+        return progress_bar(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True, leave=False)
 
     # nearest real image of each synthetic image (pixel distance)
     with bar(len(S), "nearest real") as b:
@@ -243,7 +243,7 @@ def image_quality_report(
     memorized = ref_d < tau
 
     # diversity
-    with tqdm(total=None, desc="diversity", unit="pair", disable=not progress, dynamic_ncols=True, leave=False) as b:
+    with progress_bar(total=None, desc="diversity", unit="pair", disable=not progress, dynamic_ncols=True, leave=False) as b:
         div_syn = _diversity(S, max_pairs=int(max_pairs), rng_key=[int(seed), 0], bar=b)
         div_real = _diversity(R, max_pairs=int(max_pairs), rng_key=[int(seed), 1], bar=b)
     ratio = div_syn["mean"] / div_real["mean"] if div_syn["mean"] is not None and div_real["mean"] else None
@@ -355,7 +355,7 @@ def load_cache_images(
         if limit and len(seqs) > limit:
             seqs = sorted(np.random.default_rng(int(seed)).choice(seqs, int(limit), replace=False).tolist())
         images: List[np.ndarray] = []
-        with tqdm(total=len(seqs), desc="read cache", unit="img", disable=not progress, dynamic_ncols=True, leave=False) as bar:
+        with progress_bar(total=len(seqs), desc="read cache", unit="img", disable=not progress, dynamic_ncols=True, leave=False) as bar:
             for s in range(0, len(seqs), 256):
                 images.extend(r.image for r in cache.get_many(seqs[s : s + 256]))
                 bar.update(min(256, len(seqs) - s))
