@@ -190,3 +190,41 @@ def test_mixed_dataset_maps_by_name_into_each_kind_of_dataset(tmp_path):
     _cache_of(tmp_path / "d", ["crack"], 0)
     with pytest.raises(ValueError, match="label 0 \\('crack'\\), a class the real dataset lacks"):
         MixedDataset(Plain(), tmp_path / "d")
+
+
+def test_a_relabel_interrupted_midway_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    """A relabel that dies in its third batch: the batches before it are whole, the names already
+    say the new class (the old label is left unnamed, so readers refuse it rather than misname it),
+    and `synthaug cache relabel` without --from finishes the rest: every record relabelled once."""
+    from synthaug.cache import codec
+    from synthaug.cli import main
+
+    path = tmp_path / "c"
+    cache = SyntheticCache(path, label_names=["a", "b", "Shirt"])
+    images = np.random.default_rng(1).integers(0, 255, (1000, 8, 8, 1), dtype=np.uint8)
+    cache.append(images, 2)
+    cache.close()
+    real_relabel, calls = codec.relabel_record, {"n": 0}
+
+    def dies_in_the_third_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * 256 + 10:
+            raise KeyboardInterrupt  # as a kill: the batch's transaction is never committed
+        return real_relabel(*args, **kwargs)
+
+    monkeypatch.setattr(codec, "relabel_record", dies_in_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        SyntheticCache(path).relabel({2: 0}, ["crack"], note={"by": "test"})
+    monkeypatch.setattr(codec, "relabel_record", real_relabel)
+    cache = SyntheticCache(path, readonly=True)
+    labels = cache.scan_labels()[0]
+    assert sum(v == 0 for v in labels.values()) == 512 and sum(v == 2 for v in labels.values()) == 488
+    assert cache.label_names == ["crack"] and cache.pending_relabel()["mapping"] == [[2, 0]]
+    cache.close()
+
+    assert main(["cache", "relabel", str(path), "--class-name", "crack"]) == 0
+    cache = SyntheticCache(path, readonly=True)
+    recs = cache.get_many(cache.seqs())
+    assert all(r.label == 0 and len(r.meta["relabeled"]) == 1 for r in recs)
+    assert all(np.array_equal(r.image, im) for r, im in zip(recs, images))
+    assert cache.pending_relabel() is None and cache.label_names == ["crack"]

@@ -533,8 +533,17 @@ class SyntheticCache:
 
         counts = {"changed": 0, "unchanged": 0, "already": 0, "corrupt": 0}
         handle = self._env()
+        # the names first (a crash midway leaves old labels unnamed, refused by readers, never
+        # named as another class), with a note of the relabel under way for a rerun to finish
+        pending = {"id": op_id, "mapping": sorted(mapping.items()), "label_names": new_names, "started_at": at}
+
+        def start(txn):
+            txn.put(b"relabel_pending", _jdump(pending), db=handle.dbs["meta"])
+            if label_names is not None:
+                txn.put(b"label_names", _jdump(new_names), db=handle.dbs["meta"])
+
+        handle.write(start)
         if label_names is not None:
-            handle.write(lambda txn: txn.put(b"label_names", _jdump(new_names), db=handle.dbs["meta"]))
             self._label_names = new_names
         seqs = self.seqs()
         bar = None
@@ -586,7 +595,15 @@ class SyntheticCache:
                 bar.update(len(chunk))
         if bar is not None:
             bar.close()
+        handle.write(lambda txn: txn.delete(b"relabel_pending", db=handle.dbs["meta"]))
         return counts
+
+    def pending_relabel(self) -> Optional[Dict[str, Any]]:
+        """The relabel a crash interrupted (``{"id", "mapping", "label_names", "started_at"}``),
+        or ``None``: running :meth:`relabel` with the same mapping and names finishes it."""
+        handle = self._env()
+        with handle.read() as txn:
+            return _jload(txn.get(b"relabel_pending", db=handle.dbs["meta"]))
 
     # ------------------------------------------------------------------ reading
     def get(self, seq: int) -> Record:

@@ -205,7 +205,11 @@ def cmd_relabel(args: argparse.Namespace) -> int:
         def shown(c):
             return f"{c} ({names[c]!r})" if 0 <= c < len(names) and names[c] else str(c)
 
-        if args.source is None:
+        pending = cache.pending_relabel()
+        if pending is not None and args.source is None:  # a relabel a crash interrupted: its class, unless --from says otherwise
+            old = int(pending["mapping"][0][0])
+            print(f"synthaug cache relabel: finishing the relabel of class {old} started {pending.get('started_at')} and interrupted")
+        elif args.source is None:
             if len(present) > 1:
                 raise ValueError(f"cache {args.path} holds several classes ({', '.join(shown(c) for c in sorted(present))}); "
                                  "choose the one to relabel with --from LABEL_OR_NAME")
@@ -216,7 +220,7 @@ def cmd_relabel(args: argparse.Namespace) -> int:
             old = names.index(args.source)
         else:
             raise ValueError(f"--from {args.source!r} is neither a label nor a name of cache {args.path} (its names: {names or 'none'})")
-        if old not in present:
+        if old not in present and pending is None:
             raise ValueError(f"cache {args.path} has no records of class {shown(old)}; it holds {', '.join(shown(c) for c in sorted(present))}")
         new, user_names = user_label_space(args.class_name, args.label, classes)
         others = [""] * max(len(names), 1)
