@@ -51,7 +51,7 @@ def test_your_own_image_folder_end_to_end(image_folder, tmp_path):
 
     adapter, cache = tmp_path / "adapter", tmp_path / "cache.lmdb"
     out = _cli("finetune", "--model", "builtin:fashion-mnist-ddpm", "--images", image_folder / "crack", "--out", adapter,
-               "--class-name", "crack", "--classes-from", image_folder, "--steps", 4, "--batch-size", 4)
+               "--class-name", "crack", "--classes-from", image_folder, "--steps", 4, "--batch-size", 4, "--validation-every", 4)
     assert out.returncode == 0, out.stderr
     assert "class 'crack', label 0 on the base model's slot 6 (untrained 'Shirt')" in out.stdout
     assert "LoRA crack" in out.stderr and "\r" not in out.stderr  # its progress names the class; a redirected log has no bars
