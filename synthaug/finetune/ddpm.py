@@ -132,8 +132,8 @@ def resolve_class(source, cfg) -> ClassChoice:
     * ``--class-name`` the model lacks (your own class): the LoRA trains a slot the model never
       trained (the built-in model's Shirt slot, held out of its pretraining), or, when the model
       trained all its slots, a new slot added after the null class and started from the null
-      embedding (the null-adjacent slot); records carry your name and ``--label`` (default: its index in ``--classes``,
-      else 0), provenance the slot.
+      embedding (the null-adjacent slot); records carry your name and ``--label`` (default: its
+      index in ``--classes``, else 0), provenance the slot.
     * neither: the model's rare class (``--label`` alone must name that class's index).
 
     Raises:
@@ -175,7 +175,8 @@ def resolve_class(source, cfg) -> ClassChoice:
     if free:
         return ClassChoice(slot=free[0], slot_name=classes[free[0]], label=label, class_name=name, label_names=names, free=True)
     unet_cfg = json.loads((Path(source.path) / "unet" / "config.json").read_text())
-    return ClassChoice(slot=int(unet_cfg.get("num_class_embeds") or len(classes) + 1), slot_name=None, label=label, class_name=name, label_names=names, extend=True, free=True)
+    return ClassChoice(slot=int(unet_cfg.get("num_class_embeds") or len(classes) + 1), slot_name=None, label=label, class_name=name,
+                       label_names=names, extend=True, free=True)
 
 
 def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, cfg: FinetuneConfig, *, resume: bool, progress: bool = True) -> Path:
