@@ -521,8 +521,13 @@ class SyntheticCache:
         op_id = hashlib.sha256(json.dumps([sorted(mapping.items()), new_names]).encode()).hexdigest()[:16]
         at = _now()
 
-        def name(names, i):
+        def name(names, label):  # the name of the class a label is filed under (a multi-label record: its first)
+            i = codec.label_class(label)
+            i = i[0] if isinstance(i, tuple) else i
             return names[i] if 0 <= i < len(names) and names[i] else None
+
+        def plain(label):  # a label as JSON holds it
+            return list(label) if isinstance(label, tuple) else dict(label) if isinstance(label, SoftLabel) else label
 
         def remap(label):
             if isinstance(label, SoftLabel):
@@ -574,12 +579,8 @@ class SyntheticCache:
                     if new == label:
                         done["unchanged"] += 1
                         continue
-                    first_old, first_new = codec.label_class(label), codec.label_class(new)
-                    first_old = first_old[0] if isinstance(first_old, tuple) else first_old
-                    first_new = first_new[0] if isinstance(first_new, tuple) else first_new
-                    entry = {"id": op_id, "from": list(label) if isinstance(label, tuple) else (dict(label) if isinstance(label, SoftLabel) else label),
-                             "to": list(new) if isinstance(new, tuple) else (dict(new) if isinstance(new, SoftLabel) else new),
-                             "from_name": name(old_names, first_old), "to_name": name(new_names, first_new), "at": at, **(note or {})}
+                    entry = {"id": op_id, "from": plain(label), "to": plain(new), "from_name": name(old_names, label),
+                             "to_name": name(new_names, new), "at": at, **(note or {})}
                     meta = dict(meta, relabeled=history + [entry])
                     if "label" in meta:
                         meta["label"] = entry["to"]
@@ -949,6 +950,26 @@ class SyntheticCache:
             "created_at": m.get("created_at"),
         }
 
+    def class_counts(self, *, every_class: bool = False, corrupt: Optional[List[int]] = None) -> Counter:
+        """Records per class index: a multi-label record counts once per label, a soft label under
+        the class its image was made for (``every_class``: under each class it weighs).
+
+        Damaged records are not counted; pass a list as ``corrupt`` to get their sequence numbers
+        appended to it.
+        """
+        counts: Counter = Counter()
+        labels, bad = self.scan_labels()
+        if corrupt is not None:
+            corrupt.extend(bad)
+        for lab in labels.values():
+            if isinstance(lab, tuple):
+                counts.update(lab)
+            elif isinstance(lab, SoftLabel) and every_class:
+                counts.update(lab.keys())
+            else:
+                counts[codec.label_class(lab)] += 1
+        return counts
+
     def label_histogram(self, *, corrupt: Optional[List[int]] = None) -> Dict[str, int]:
         """Records per label (multi-label records count once per label, a soft label under the
         class its image was made for), keyed by label text.
@@ -956,12 +977,7 @@ class SyntheticCache:
         Damaged records (bad header or CRC) are not counted; pass a list as ``corrupt`` to get
         their sequence numbers appended to it.
         """
-        counts: Counter = Counter()
-        labels, bad = self.scan_labels()
-        if corrupt is not None:
-            corrupt.extend(bad)
-        for lab in labels.values():
-            counts.update(lab if isinstance(lab, tuple) else (codec.label_class(lab),))
+        counts = self.class_counts(corrupt=corrupt)
         names = self.label_names
         return {
             (f"{k} ({names[k]})" if names and 0 <= k < len(names) else str(k)): v for k, v in sorted(counts.items())

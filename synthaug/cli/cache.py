@@ -11,6 +11,7 @@ from typing import Any, Dict, List
 
 from synthaug.cache.liveness import dead_writer
 from synthaug.cache.store import SyntheticCache
+from synthaug.cli.finetune import add_class_arguments, classes_from_args
 from synthaug.imaging import save_image_grid
 from synthaug.outputs import output_dir
 
@@ -170,14 +171,6 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
-def _label_classes(label) -> List[int]:
-    if isinstance(label, dict):
-        return [int(c) for c in label]
-    if isinstance(label, (tuple, list)):
-        return [int(c) for c in label]
-    return [int(label)]
-
-
 def cmd_relabel(args: argparse.Namespace) -> int:
     """Give the records of one class your class name and label (provenance of the change kept)."""
     import os
@@ -185,20 +178,18 @@ def cmd_relabel(args: argparse.Namespace) -> int:
 
     from synthaug.cache.store import merge_label_names
     from synthaug.cache.writers import SEED_BLOCK, WriterLock
-    from synthaug.cli.finetune import _label_names
     from synthaug.finetune.common import user_label_space
 
     if not os.path.isfile(os.path.join(args.path, "data.mdb")):
         raise FileNotFoundError(f"no synthetic cache at {args.path} (no data.mdb)")
-    classes = _label_names(args)
+    classes = classes_from_args(args)
     cache = SyntheticCache(args.path)
     # hold every writer lock, so no worker appends records in the old label space meanwhile
     blocks = {0} | {int(p.stem.split("-", 1)[1]) for p in Path(args.path).glob("writer-*.lock") if p.stem.split("-", 1)[1].isdigit()}
     locks = [WriterLock(args.path, b * SEED_BLOCK, kind="synthaug cache relabel").acquire() for b in sorted(blocks)]
     try:
         names = cache.label_names or []
-        labels, corrupt = cache.scan_labels(0, None)
-        present = Counter(c for label in labels.values() for c in _label_classes(label))
+        present = cache.class_counts(every_class=True)  # a soft label's source classes keep their names
         if not present:
             raise ValueError(f"cache {args.path} holds no records to relabel")
 
@@ -273,8 +264,7 @@ def register(sub) -> None:
     q.add_argument("path", help="cache directory")
     q.add_argument("--class-name", required=True, help="your class's name, which the records will carry")
     q.add_argument("--label", type=int, default=None, help="the class's index in your classifier (default: its index in --classes/--classes-from, else 0)")
-    q.add_argument("--classes", nargs="+", default=None, metavar="NAME", help="your classifier's class names in label order")
-    q.add_argument("--classes-from", default=None, metavar="DIR", help="take --classes from an ImageFolder root's class folders, sorted")
+    add_class_arguments(q)
     q.add_argument("--from", dest="source", default=None, metavar="LABEL_OR_NAME", help="the class to relabel (default: the cache's only class)")
     q.set_defaults(func=cmd_relabel)
 

@@ -8,7 +8,7 @@ import warnings
 
 from synthaug.finetune import finetune_lora
 
-__all__ = ["register"]
+__all__ = ["register", "add_class_arguments", "classes_from_args"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
         "negative_prompt": args.negative_prompt,
         "label": args.label,
         "class_name": args.class_name,
-        "label_names": _label_names(args),
+        "label_names": classes_from_args(args),
         "rank": args.rank,
         "alpha": args.alpha,
         "lr": args.lr,
@@ -58,9 +58,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _label_names(args: argparse.Namespace):
+def add_class_arguments(p: argparse.ArgumentParser) -> None:
+    """``--classes`` and ``--classes-from``: your classifier's label space (finetune, cache relabel)."""
+    p.add_argument("--classes", nargs="+", default=None, metavar="NAME", help="your classifier's class names in label order, so records carry your whole label space (default: none)")
+    p.add_argument("--classes-from", default=None, metavar="DIR", help="take --classes from an ImageFolder root: its class folders, sorted (default: none)")
+
+
+def classes_from_args(args: argparse.Namespace):
     """Your label space from --classes or --classes-from (an ImageFolder root: its class
-    folders in sorted order, as torchvision's ImageFolder numbers them)."""
+    folders in sorted order, as torchvision's ImageFolder numbers them); ``None`` without either."""
     if args.classes and args.classes_from:
         raise ValueError("pass --classes or --classes-from, not both")
     if args.classes_from:
@@ -90,8 +96,7 @@ def register(sub) -> None:
     p.add_argument("--negative-prompt", default=None, help="negative prompt stored for generation (default: none)")
     p.add_argument("--class-name", default=None, help="your class's name, carried by every generated record (MixedDataset maps records into your dataset by it); on a class-conditional model that lacks it, the LoRA trains a free conditioning slot (default: the model's rare class, e.g. Shirt)")
     p.add_argument("--label", type=int, default=None, help="the class's index in YOUR classifier's label space (default: its index in --classes/--classes-from; else the model's index for one of its classes; else 0)")
-    p.add_argument("--classes", nargs="+", default=None, metavar="NAME", help="your classifier's class names in label order, so records carry your whole label space (default: none)")
-    p.add_argument("--classes-from", default=None, metavar="DIR", help="take --classes from an ImageFolder root: its class folders, sorted (default: none)")
+    add_class_arguments(p)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: equal to --rank)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 1e-4 for Stable Diffusion, 1e-3 for the pixel DDPM)")

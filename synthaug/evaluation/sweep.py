@@ -106,11 +106,10 @@ def _prepare_out(out: Path, cfg: SweepConfig, inputs: Dict[str, Any]) -> List[Di
         rows = json.loads(results.read_text())["rows"] if results.is_file() else []
         if earlier == identity and not cfg.overwrite:
             return rows
+        changed = sorted(k for k in set(earlier) | set(identity) if earlier.get(k) != identity.get(k))
         if not cfg.overwrite and not rows:  # an earlier sweep that failed before its first arm finished: nothing to lose
-            changed = sorted(k for k in set(earlier) | set(identity) if earlier.get(k) != identity.get(k))
             print(f"synthaug sweep: replacing {out}, an earlier sweep with other settings ({', '.join(changed)}) that finished no arm")
         elif not cfg.overwrite:
-            changed = sorted(k for k in set(earlier) | set(identity) if earlier.get(k) != identity.get(k))
             raise FileExistsError(f"{out} holds a sweep with other settings or inputs ({', '.join(changed)}); choose another --out or "
                                   "pass --overwrite to replace it")
         for given in (cfg.cache, cfg.adapter):

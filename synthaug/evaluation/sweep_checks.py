@@ -106,30 +106,20 @@ def _targets(dataset: Any):
 
 def _check_cache(cfg, data: StudyData) -> int:
     """The given cache's records of the rare class; refuses one whose classes the data set lacks."""
-    from synthaug.cache.codec import label_class
     from synthaug.cache.store import SyntheticCache
+    from synthaug.evaluation.sweep_pools import study_class
 
     cache = SyntheticCache(cfg.cache, readonly=True)
     try:
         names = cache.label_names
-        labels, _corrupt = cache.scan_labels(0, None)
+        counts = cache.class_counts()
     finally:
         cache.close()
-    counts: Dict[int, int] = {}
-    for label in labels.values():
-        label = label_class(label)
-        for v in (label if isinstance(label, (tuple, list)) else [label]):
-            counts[int(v)] = counts.get(int(v), 0) + 1
-    index = {c: i for i, c in enumerate(data.classes)}
     lacking, rare = [], 0
     for v, n in sorted(counts.items()):
-        if names is not None:
-            name = names[v] if 0 <= v < len(names) else None
-            mapped = index.get(name) if name else None
-            shown = f"{v} ({name!r})" if name else str(v)
-        else:
-            mapped = v if 0 <= v < len(data.classes) else None
-            shown = str(v)
+        mapped = study_class(v, names, data.classes)
+        name = names[v] if names is not None and 0 <= v < len(names) and names[v] else None
+        shown = f"{v} ({name!r})" if name else str(v)
         if mapped is None:
             lacking.append(f"{shown} ×{n}")
         elif mapped == data.rare:

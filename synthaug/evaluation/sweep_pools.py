@@ -326,25 +326,28 @@ def _relabel(label, names: Optional[List[str]], classes: List[str]):
     return classes.index(names[label])
 
 
+def study_class(label: int, names: Optional[Sequence[str]], classes: List[str]) -> Optional[int]:
+    """A cache label as a class of the study, as MixedDataset maps it: by name when the cache
+    names its labels (``None`` for a name the study lacks, or an unnamed label), else by index
+    (``None`` outside the study's classes)."""
+    if names is not None:
+        name = names[label] if 0 <= label < len(names) else ""
+        return classes.index(name) if name in classes else None
+    return label if 0 <= label < len(classes) else None
+
+
 def rare_seqs(cache: SyntheticCache, data: StudyData) -> List[int]:
     """Sequence numbers of the cache's records of the rare class, oldest first: labels mapped into
     the dataset's label space by name when the cache names its labels, else by index (as
     MixedDataset maps them); a multi-label record counts when it carries the rare label, a soft
     label when its first class (the one the image was made for) is the rare class."""
     names = cache.label_names
-    index = {c: i for i, c in enumerate(data.classes)}
-
-    def mapped(label: int) -> Optional[int]:
-        if names is not None:
-            return index.get(names[label]) if 0 <= label < len(names) else None
-        return int(label)
-
     labels, _corrupt = cache.scan_labels(0, int(cache.stats()["next_seq"]))
     out = []
     for seq, label in labels.items():
         label = label_class(label)  # a soft label: the class it was made for
         values = label if isinstance(label, (list, tuple)) else [label]
-        if any(mapped(int(v)) == data.rare for v in values):
+        if any(study_class(int(v), names, data.classes) == data.rare for v in values):
             out.append(int(seq))
     return sorted(out)
 

@@ -28,6 +28,7 @@ from synthaug.outputs import output_dir
 __all__ = [
     "FinetuneConfig",
     "TrainingImages",
+    "named_class",
     "user_label_space",
     "load_training_images",
     "prepare_output_dir",
@@ -145,6 +146,16 @@ class FinetuneConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+def named_class(cfg: "FinetuneConfig") -> Optional[str]:
+    """The name of the class a run learns: ``class_name``, else the name ``label_names`` gives
+    ``label``, else ``None``."""
+    if cfg.class_name is not None:
+        return str(cfg.class_name)
+    if cfg.label_names and cfg.label is not None and 0 <= cfg.label < len(cfg.label_names):
+        return str(cfg.label_names[cfg.label])
+    return None
 
 
 def user_label_space(class_name: str, label: Optional[int], label_names: Optional[Sequence[str]]) -> Tuple[int, List[str]]:

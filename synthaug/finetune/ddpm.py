@@ -23,6 +23,7 @@ from synthaug.finetune.common import (
     FinetuneConfig,
     TrainingImages,
     to_gray,
+    named_class,
     user_label_space,
     FINAL_LOSS_WINDOW,
     final_loss,
@@ -95,7 +96,6 @@ class ClassChoice:
         label, class_name: the records' label and class name, in your classifier's label space.
         label_names: your label space's names (``None``: the base model's classes are it).
         extend: the slot is new, one past the null class (the base model has no free slot).
-        free: the slot is one the base model never trained (so nothing it knew is overwritten).
     """
 
     slot: int
@@ -104,13 +104,6 @@ class ClassChoice:
     class_name: str
     label_names: Optional[List[str]]
     extend: bool = False
-    free: bool = False
-
-    def describe(self) -> str:
-        where = ("a new conditioning slot (the base model has no free one)" if self.extend
-                 else f"the base model's untrained slot {self.slot}" + (f" ({self.slot_name!r})" if self.slot_name else "") if self.free
-                 else f"the base model's class {self.slot} ({self.slot_name!r})")
-        return f"class {self.class_name!r} (label {self.label}) on {where}"
 
 
 def _free_slots(model_cfg: Dict[str, Any], n_classes: int) -> List[int]:
@@ -147,9 +140,7 @@ def resolve_class(source, cfg) -> ClassChoice:
     if not cfg.train_class_embedding and (cfg.class_name is not None and cfg.class_name not in classes):
         raise ValueError(f"--class-name {cfg.class_name!r} is not a class of {source.ref}, so its conditioning slot must learn an "
                          "embedding; drop --no-train-class-embedding")
-    name, label = cfg.class_name, cfg.label
-    if name is None and cfg.label_names and label is not None and 0 <= label < len(cfg.label_names):
-        name = str(cfg.label_names[label])
+    name, label = named_class(cfg), cfg.label
     if name is None:
         rare = model_cfg.get("rare_class_index")
         if rare is None:
@@ -161,22 +152,20 @@ def resolve_class(source, cfg) -> ClassChoice:
                 f"of {source.ref} and your records carry NAME and label {label})"
             )
         name = classes[rare]
-        return ClassChoice(slot=rare, slot_name=name, label=rare, class_name=name, label_names=None,
-                           free=rare in _free_slots(model_cfg, len(classes)))
-    name = str(name)
-    free = _free_slots(model_cfg, len(classes))
+        return ClassChoice(slot=rare, slot_name=name, label=rare, class_name=name, label_names=None)
     if name in classes:
         slot = classes.index(name)
         if (label is None or label == slot) and (not cfg.label_names or list(cfg.label_names) == classes):
-            return ClassChoice(slot=slot, slot_name=name, label=slot, class_name=name, label_names=None, free=slot in free)
+            return ClassChoice(slot=slot, slot_name=name, label=slot, class_name=name, label_names=None)
         label, names = user_label_space(name, label, cfg.label_names)
-        return ClassChoice(slot=slot, slot_name=name, label=label, class_name=name, label_names=names, free=slot in free)
+        return ClassChoice(slot=slot, slot_name=name, label=label, class_name=name, label_names=names)
     label, names = user_label_space(name, label, cfg.label_names)
+    free = _free_slots(model_cfg, len(classes))
     if free:
-        return ClassChoice(slot=free[0], slot_name=classes[free[0]], label=label, class_name=name, label_names=names, free=True)
+        return ClassChoice(slot=free[0], slot_name=classes[free[0]], label=label, class_name=name, label_names=names)
     unet_cfg = json.loads((Path(source.path) / "unet" / "config.json").read_text())
     return ClassChoice(slot=int(unet_cfg.get("num_class_embeds") or len(classes) + 1), slot_name=None, label=label, class_name=name,
-                       label_names=names, extend=True, free=True)
+                       label_names=names, extend=True)
 
 
 def finetune_pixel_ddpm(source: ModelSource, train: TrainingImages, out: Path, cfg: FinetuneConfig, *, resume: bool, progress: bool = True) -> Path:

@@ -25,6 +25,7 @@ from synthaug.finetune.common import (
     TrainingImages,
     FINAL_LOSS_WINDOW,
     final_loss,
+    named_class,
     user_label_space,
     noise_prediction_loss,
     peak_rss_mb,
@@ -92,9 +93,7 @@ def check_settings(source, cfg) -> None:
 def resolve_sd_class(source, cfg):
     """``(label, class_name, label_names)`` of a Stable-Diffusion adapter's records: your class's
     name and label as :func:`~synthaug.finetune.common.user_label_space` resolves them."""
-    name = cfg.class_name
-    if name is None and cfg.label_names and cfg.label is not None and 0 <= cfg.label < len(cfg.label_names):
-        name = str(cfg.label_names[cfg.label])
+    name = named_class(cfg)
     if name is None:
         if cfg.label is None:
             raise ValueError(
@@ -103,7 +102,7 @@ def resolve_sd_class(source, cfg):
             )
         return int(cfg.label), None, None
     label, names = user_label_space(str(name), cfg.label, cfg.label_names)
-    return label, str(name), names
+    return label, name, names
 
 
 def finetune_stable_diffusion(source: ModelSource, train: TrainingImages, out: Path, cfg: FinetuneConfig, *, resume: bool, progress: bool = True) -> Path:
