@@ -79,6 +79,8 @@ def test_cache_benchmark_quick_through_the_cli(tmp_path, capsys):
     assert "get_many / bare" in out
     rows = json.loads((tmp_path / "cache_quick.json").read_text())["rows"]
     assert {r["encoding"] for r in rows} == {"raw", "png", "jpeg", "webp"}
+    raw = [r for r in rows if r["encoding"] == "raw"]
+    assert len(raw) == 2 and all(r["PNG folder (PIL) rec/s"] > 0 and r["read_batch / bare"] > 0 for r in raw)
 
 
 def test_bench_help_and_unknown_benchmark(capsys):

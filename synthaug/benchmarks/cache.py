@@ -8,6 +8,13 @@ A third loop, the bare one plus the CRC-32C check over the whole value, separate
 the integrity check (which lets a damaged record be reported instead of trained on) from the
 rest of the read path (header fields, labels, metadata, the ``Record``).
 
+Our contenders: ``read_batch`` (the batch path ``MixedDataset`` uses: one transaction, values
+seen in place, one copy per image into one batch array, CRC checked, provenance left out),
+``get_many`` (the same, plus a ``Record`` and the provenance per record) and ``get`` (one
+transaction per record). For raw records, the peers' storage as well: a folder of PNG files read
+with PIL, as DA-Fusion, Diff-Mix and DataDream keep their synthetic images. Ratios are medians of
+per-repeat ratios (the contenders run side by side in each repeat).
+
 All read loops visit the same records in the same random order, in batches of 64 per read
 transaction, alternating run by run (see ``interleaved``), in one process. Images have
 real-photo statistics (Fashion-MNIST for 28×28 gray, crops of photographs for 256×256 RGB),
@@ -19,6 +26,7 @@ since noise would make PNG/JPEG sizes meaningless.
 from __future__ import annotations
 
 import argparse
+import statistics
 import struct
 import tempfile
 from pathlib import Path
@@ -65,8 +73,41 @@ def _bare_reader(cache: SyntheticCache, seq_batches: List[List[int]], crc: bool 
     return read
 
 
+def _png_folder(folder: Path, images: np.ndarray, labels: np.ndarray, seqs: List[int], seq_batches: List[List[int]]):
+    """How DA-Fusion, Diff-Mix and DataDream keep synthetic images: one PNG file per image in a
+    folder per class (PIL's default compression), read back with PIL into an array. Returns the
+    reader of the same records in the same order."""
+    from PIL import Image
+
+    paths = {}
+    for seq, image, label in zip(sorted(seqs), images, labels):  # seq k holds images[k] (appended in order)
+        d = folder / str(int(label))
+        d.mkdir(parents=True, exist_ok=True)
+        paths[seq] = d / f"{seq:08d}.png"
+        Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(paths[seq])
+    mode = "L" if images.shape[3] == 1 else "RGB"
+
+    def read() -> None:
+        for batch in seq_batches:
+            for seq in batch:
+                with Image.open(paths[seq]) as im:
+                    np.asarray(im.convert(mode) if im.mode != mode else im)
+
+    return read
+
+
+def _paired(a: Dict[str, Any], b: Dict[str, Any]) -> float:
+    """Median of the per-repeat ratios a/b (the contenders ran side by side in each repeat)."""
+    return statistics.median(x / y for x, y in zip(a["runs"], b["runs"]))
+
+
+def _paired_range(a: Dict[str, Any], b: Dict[str, Any]) -> str:
+    r = [x / y for x, y in zip(a["runs"], b["runs"])]
+    return f"{min(r):.2f}–{max(r):.2f}"
+
+
 def run(quick: bool = False, repeats: int = 0) -> Dict[str, Any]:
-    repeats = repeats or (3 if quick else 5)
+    repeats = repeats or (3 if quick else 9)
     rows: List[Dict[str, Any]] = []
     for name, size, channels, n_full, n_quick in CONFIGS:
         n = n_quick if quick else n_full
@@ -96,15 +137,21 @@ def run(quick: bool = False, repeats: int = 0) -> Dict[str, Any]:
                         for s in b:
                             cache.get(s)
 
-                timing = interleaved(
-                    {
-                        "bare": lambda: rate(n, bare),
-                        "bare_crc": lambda: rate(n, bare_crc),
-                        "ours_get_many": lambda: rate(n, ours_batched),
-                        "ours_get": lambda: rate(n, ours_single),
-                    },
-                    repeats,
-                )
+                def ours_read_batch() -> None:
+                    for b in seq_batches:
+                        cache.read_batch(b, with_meta=False)
+
+                contenders = {
+                    "bare": lambda: rate(n, bare),
+                    "bare_crc": lambda: rate(n, bare_crc),
+                    "ours_read_batch": lambda: rate(n, ours_read_batch),
+                    "ours_get_many": lambda: rate(n, ours_batched),
+                    "ours_get": lambda: rate(n, ours_single),
+                }
+                if encoding == "raw":  # the peers' storage, once per image size
+                    png_reader = _png_folder(Path(tmp) / "png", images, labels, seqs.tolist(), seq_batches)
+                    contenders["png_folder"] = lambda: rate(n, png_reader)
+                timing = interleaved(contenders, repeats)
                 stats = cache.stats()
                 cache.close()
             row = {
@@ -113,15 +160,21 @@ def run(quick: bool = False, repeats: int = 0) -> Dict[str, Any]:
                 "records": n,
                 "bytes/record": stats["bytes"] / n,
                 "append rec/s": append_rate,
+                "read rec/s (read_batch)": timing["ours_read_batch"]["median"],
+                "read_batch / bare": _paired(timing["ours_read_batch"], timing["bare"]),
+                "read_batch / bare (min–max)": _paired_range(timing["ours_read_batch"], timing["bare"]),
                 "read rec/s (get_many)": timing["ours_get_many"]["median"],
                 "read rec/s (get)": timing["ours_get"]["median"],
                 "bare lmdb rec/s": timing["bare"]["median"],
-                "get_many / bare": timing["ours_get_many"]["median"] / timing["bare"]["median"],
-                "get / bare": timing["ours_get"]["median"] / timing["bare"]["median"],
+                "get_many / bare": _paired(timing["ours_get_many"], timing["bare"]),
+                "get / bare": _paired(timing["ours_get"], timing["bare"]),
                 "bare+CRC rec/s": timing["bare_crc"]["median"],
-                "get_many / bare+CRC": timing["ours_get_many"]["median"] / timing["bare_crc"]["median"],
+                "get_many / bare+CRC": _paired(timing["ours_get_many"], timing["bare_crc"]),
                 "timing": timing,
             }
+            if "png_folder" in timing:
+                row["PNG folder (PIL) rec/s"] = timing["png_folder"]["median"]
+                row["read_batch / PNG folder"] = _paired(timing["ours_read_batch"], timing["png_folder"])
             rows.append(row)
             print(f"  {name:<12} {encoding:<5} done", flush=True)
     return {"quick": quick, "repeats": repeats, "read_batch": READ_BATCH, "rows": rows}
@@ -132,20 +185,25 @@ COLUMNS = [
     "encoding",
     "bytes/record",
     "append rec/s",
+    "bare lmdb rec/s",
+    "read rec/s (read_batch)",
+    "read_batch / bare",
+    "read_batch / bare (min–max)",
     "read rec/s (get_many)",
     "read rec/s (get)",
-    "bare lmdb rec/s",
     "get_many / bare",
     "get / bare",
     "bare+CRC rec/s",
     "get_many / bare+CRC",
+    "PNG folder (PIL) rec/s",
+    "read_batch / PNG folder",
 ]
 
 
 def main(argv=None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer records and repeats (under a minute)")
-    p.add_argument("--repeats", type=int, default=0, help="interleaved repeats (default 5, quick 3)")
+    p.add_argument("--repeats", type=int, default=0, help="interleaved repeats (default 9, quick 3)")
     p.add_argument("--out", default=None, help="folder for cache.json (default benchmarks/results)")
     args = p.parse_args(argv)
     result = run(args.quick, args.repeats)

@@ -60,9 +60,11 @@ __all__ = [
     "HEADER_SIZE",
     "Encoding",
     "Record",
+    "RecordBatch",
     "SoftLabel",
     "label_class",
     "decode_image",
+    "decode_batch",
     "decode_record",
     "encode_image",
     "encode_record",
@@ -650,6 +652,146 @@ def decode_record(buf, seq: Optional[int] = None, *, check_crc: bool = True, pat
     except Exception as exc:  # any failure to read the bytes back is corruption of this record
         raise CorruptRecordError(seq, _reason(exc), path) from None
     return Record(seq, image, label, meta_bytes, path)
+
+
+class RecordBatch:
+    """Records read together (:meth:`SyntheticCache.read_batch`), their images in one array.
+
+    Attributes:
+        seqs: the records' sequence numbers, in the order asked for.
+        images: a writable uint8 array N×H×W×C when every record has the same shape (the usual
+            case: one generator fills a cache), else a list of N arrays H×W×C.
+        labels: the N labels (int, tuple of ints, or :class:`SoftLabel`).
+        meta_bytes: the N records' provenance as stored (compact UTF-8 JSON; ``None`` when read
+            with ``with_meta=False``); :meth:`meta` parses one.
+    """
+
+    __slots__ = ("seqs", "images", "labels", "meta_bytes", "_path")
+
+    def __init__(self, seqs: List[Optional[int]], images, labels: List[Label], meta_bytes: Optional[List[bytes]], path=None) -> None:
+        self.seqs, self.images, self.labels, self.meta_bytes, self._path = seqs, images, labels, meta_bytes, path
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def meta(self, i: int) -> Dict[str, Any]:
+        """The provenance dict of the ``i``-th record."""
+        return _parse_meta(self._metas()[i], self.seqs[i], self._path)
+
+    def records(self) -> List[Record]:
+        """One :class:`Record` per record; their images are views of :attr:`images`."""
+        return [Record(q, im, lab, mb, self._path) for q, im, lab, mb in zip(self.seqs, self.images, self.labels, self._metas())]
+
+    def _metas(self) -> List[bytes]:
+        if self.meta_bytes is None:
+            raise ValueError("this batch was read with with_meta=False: it holds no provenance")
+        return self.meta_bytes
+
+
+# a raw image this large is copied out of the map first and checksummed in CPU cache (one pass
+# over the mapped pages); a smaller record is checksummed on the map view in two calls, which
+# costs less than the extra call (benchmarks/cache.py)
+_CRC_AFTER_COPY = 1 << 16
+
+
+def decode_batch(bufs: Sequence, seqs: Sequence[Optional[int]], *, out: Optional[np.ndarray] = None, check_crc: bool = True,
+                 with_meta: bool = True, path=None) -> RecordBatch:
+    """A :class:`RecordBatch` from record values (bytes or memoryviews valid for this call).
+
+    Every header is parsed and checked once; when all records share one shape their images are
+    copied straight from the values into one N×H×W×C array (``out`` if given: C-contiguous uint8
+    of that shape), raw images in a single copy each, the CRC computed on the value (large raw
+    images: on the copy, while it is in CPU cache). The checks are those of :func:`decode_record`.
+    ``with_meta=False`` leaves the provenance out (:attr:`RecordBatch.meta_bytes` is ``None``).
+
+    Raises:
+        CorruptRecordError: naming the first record whose CRC, header or image is bad.
+        ValueError: ``out`` has the wrong shape, dtype or layout.
+    """
+    n = len(bufs)
+    heads = []
+    i = 0
+    try:
+        for i in range(n):
+            heads.append(_parse_header(bufs[i]))
+        shape = (heads[0][5], heads[0][6], heads[0][3]) if n else (0, 0, 0)
+        uniform = all(f[5] == shape[0] and f[6] == shape[1] and f[3] == shape[2] for f in heads)
+    except Exception as exc:
+        raise CorruptRecordError(seqs[i], _reason(exc), path) from None
+    if not uniform:
+        records = [decode_record(buf, seq, check_crc=check_crc, path=path) for buf, seq in zip(bufs, seqs)]
+        return RecordBatch(list(seqs), [r.image for r in records], [r.label for r in records], [r._meta_bytes for r in records], path)
+    size = shape[0] * shape[1] * shape[2]
+    if out is None and size < _CRC_AFTER_COPY and all(f[2] == 0 for f in heads):
+        return _decode_small_raw(bufs, seqs, heads, shape, check_crc, with_meta, path)
+    if out is None:
+        images = np.empty((n, *shape), np.uint8)
+    elif out.shape != (n, *shape) or out.dtype != np.uint8 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writable C-contiguous uint8 array of shape {(n, *shape)}, got {out.dtype} {out.shape}")
+    else:
+        images = out
+    flat = images.reshape(n, size)
+    labels: List[Label] = []
+    metas: List[bytes] = []
+    crc = _crc32c
+    unpack_label = _INT32.unpack_from
+    try:
+        for i in range(n):
+            buf = bufs[i]
+            _m, _v, enc, _c, flags, _h, _w, n_labels, meta_len, image_len, stored = heads[i]
+            meta_start = HEADER_SIZE + (_SOFT_PAIR_SIZE if flags & _FLAG_SOFT else 4) * n_labels  # _label_bytes, inlined
+            img_start = meta_start + meta_len
+            if enc == 0:
+                if image_len != size:
+                    raise ValueError(f"raw image holds {image_len} bytes, expected {shape[0]}×{shape[1]}×{shape[2]} = {size}")
+                row = flat[i]
+                row[:] = np.frombuffer(buf, np.uint8, image_len, img_start)
+                if check_crc:
+                        actual = crc(row, crc(buf[HEADER_SIZE:img_start], crc(buf[:_CRC_OFFSET])))
+                        if actual != stored:
+                            raise ValueError(f"CRC-32C mismatch (stored {stored:08x}, computed {actual:08x})")
+            else:
+                if check_crc:
+                    _check_crc(buf, stored)
+                flat[i] = _decode_image(buf[img_start:], enc, *shape).reshape(size)
+            labels.append(unpack_label(buf, HEADER_SIZE)[0] if n_labels == 1 and not flags else _labels_from(buf, n_labels, flags))
+            if with_meta:
+                metas.append(bytes(buf[meta_start:img_start]))
+    except MemoryError:
+        raise  # the process running short, not the record (see decode_record)
+    except Exception as exc:
+        raise CorruptRecordError(seqs[i], _reason(exc), path) from None
+    return RecordBatch(list(seqs), images, labels, metas if with_meta else None, path)
+
+
+def _decode_small_raw(bufs, seqs, heads, shape, check_crc: bool, with_meta: bool, path) -> RecordBatch:
+    """:func:`decode_batch` for small raw images of one shape: each value's CRC on the map view,
+    the images joined straight into one buffer (one copy each, no per-row array)."""
+    size = shape[0] * shape[1] * shape[2]
+    crc, unpack_label = _crc32c, _INT32.unpack_from
+    pieces, labels, metas = [], [], []
+    i = 0
+    try:
+        for i in range(len(bufs)):
+            buf = bufs[i]
+            _m, _v, _e, _c, flags, _h, _w, n_labels, meta_len, image_len, stored = heads[i]
+            if image_len != size:
+                raise ValueError(f"raw image holds {image_len} bytes, expected {shape[0]}×{shape[1]}×{shape[2]} = {size}")
+            if check_crc:
+                actual = crc(buf[HEADER_SIZE:], crc(buf[:_CRC_OFFSET]))
+                if actual != stored:
+                    raise ValueError(f"CRC-32C mismatch (stored {stored:08x}, computed {actual:08x})")
+            img_start = len(buf) - image_len  # the image runs to the end (_parse_header checked the length)
+            pieces.append(buf[img_start:])
+            labels.append(unpack_label(buf, HEADER_SIZE)[0] if n_labels == 1 and not flags else _labels_from(buf, n_labels, flags))
+            if with_meta:
+                metas.append(bytes(buf[img_start - meta_len : img_start]))
+        images = np.frombuffer(bytearray().join(pieces), np.uint8).reshape(len(bufs), *shape)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise CorruptRecordError(seqs[i], _reason(exc), path) from None
+    return RecordBatch(list(seqs), images, labels, metas if with_meta else None, path)
 
 
 def peek_label(buf, seq: Optional[int] = None, path=None, *, check_crc: bool = True) -> Label:

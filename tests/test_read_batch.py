@@ -1,0 +1,95 @@
+"""SyntheticCache.read_batch: the batch read path (one transaction, one copy per image into one
+array, CRC on every record) returns exactly what per-record ``get`` returns, for every encoding,
+size and label kind, and names the damaged record of a batch."""
+
+import lmdb
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from synthaug import CorruptRecordError, SyntheticCache
+from synthaug.cache.codec import HEADER_SIZE, Encoding, SoftLabel, decode_batch, encode_record
+
+
+def _flip(path, seq, offset):
+    env = lmdb.open(str(path), max_dbs=4)
+    db = env.open_db(b"records")
+    key = seq.to_bytes(8, "big")
+    with env.begin(write=True) as txn:
+        value = bytearray(txn.get(key, db=db))
+        value[offset] ^= 0x01
+        txn.put(key, bytes(value), db=db)
+    env.close()
+
+
+def _same(batch, records):
+    assert batch.seqs == [r.seq for r in records]
+    assert [type(x) for x in batch.labels] == [type(r.label) for r in records] and batch.labels == [r.label for r in records]
+    for i, r in enumerate(records):
+        assert np.array_equal(batch.images[i], r.image) and batch.meta(i) == r.meta
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    encoding=st.sampled_from(["raw", "png", "jpeg", "webp"]),
+    size=st.sampled_from([(5, 7, 1), (28, 28, 1), (160, 160, 3)]),  # 160×160×3 takes the copy-then-CRC path
+    order=st.permutations(range(6)),
+)
+def test_read_batch_matches_get_for_any_encoding_size_and_order(tmp_path_factory, encoding, size, order):
+    h, w, c = size
+    rng = np.random.default_rng(h)
+    cache = SyntheticCache(tmp_path_factory.mktemp("c") / "c", encoding=encoding)
+    images = rng.integers(0, 256, (6, h, w, c), dtype=np.uint8)
+    labels = [3, (1, 2), SoftLabel({4: 0.75, 0: 0.25}), 0, 7, (5,)]
+    cache.append(images, labels, {"model": "m", "seed": 1})
+    batch = cache.read_batch(order)
+    assert isinstance(batch.images, np.ndarray) and batch.images.shape == (6, h, w, c) and batch.images.flags.writeable
+    _same(batch, [cache.get(q) for q in order])
+    if encoding == "raw":
+        assert np.array_equal(batch.images, images[list(order)])
+    assert [r.label for r in cache.get_many(order)] == [labels[q] for q in order]
+    lean = cache.read_batch(order, with_meta=False)
+    assert lean.meta_bytes is None and lean.labels == batch.labels and np.array_equal(lean.images, batch.images)
+    with pytest.raises(ValueError, match="with_meta=False"):
+        lean.records()
+    cache.close()
+
+
+def test_read_batch_into_a_reused_array_and_mixed_shapes(tmp_path):
+    cache = SyntheticCache(tmp_path / "c")
+    a = np.full((3, 8, 8, 1), 7, np.uint8)
+    cache.append(a, [0, 1, 2])
+    out = np.zeros((2, 8, 8, 1), np.uint8)
+    batch = cache.read_batch([2, 0], out=out)
+    assert batch.images is out and (out == 7).all() and batch.labels == [2, 0]
+    with pytest.raises(ValueError, match="out must be"):
+        cache.read_batch([0, 1, 2], out=out)
+    # a cache holds one image size; values of two shapes (decoded together elsewhere) come back as a list
+    values = [encode_record(np.full((4, 5, 3), 9, np.uint8), 5, b"{}", Encoding.raw), encode_record(a[0], 1, b"{}", Encoding.png)]
+    mixed = decode_batch(values, [10, 11])
+    assert isinstance(mixed.images, list) and [im.shape for im in mixed.images] == [(4, 5, 3), (8, 8, 1)]
+    assert mixed.labels == [5, 1] and (mixed.images[0] == 9).all() and (mixed.images[1] == 7).all()
+    assert len(cache.read_batch([])) == 0
+    with pytest.raises(KeyError, match="seq=9"):
+        cache.read_batch([0, 9])  # evicted or never written
+    cache.close()
+
+
+@pytest.mark.parametrize("side,channels", [(16, 1), (160, 3)])
+@pytest.mark.parametrize("where", ["label", "image", "last image byte", "header"])
+def test_read_batch_names_the_damaged_record(tmp_path, side, channels, where):
+    path = tmp_path / "c"
+    cache = SyntheticCache(path)
+    cache.append(np.zeros((4, side, side, channels), np.uint8), [0, 1, 2, 3], {"model": "m"})
+    n = len(cache._env().env.begin(buffers=False).get((2).to_bytes(8, "big"), db=cache._env().dbs["records"]))
+    cache.close()
+    offset = {"label": HEADER_SIZE, "image": n - side * side * channels // 2, "last image byte": n - 1, "header": 10}[where]
+    _flip(path, 2, offset)
+    cache = SyntheticCache(path)
+    with pytest.raises(CorruptRecordError, match=r"seq=2\b"):
+        cache.read_batch([0, 1, 2, 3])
+    with pytest.raises(CorruptRecordError, match=r"seq=2\b"):
+        cache.get_many([3, 2])
+    assert cache.read_batch([0, 1, 3]).labels == [0, 1, 3]
+    cache.close()
