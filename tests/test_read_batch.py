@@ -93,3 +93,59 @@ def test_read_batch_names_the_damaged_record(tmp_path, side, channels, where):
         cache.get_many([3, 2])
     assert cache.read_batch([0, 1, 3]).labels == [0, 1, 3]
     cache.close()
+
+
+# --------------------------------------------- MixedDataset: a batch's synthetic images in one step
+class _PilReal:
+    """A torchvision-like real dataset of PIL images (mode L or RGB)."""
+
+    classes = [str(i) for i in range(10)]
+
+    def __init__(self, channels):
+        self.channels = channels
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return Image.fromarray(np.full((8, 8, 3) if self.channels == 3 else (8, 8), i, np.uint8)), i
+
+
+@pytest.mark.parametrize("real_channels,record_channels", [(1, 1), (3, 3), (3, 1)])
+@pytest.mark.parametrize("kind", ["to_tensor", "normalize", "two_normalize", "synthetic_transform", "other_transform"])
+def test_mixed_dataset_batch_conversion_equals_the_transform_on_pil_images(tmp_path, real_channels, record_channels, kind):
+    """ToTensor (+ Normalize) is applied to the synthetic images of a batch at once, without a
+    PIL round trip; the result is bit-identical to the transform on each image's PIL form, and
+    any other transform (or a record that needs converting) takes the per-image path."""
+    import torch
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from synthaug.mixing import MixedDataset
+    from synthaug.mixing.index import SyntheticIndex
+
+    c = real_channels
+    tf = {
+        "to_tensor": T.ToTensor(),
+        "normalize": T.Compose([T.ToTensor(), T.Normalize((0.3,) * c, (0.7,) * c)]),
+        "two_normalize": T.Compose([T.ToTensor(), T.Normalize((0.3,), (0.7,)), T.Normalize((0.1,) * c, (0.2,) * c)]),
+        "synthetic_transform": T.Compose([T.ToTensor(), T.Normalize((0.3,) * c, (0.7,) * c)]),
+        "other_transform": T.Compose([T.ToTensor(), T.Lambda(lambda x: x * 2)]),
+    }[kind]
+    syn_tf = T.RandomHorizontalFlip(p=1.0) if kind == "synthetic_transform" else None
+    cache = SyntheticCache(tmp_path / "c")
+    images = np.random.default_rng(c).integers(0, 256, (6, 8, 8, record_channels), dtype=np.uint8)
+    cache.append(images, [1, 2, 3, 4, 5, 6])
+    ds = MixedDataset(_PilReal(c), cache, transform=tf, synthetic_transform=syn_tf)
+    order = [4, 0, 2]
+    items = ds.__getitems__([1, *[SyntheticIndex(q) for q in order], 3])
+    fast = ds.__dict__.get("_batch_to_tensor")
+    assert (fast is not None) == (kind in ("to_tensor", "normalize", "two_normalize"))
+    for (x, y), q in zip(items[1:4], order):
+        pil = Image.fromarray(images[q][:, :, 0] if record_channels == 1 else images[q])
+        pil = pil.convert("RGB") if c == 3 else pil
+        expected = tf(syn_tf(pil) if syn_tf is not None else pil)
+        assert x.dtype == expected.dtype and x.shape == expected.shape and torch.equal(x, expected) and y == q + 1
+    assert torch.equal(items[0][0], tf(_PilReal(c)[1][0])) and items[4][1] == 3

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from synthaug.cache.codec import Label, Record, SoftLabel
+from synthaug.cache.codec import Label, Record, RecordBatch, SoftLabel
 from synthaug.cache.store import SyntheticCache
 from synthaug.errors import CorruptRecordError
 from synthaug.imaging import pil_channels
@@ -81,6 +81,12 @@ class _ImageForm:
             "tensor": f"uint8 tensors ({getattr(self, 'layout', '')})",
         }.get(self.kind, f"{type(sample).__name__} objects" + (f" of dtype {sample.dtype}" if hasattr(sample, "dtype") else ""))
 
+    def takes(self, channels: int) -> bool:
+        """Whether a record image with ``channels`` becomes a PIL image of that many channels
+        (``"L"`` or ``"RGB"``) unchanged, so that converting it to a tensor directly gives what
+        the transform gives on the PIL image."""
+        return self.kind == "other" or (self.kind == "pil" and self.mode == ("L" if channels == 1 else "RGB"))
+
     def convert(self, image: np.ndarray) -> Any:
         """A record image (uint8 H×W×C, C = 1 or 3) in the real dataset's form; a PIL image
         (mode ``"L"`` or ``"RGB"``) when that form is unknown (``kind == "other"``)."""
@@ -96,6 +102,44 @@ class _ImageForm:
             return image[:, :, 0] if self.layout == "HW" else image
         tensor = torch.from_numpy(image)
         return tensor[:, :, 0] if self.layout == "HW" else tensor.permute(2, 0, 1)
+
+
+class _BatchToTensor:
+    """A transform that is torchvision's ``ToTensor`` followed by any ``Normalize`` steps
+    (alone or in a ``Compose``), applied to a whole batch of uint8 N×H×W×C record images at
+    once: one tensor conversion, one division by 255, one subtraction and division per
+    ``Normalize``, on the batch instead of per PIL image. The arithmetic is the same, element
+    for element, as the transform's on each image's PIL form (mode ``"L"``/``"RGB"``), so the
+    result is bit-identical (tested); any other transform is applied per image as given."""
+
+    def __init__(self, norms: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.norms = norms
+
+    @classmethod
+    def of(cls, transform: Optional[Callable]) -> Optional["_BatchToTensor"]:
+        try:
+            from torchvision import transforms as T
+        except ImportError:  # pragma: no cover - torchvision is a dependency
+            return None
+        steps = transform.transforms if type(transform) is T.Compose else [transform]
+        if not steps or type(steps[0]) is not T.ToTensor:
+            return None
+        norms = []
+        for step in steps[1:]:
+            if type(step) is not T.Normalize:
+                return None
+            dtype = torch.get_default_dtype()
+            mean, std = torch.as_tensor(step.mean, dtype=dtype), torch.as_tensor(step.std, dtype=dtype)
+            if (std == 0).any() or mean.ndim > 1 or std.ndim > 1:
+                return None  # the transform's own error, per image
+            norms.append((mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)))
+        return cls(norms)
+
+    def __call__(self, images: np.ndarray) -> List[torch.Tensor]:
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(torch.get_default_dtype()).div_(255)
+        for mean, std in self.norms:
+            x.sub_(mean).div_(std)
+        return list(x.unbind(0))
 
 
 def _match_channels(image: np.ndarray, channels: int) -> np.ndarray:
@@ -481,11 +525,14 @@ class MixedDataset(Dataset):
                 out[j] = self._finish_real(item)
         if syn_pos:
             syn = [indices[j] for j in syn_pos]
-            records = self._read(syn)
+            batch = self._read(syn)
             self._mark_read(syn)
             self._refresh_label_names()
-            for j, rec in zip(syn_pos, records):
-                out[j] = self._synthetic_item(rec)
+            images = self._fast_images(batch.images)
+            if images is None:
+                images = [self._synthetic_image(image) for image in batch.images]
+            for j, seq, image, label in zip(syn_pos, batch.seqs, images, batch.labels):
+                out[j] = self._synthetic_item(seq, image, label)
         return out
 
     def _finish_real(self, item: Any) -> Any:
@@ -506,13 +553,26 @@ class MixedDataset(Dataset):
             out[cls] = weight
         return out
 
-    def _synthetic_item(self, rec: Record) -> Tuple[Any, Any]:
-        image = self._image_form.convert(rec.image)
+    def _synthetic_image(self, image: np.ndarray) -> Any:
+        image = self._image_form.convert(image)
         if self.synthetic_transform is not None:
             image = self.synthetic_transform(image)
         if self.transform is not None:
             image = self.transform(image)
-        mapped = self.map_label(rec.label, seq=rec.seq)
+        return image
+
+    def _fast_images(self, images) -> Optional[List[torch.Tensor]]:
+        """The batch's synthetic images as the transform would make them, converted in one step
+        without a PIL round trip, or ``None`` where that cannot be exact (see :class:`_BatchToTensor`)."""
+        fast = self.__dict__.get("_batch_to_tensor", False)
+        if fast is False:
+            fast = self._batch_to_tensor = _BatchToTensor.of(self.transform) if self.synthetic_transform is None else None
+        if fast is None or not isinstance(images, np.ndarray) or not self._image_form.takes(images.shape[3]):
+            return None
+        return fast(images)
+
+    def _synthetic_item(self, seq: int, image: Any, label: Label) -> Tuple[Any, Any]:
+        mapped = self.map_label(label, seq=seq)
         if self.soft_targets:
             target = self._probabilities(mapped if isinstance(mapped, SoftLabel) else {mapped: 1.0})
         else:
@@ -562,13 +622,14 @@ class MixedDataset(Dataset):
         return state
 
     # ------------------------------------------------------------------ reading, bad records
-    def _read(self, indices: List[SyntheticIndex]) -> List[Record]:
+    def _read(self, indices: List[SyntheticIndex]) -> RecordBatch:
         try:
-            return self.cache.get_many([index.seq for index in indices])
+            return self.cache.read_batch([index.seq for index in indices], with_meta=False)
         except (CorruptRecordError, KeyError):
             if self.on_corrupt == "raise":
                 raise
-        return [self._read_one(index) for index in indices]
+        records = [self._read_one(index) for index in indices]
+        return RecordBatch([r.seq for r in records], [r.image for r in records], [r.label for r in records], None)
 
     def _read_one(self, index: SyntheticIndex) -> Record:
         seq = index.seq
