@@ -14,7 +14,10 @@ handed, and fresh = records at or after the smallest cursor (every record when n
 cursor yet; :meth:`SyntheticCache.fresh_count`). While fewer than ``min_fresh`` records are
 fresh, or a consumer says it is waiting for a record (its cursor's ``waiting`` flag: one drawing
 only some classes may want none of the fresh records), the worker generates ``batch_size``
-images and appends them in one transaction.
+images and appends them in one transaction. Its first batch, when nothing is fresh, holds at
+most ``FIRST_BATCH`` (4) images: a trainer that started with the worker waits for those, not for
+a full batch (sampled one at a time, images can differ in a few pixels by one level from their
+batched selves; see :mod:`synthaug.generation.sd`; their seeds do not change).
 
 **max_items.** The cache never holds more than ``max_items`` records (nor more than the cache's
 own stored ``max_items``, if smaller). To make room the worker evicts the oldest records inside
@@ -128,6 +131,7 @@ __all__ = ["GenerationWorker", "WorkerSettings", "run_worker", "STATES"]
 
 STATES = ("starting", "running", "paused", "stopped", "failed")
 _STATE_CODE = {name: i for i, name in enumerate(STATES)}
+FIRST_BATCH = 4  # images in a worker's first batch when nothing is fresh (module docstring)
 _MAX_TRACEBACK = 20_000  # characters sent to the parent (a pipe message must not fill the pipe)
 
 
@@ -373,7 +377,10 @@ class _WorkerLoop:
         if room <= 0:
             self.beat("paused")
             return None
-        return next_seq, min(self.s.batch_size, room), limit
+        k = min(self.s.batch_size, room)
+        if not self.generated and not snap["fresh"]:
+            k = min(k, FIRST_BATCH)  # a trainer may be waiting for the first record: make a few first
+        return next_seq, k, limit
 
 
 def _run_loop(loop: _WorkerLoop) -> Dict[str, Any]:
