@@ -149,3 +149,34 @@ def test_mixed_dataset_batch_conversion_equals_the_transform_on_pil_images(tmp_p
         expected = tf(syn_tf(pil) if syn_tf is not None else pil)
         assert x.dtype == expected.dtype and x.shape == expected.shape and torch.equal(x, expected) and y == q + 1
     assert torch.equal(items[0][0], tf(_PilReal(c)[1][0])) and items[4][1] == 3
+
+
+@pytest.mark.parametrize("side,channels", [(16, 1), (160, 3)])
+def test_verify_once_checks_each_record_on_its_first_read(tmp_path, side, channels):
+    """verify="once": a damaged record is caught on its first read; a record checked before is
+    not checked again while its stored CRC is the same (damage after the check goes unseen until
+    ``cache verify``); a relabelled record (new CRC) is checked anew. "always" catches all."""
+    path = tmp_path / "c"
+    cache = SyntheticCache(path)
+    cache.append(np.zeros((4, side, side, channels), np.uint8), [0, 1, 2, 3])
+    cache.close()
+    _flip(path, 3, HEADER_SIZE + 4 + 3)  # record 3 damaged before any read (a byte after its label)
+    once = SyntheticCache(path, verify="once")
+    always = SyntheticCache(path)
+    with pytest.raises(CorruptRecordError, match=r"seq=3\b"):
+        once.read_batch([0, 3])
+    assert once.read_batch([0, 1, 2]).labels == [0, 1, 2]  # checked now
+    once.close()
+    always.close()  # (py-lmdb opens an environment once per process: closed while another handle writes)
+    _flip(path, 1, HEADER_SIZE + 4 + 3)  # damaged after its check
+    assert once.read_batch([1]).labels == [1]  # not checked again
+    with pytest.raises(CorruptRecordError, match=r"seq=1\b"):
+        always.read_batch([1])
+    import pickle
+
+    with pytest.raises(CorruptRecordError, match=r"seq=1\b"):  # a copy (a DataLoader worker) checks for itself
+        pickle.loads(pickle.dumps(once)).read_batch([1])
+    with pytest.raises(ValueError, match="verify must be"):
+        SyntheticCache(path, verify="never")
+    once.close()
+    always.close()

@@ -695,7 +695,7 @@ _CRC_AFTER_COPY = 1 << 16
 
 
 def decode_batch(bufs: Sequence, seqs: Sequence[Optional[int]], *, out: Optional[np.ndarray] = None, check_crc: bool = True,
-                 with_meta: bool = True, path=None) -> RecordBatch:
+                 with_meta: bool = True, verified: Optional[Dict[int, int]] = None, path=None) -> RecordBatch:
     """A :class:`RecordBatch` from record values (bytes or memoryviews valid for this call).
 
     Every header is parsed and checked once; when all records share one shape their images are
@@ -703,6 +703,8 @@ def decode_batch(bufs: Sequence, seqs: Sequence[Optional[int]], *, out: Optional
     of that shape), raw images in a single copy each, the CRC computed on the value (large raw
     images: on the copy, while it is in CPU cache). The checks are those of :func:`decode_record`.
     ``with_meta=False`` leaves the provenance out (:attr:`RecordBatch.meta_bytes` is ``None``).
+    ``verified`` (``{seq: crc}``, updated here) skips the CRC of a record already checked with
+    the same stored CRC (``SyntheticCache(verify="once")``); the header checks still run.
 
     Raises:
         CorruptRecordError: naming the first record whose CRC, header or image is bad.
@@ -723,7 +725,7 @@ def decode_batch(bufs: Sequence, seqs: Sequence[Optional[int]], *, out: Optional
         return RecordBatch(list(seqs), [r.image for r in records], [r.label for r in records], [r._meta_bytes for r in records], path)
     size = shape[0] * shape[1] * shape[2]
     if out is None and size < _CRC_AFTER_COPY and all(f[2] == 0 for f in heads):
-        return _decode_small_raw(bufs, seqs, heads, shape, check_crc, with_meta, path)
+        return _decode_small_raw(bufs, seqs, heads, shape, check_crc, with_meta, verified, path)
     if out is None:
         images = np.empty((n, *shape), np.uint8)
     elif out.shape != (n, *shape) or out.dtype != np.uint8 or not out.flags.c_contiguous or not out.flags.writeable:
@@ -746,13 +748,17 @@ def decode_batch(bufs: Sequence, seqs: Sequence[Optional[int]], *, out: Optional
                     raise ValueError(f"raw image holds {image_len} bytes, expected {shape[0]}×{shape[1]}×{shape[2]} = {size}")
                 row = flat[i]
                 row[:] = np.frombuffer(buf, np.uint8, image_len, img_start)
-                if check_crc:
-                        actual = crc(row, crc(buf[HEADER_SIZE:img_start], crc(buf[:_CRC_OFFSET])))
-                        if actual != stored:
-                            raise ValueError(f"CRC-32C mismatch (stored {stored:08x}, computed {actual:08x})")
+                if check_crc and (verified is None or verified.get(seqs[i]) != stored):
+                    actual = crc(row, crc(buf[HEADER_SIZE:img_start], crc(buf[:_CRC_OFFSET])))
+                    if actual != stored:
+                        raise ValueError(f"CRC-32C mismatch (stored {stored:08x}, computed {actual:08x})")
+                    if verified is not None:
+                        _remember(verified, seqs[i], stored)
             else:
-                if check_crc:
+                if check_crc and (verified is None or verified.get(seqs[i]) != stored):
                     _check_crc(buf, stored)
+                    if verified is not None:
+                        _remember(verified, seqs[i], stored)
                 flat[i] = _decode_image(buf[img_start:], enc, *shape).reshape(size)
             labels.append(unpack_label(buf, HEADER_SIZE)[0] if n_labels == 1 and not flags else _labels_from(buf, n_labels, flags))
             if with_meta:
@@ -764,7 +770,16 @@ def decode_batch(bufs: Sequence, seqs: Sequence[Optional[int]], *, out: Optional
     return RecordBatch(list(seqs), images, labels, metas if with_meta else None, path)
 
 
-def _decode_small_raw(bufs, seqs, heads, shape, check_crc: bool, with_meta: bool, path) -> RecordBatch:
+def _remember(verified: Dict[int, int], seq: int, crc: int) -> None:
+    if len(verified) >= _VERIFIED_MAX:
+        verified.clear()  # bounded memory: those records are checked again on their next read
+    verified[seq] = crc
+
+
+_VERIFIED_MAX = 1 << 20
+
+
+def _decode_small_raw(bufs, seqs, heads, shape, check_crc: bool, with_meta: bool, verified, path) -> RecordBatch:
     """:func:`decode_batch` for small raw images of one shape: each value's CRC on the map view,
     the images joined straight into one buffer (one copy each, no per-row array)."""
     size = shape[0] * shape[1] * shape[2]
@@ -777,10 +792,12 @@ def _decode_small_raw(bufs, seqs, heads, shape, check_crc: bool, with_meta: bool
             _m, _v, _e, _c, flags, _h, _w, n_labels, meta_len, image_len, stored = heads[i]
             if image_len != size:
                 raise ValueError(f"raw image holds {image_len} bytes, expected {shape[0]}×{shape[1]}×{shape[2]} = {size}")
-            if check_crc:
+            if check_crc and (verified is None or verified.get(seqs[i]) != stored):
                 actual = crc(buf[HEADER_SIZE:], crc(buf[:_CRC_OFFSET]))
                 if actual != stored:
                     raise ValueError(f"CRC-32C mismatch (stored {stored:08x}, computed {actual:08x})")
+                if verified is not None:
+                    _remember(verified, seqs[i], stored)
             img_start = len(buf) - image_len  # the image runs to the end (_parse_header checked the length)
             pieces.append(buf[img_start:])
             labels.append(unpack_label(buf, HEADER_SIZE)[0] if n_labels == 1 and not flags else _labels_from(buf, n_labels, flags))

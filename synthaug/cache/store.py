@@ -92,6 +92,13 @@ class SyntheticCache:
         max_readers: reader slots in the lock table; at least ranks × (workers + 2) per node.
         sync: fsync each commit (durable against power loss). A killed *process* never loses a
             committed record either way.
+        verify: when the batch read path (:meth:`read_batch`, :meth:`get_many`, ``MixedDataset``)
+            checks a record's CRC-32C: ``"always"`` (default: on every read), or ``"once"``: on its
+            first read in each process, then not again while its stored CRC is the same (a
+            relabelled record is checked anew). Records never change in place, so what ``"once"``
+            gives up is catching damage to the file *after* a record was checked (a failing disk
+            during the run; ``synthaug cache verify`` still finds it). On large raw images the CRC
+            costs more than the copy out of the map (benchmarks/README.md, cache.py).
 
     Records: ``append(images, labels, meta)`` returns the sequence numbers given, ``get(seq)``
     a :class:`Record`. The object is picklable: a copy opens its own environment in the process
@@ -110,8 +117,12 @@ class SyntheticCache:
         map_size: int = 1 << 30,
         max_readers: int = 1024,
         sync: bool = True,
+        verify: str = "always",
     ) -> None:
         self._path = Path(path)
+        if verify not in ("always", "once"):
+            raise ValueError(f"verify must be 'always' or 'once', got {verify!r}")
+        self._verified: Optional[Dict[int, int]] = {} if verify == "once" else None
         if self._path.exists() and not self._path.is_dir():
             raise ValueError(f"cache path {self._path} is a file; a cache is a directory (give a new or existing folder)")
         if readonly and not (self._path / "data.mdb").exists():
@@ -290,6 +301,8 @@ class SyntheticCache:
         state = self.__dict__.copy()
         state["_handle"] = None
         state["_pid"] = None
+        if state.get("_verified") is not None:
+            state["_verified"] = {}  # a copy checks for itself (and the table can be large)
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -650,7 +663,7 @@ class SyntheticCache:
                 if buf is None:
                     raise KeyError(self._missing(seq, txn, handle))
                 bufs.append(buf)
-            return codec.decode_batch(bufs, seqs, out=out, with_meta=with_meta, path=self._path)
+            return codec.decode_batch(bufs, seqs, out=out, with_meta=with_meta, verified=self._verified, path=self._path)
 
     def _missing(self, seq: int, txn, handle: EnvHandle) -> str:
         cur = txn.cursor(db=handle.dbs["records"])
