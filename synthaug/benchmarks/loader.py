@@ -112,6 +112,7 @@ def _run(quick, repeats, batches, configs, ratios, workers, n_real) -> Dict[str,
     from torch.utils.data import DataLoader, Subset
 
     rows: List[Dict[str, Any]] = []
+    breakdown: List[Dict[str, Any]] = []
     headline: Dict[str, float] = {}
     for name, size, channels in configs:
         m, n_r, n_s = (QUICK if quick else FULL)[size]
@@ -149,6 +150,8 @@ def _run(quick, repeats, batches, configs, ratios, workers, n_real) -> Dict[str,
 
                     return lambda: rate(m * b, go)
 
+                if w == 0:  # where the time goes, in this process (no workers): one breakdown per image size
+                    breakdown.append({"images": name, **_breakdown(mixed, plain_tf, cache, b, m, HEADLINE_RATIO)})
                 fns = {k: epoch_fn(v) for k, v in loaders.items()}
                 for f in fns.values():  # warm-up: start the workers, fill page caches
                     f()
@@ -184,10 +187,63 @@ def _run(quick, repeats, batches, configs, ratios, workers, n_real) -> Dict[str,
         "headline": f"samples/s of the mixed loader at r={HEADLINE_RATIO} over the plain loader, {HEADLINE_WORKERS} workers "
         "(median of per-run ratios; the smaller of the image configs)",
         "rows": rows,
+        "breakdown": breakdown,
     }
 
 
+def _breakdown(mixed, plain, cache, batch: int, batches: int, ratio: float) -> Dict[str, Any]:
+    """µs per batch of each part of a mixed batch at ``ratio`` and of a plain one, timed one part
+    at a time in this process over ``batches`` batches: the sampler's draw, the real items
+    (read + transform), the synthetic items (``read_batch`` alone, and the whole synthetic part:
+    read, mark read, convert), and the collate."""
+    import time
+
+    from torch.utils.data import default_collate
+
+    from synthaug.mixing import RatioBatchSampler
+    from synthaug.mixing.index import SyntheticIndex
+
+    sampler = RatioBatchSampler(mixed, batch_size=batch, synthetic_ratio=ratio, batches_per_epoch=batches, consumer="bench-breakdown")
+    sampler.set_epoch(10_000)
+    t = {"sampler": 0.0, "real items": 0.0, "synthetic: read_batch": 0.0, "synthetic items": 0.0, "collate": 0.0,
+         "plain: items": 0.0, "plain: collate": 0.0}
+    it = iter(sampler)
+    n_syn = 0
+    for k in range(batches):
+        t0 = time.perf_counter()
+        idx = next(it)
+        t1 = time.perf_counter()
+        syn = [i for i in idx if type(i) is SyntheticIndex]
+        real = [i for i in idx if type(i) is not SyntheticIndex]
+        items = mixed.__getitems__(real)
+        t2 = time.perf_counter()
+        cache.read_batch([i.seq for i in syn], with_meta=False)
+        t3 = time.perf_counter()
+        items += mixed.__getitems__(syn)
+        t4 = time.perf_counter()
+        default_collate(items)
+        t5 = time.perf_counter()
+        plain_items = [plain[(k * batch + j) % len(plain)] for j in range(batch)]
+        t6 = time.perf_counter()
+        default_collate(plain_items)
+        t7 = time.perf_counter()
+        n_syn += len(syn)
+        for key, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6)):
+            t[key] += dt
+    sampler.close()
+    out = {f"{key} µs/batch": 1e6 * v / batches for key, v in t.items()}
+    mixed_total = t["sampler"] + t["real items"] + t["synthetic items"] + t["collate"]
+    plain_total = t["plain: items"] + t["plain: collate"]
+    out["µs per real item"] = 1e6 * t["real items"] / (batches * batch - n_syn)
+    out["µs per synthetic item"] = 1e6 * t["synthetic items"] / max(n_syn, 1)
+    out["predicted mixed / plain"] = plain_total / mixed_total
+    return out
+
+
 COLUMNS = ["images", "workers", "batch", "loader", "samples/s", "min", "max", "vs plain", "vs plain min–max"]
+BREAKDOWN_COLUMNS = ["images", "sampler µs/batch", "real items µs/batch", "synthetic: read_batch µs/batch", "synthetic items µs/batch",
+                     "collate µs/batch", "plain: items µs/batch", "plain: collate µs/batch", "µs per real item", "µs per synthetic item",
+                     "predicted mixed / plain"]
 
 
 def main(argv=None) -> Dict[str, Any]:
@@ -198,6 +254,9 @@ def main(argv=None) -> Dict[str, Any]:
     args = p.parse_args(argv)
     result = run(args.quick, args.repeats)
     print_table(result["rows"], COLUMNS)
+    if result["breakdown"]:
+        print(f"where the time goes (r={HEADLINE_RATIO}, no workers, µs per batch):")
+        print_table(result["breakdown"], BREAKDOWN_COLUMNS)
     print(f"mixed_over_plain (r={HEADLINE_RATIO}, {HEADLINE_WORKERS} workers): {result['mixed_over_plain']:.3f} "
           f"{ {k: round(v, 3) for k, v in result['mixed_over_plain_by_images'].items()} }")
     path = write_result("loader" + ("_quick" if args.quick else ""), result, args.out)
