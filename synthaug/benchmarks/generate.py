@@ -11,8 +11,8 @@ Questions:
    at 512×512, 30 steps, guidance 7.5, in diffusers' default configuration
    (``StableDiffusionPipeline.from_pretrained``: fp32, one image per call) against
    ``StableDiffusionGenerator`` (fp16 or bf16, SDPA or xformers, batch 8, channels_last, with and
-   without ``torch.compile``). Goal: >= 3× the default's images/s. Skipped, with the reason, on
-   a machine without CUDA.
+   without ``torch.compile``, and with tiny-VAE decoding: TAESD's architecture, random weights).
+   Goal: >= 3× the default's images/s. Skipped, with the reason, on a machine without CUDA.
 
 Timing: every configuration is warmed up (a first call, which also compiles), then timed on whole
 ``generate`` calls (noise, text encoding, denoising, VAE decode, conversion to uint8),
@@ -285,6 +285,13 @@ def _gpu_rows(quick: bool, repeats: int, folder: Optional[Path]) -> Dict[str, An
         if not (path / "model_index.json").is_file():
             print(f"writing a random-weight SD-1.5 pipeline to {path} ...", flush=True)
             write_sd15_random_pipeline(path)
+        if not quick:  # the tiny-VAE decoding option: TAESD's architecture, random weights (the cost is the architecture's)
+            taesd = path.parent / f"{path.name}-taesd"
+            if not (taesd / "config.json").is_file():
+                from diffusers import AutoencoderTiny
+
+                AutoencoderTiny().save_pretrained(taesd)
+            configs = dict(configs, **{"ours fp16 b8 compile tiny-VAE": dict(GPU_CONFIGS["ours fp16 b8 compile"], tiny_vae=str(taesd))})
         rows = compare_sd(
             path, device="cuda", size=size, steps=steps, configs=configs,
             n_default=2 if quick else 4, n_ours=8 if quick else 16, repeats=repeats,

@@ -181,6 +181,9 @@ class StableDiffusionGenerator(Generator):
         compile: ``torch.compile`` the UNet (``True``, or a ``torch.compile`` mode name such as
             ``"max-autotune"``). The first call then takes minutes.
         channels_last: UNet and VAE in channels-last memory format (default: on CUDA only).
+        tiny_vae: a folder holding a diffusers ``AutoencoderTiny`` (e.g. TAESD for SD-1.x) that
+            decodes the latents instead of the model's VAE: much cheaper decoding at some loss of
+            detail; txt2img only. Recorded in each record's provenance.
         attention: ``"auto"`` (xformers when installed and on CUDA, else SDPA), ``"sdpa"``,
             ``"xformers"`` or ``"eager"`` (diffusers' plain attention; for comparisons).
         grayscale: convert the RGB output to one-channel luma (ITU-R 601), for gray label spaces
@@ -220,6 +223,7 @@ class StableDiffusionGenerator(Generator):
         attention: str = "auto",
         grayscale: Optional[bool] = None,
         output_size: Optional[Union[int, Sequence[int]]] = None,
+        tiny_vae: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
         import torch
 
@@ -230,6 +234,11 @@ class StableDiffusionGenerator(Generator):
             modes=("txt2img", "img2img", "translate"),
         )
         self.strengths = parse_strengths(strength)
+        if tiny_vae is not None:
+            if mode != "txt2img":
+                raise ValueError(f"tiny_vae decodes txt2img latents; mode {mode!r} encodes images with the model's own VAE")
+            if not (Path(tiny_vae) / "config.json").is_file():
+                raise FileNotFoundError(f"tiny_vae {tiny_vae} is not a diffusers AutoencoderTiny folder (no config.json)")
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if attention not in ATTENTION:
@@ -310,6 +319,14 @@ class StableDiffusionGenerator(Generator):
             pipe.set_progress_bar_config(disable=True)
             if self.adapter is not None:
                 self._load_lora(pipe)
+        if tiny_vae is not None:
+            from diffusers import AutoencoderTiny
+
+            try:
+                pipe.vae = AutoencoderTiny.from_pretrained(str(tiny_vae), **dtype_kwargs(self.dtype))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"could not load the tiny VAE {tiny_vae}: {exc}") from exc
+        self.tiny_vae = str(tiny_vae) if tiny_vae is not None else None
         pipe = pipe.to(self.device)
         self.vae_scale_factor = int(getattr(pipe, "vae_scale_factor", 8))
         native = int(pipe.unet.config.sample_size) * self.vae_scale_factor
@@ -359,6 +376,7 @@ class StableDiffusionGenerator(Generator):
                 attention=attention if attention != "auto" else None,
                 grayscale=grayscale,
                 output_size=list(self.output_size) if output_size is not None else None,
+                tiny_vae=self.tiny_vae,
             ).items()
             if v is not None
         }
@@ -394,12 +412,14 @@ class StableDiffusionGenerator(Generator):
             from diffusers.models.attention_processor import AttnProcessor2_0
 
             pipe.unet.set_attn_processor(AttnProcessor2_0())
-            pipe.vae.set_attn_processor(AttnProcessor2_0())
+            if hasattr(pipe.vae, "set_attn_processor"):  # a tiny VAE has no attention
+                pipe.vae.set_attn_processor(AttnProcessor2_0())
         else:  # eager
             from diffusers.models.attention_processor import AttnProcessor
 
             pipe.unet.set_attn_processor(AttnProcessor())
-            pipe.vae.set_attn_processor(AttnProcessor())
+            if hasattr(pipe.vae, "set_attn_processor"):
+                pipe.vae.set_attn_processor(AttnProcessor())
         return attention
 
     def _load_sources(self, source_images) -> Tuple[List[Any], List[str]]:
