@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from synthaug import CorruptRecordError, SyntheticCache
 from synthaug.cache.codec import HEADER_SIZE
 from tests.helpers.cache_writer import image_for
+from tests.helpers.damage import flip_record_byte
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -328,15 +329,7 @@ def test_fork_waits_for_open_transactions(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- corruption
-def _flip(path, seq, offset):
-    env = lmdb.open(str(path), max_dbs=4)
-    db = env.open_db(b"records")
-    key = seq.to_bytes(8, "big")
-    with env.begin(write=True) as txn:
-        value = bytearray(txn.get(key, db=db))
-        value[offset] ^= 0xFF
-        txn.put(key, bytes(value), db=db)
-    env.close()
+_flip = flip_record_byte
 
 
 def test_corruption_is_reported_and_named(tmp_path):

@@ -2,7 +2,6 @@
 array, CRC on every record) returns exactly what per-record ``get`` returns, for every encoding,
 size and label kind, and names the damaged record of a batch."""
 
-import lmdb
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,17 +9,11 @@ from hypothesis import strategies as st
 
 from synthaug import CorruptRecordError, SyntheticCache
 from synthaug.cache.codec import HEADER_SIZE, Encoding, SoftLabel, decode_batch, encode_record
+from tests.helpers.damage import flip_record_byte
 
 
 def _flip(path, seq, offset):
-    env = lmdb.open(str(path), max_dbs=4)
-    db = env.open_db(b"records")
-    key = seq.to_bytes(8, "big")
-    with env.begin(write=True) as txn:
-        value = bytearray(txn.get(key, db=db))
-        value[offset] ^= 0x01
-        txn.put(key, bytes(value), db=db)
-    env.close()
+    flip_record_byte(path, seq, offset, mask=0x01)  # one bit
 
 
 def _same(batch, records):
