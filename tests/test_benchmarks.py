@@ -83,6 +83,21 @@ def test_cache_benchmark_quick_through_the_cli(tmp_path, capsys):
     assert len(raw) == 2 and all(r["PNG folder (PIL) rec/s"] > 0 and r["read_batch / bare"] > 0 for r in raw)
 
 
+@pytest.mark.skipif(find_fashion_mnist() is None, reason="Fashion-MNIST is not installed")
+def test_sampler_benchmark_quick_through_the_cli(tmp_path, capsys):
+    """`synthaug bench sampler --quick`: two samplers of the embedded model at 4 steps, timed and
+    judged by a (briefly trained) reference CNN; no figures are asserted."""
+    out = _bench(capsys, "sampler", "--quick", "--out", str(tmp_path))
+    assert "recommended:" in out and "| unipc 4 g2 b16 |" in out
+    result = json.loads((tmp_path / "sampler_quick.json").read_text())
+    assert result["device"] and result["threads"] == 1
+    rows = {r["config"]: r for r in result["rows"]}
+    assert list(rows) == ["dpm++ 4 g2 b16", "unipc 4 g2 b16"] and rows["dpm++ 4 g2 b16"]["vs default"] == 1.0
+    for r in rows.values():
+        assert r["images/s"] > 0 and r["n_images"] == 18 and 0 <= r["accuracy"] <= 1 and r["± se"] >= 0
+    assert result["recommended"]["config"] in rows
+
+
 def test_bench_help_and_unknown_benchmark(capsys):
     from synthaug.cli import main
 
