@@ -190,9 +190,11 @@ def test_pixel_ddpm_unipc_is_deterministic_per_image(tiny_ddpm_dir):
 
 
 def test_pixel_ddpm_channels_last_makes_the_same_images(tiny_ddpm_dir):
-    plain = load_generator(tiny_ddpm_dir, label=2, num_inference_steps=3, guidance_scale=2.0, batch_size=2).generate(2, 3).images
-    gen = load_generator(tiny_ddpm_dir, label=2, num_inference_steps=3, guidance_scale=2.0, batch_size=2, channels_last=True)
-    assert gen.spec["overrides"]["channels_last"] is True and synthaug.generator_from_spec(gen.spec).channels_last
+    off = load_generator(tiny_ddpm_dir, label=2, num_inference_steps=3, guidance_scale=2.0, batch_size=2, channels_last=False)
+    assert off.spec["overrides"]["channels_last"] is False and not synthaug.generator_from_spec(off.spec).channels_last
+    plain = off.generate(2, 3).images
+    gen = load_generator(tiny_ddpm_dir, label=2, num_inference_steps=3, guidance_scale=2.0, batch_size=2)  # on by default
+    assert "channels_last" not in gen.spec["overrides"] and synthaug.generator_from_spec(gen.spec).channels_last
     fast = gen.generate(2, 3).images
     assert np.abs(fast.astype(int) - plain.astype(int)).max() <= 1  # other kernels: float rounding at most
 
