@@ -38,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--train-steps", type=int, default=d.train_steps, help=f"classifier training steps per arm (default: {d.train_steps})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"classifier batch size (default: {d.batch_size})")
     p.add_argument("--generation-steps", type=int, default=d.generation_steps, help=f"denoising steps per synthetic image (default: {d.generation_steps})")
-    p.add_argument("--scheduler", default=d.scheduler, choices=["ddim", "dpm++"], help=f"sampler of the generator (default: {d.scheduler})")
+    p.add_argument("--scheduler", default=d.scheduler, choices=["ddim", "dpm++", "unipc"], help=f"sampler of the generator (default: {d.scheduler})")
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale, help=f"classifier-free guidance (default: {d.guidance_scale})")
     p.add_argument("--generation", default=d.generation, choices=list(DEMO_MODES),
                    help=f"how the synthetic images are made: img2img from the real shots, or txt2img from noise (default: {d.generation})")
