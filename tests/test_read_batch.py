@@ -134,7 +134,7 @@ def test_mixed_dataset_batch_conversion_equals_the_transform_on_pil_images(tmp_p
     ds = MixedDataset(_PilReal(c), cache, transform=tf, synthetic_transform=syn_tf)
     order = [4, 0, 2]
     items = ds.__getitems__([1, *[SyntheticIndex(q) for q in order], 3])
-    fast = ds.__dict__.get("_batch_to_tensor")
+    fast = ds.__dict__["_batch_to_tensor"][1]
     assert (fast is not None) == (kind in ("to_tensor", "normalize", "two_normalize"))
     for (x, y), q in zip(items[1:4], order):
         pil = Image.fromarray(images[q][:, :, 0] if record_channels == 1 else images[q])
@@ -173,3 +173,21 @@ def test_verify_once_checks_each_record_on_its_first_read(tmp_path, side, channe
         SyntheticCache(path, verify="never")
     once.close()
     always.close()
+
+
+def test_mixed_dataset_follows_a_replaced_transform(tmp_path):
+    """Setting ``dataset.transform`` later (train/eval switch) takes effect for synthetic items."""
+    import torch
+    from torchvision import transforms as T
+
+    from synthaug.mixing import MixedDataset
+    from synthaug.mixing.index import SyntheticIndex
+
+    cache = SyntheticCache(tmp_path / "c")
+    cache.append(np.full((2, 8, 8, 1), 51, np.uint8), [1, 2])
+    ds = MixedDataset(_PilReal(1), cache, transform=T.ToTensor())
+    assert torch.allclose(ds.__getitems__([SyntheticIndex(0)])[0][0], torch.full((1, 8, 8), 0.2))
+    ds.transform = T.Compose([T.ToTensor(), T.Normalize((0.2,), (0.5,))])
+    assert torch.allclose(ds.__getitems__([SyntheticIndex(1)])[0][0], torch.zeros((1, 8, 8)), atol=1e-6)
+    ds.transform = T.Compose([T.ToTensor(), T.Lambda(lambda x: x + 1)])
+    assert torch.allclose(ds.__getitems__([SyntheticIndex(0)])[0][0], torch.full((1, 8, 8), 1.2))

@@ -564,9 +564,11 @@ class MixedDataset(Dataset):
     def _fast_images(self, images) -> Optional[List[torch.Tensor]]:
         """The batch's synthetic images as the transform would make them, converted in one step
         without a PIL round trip, or ``None`` where that cannot be exact (see :class:`_BatchToTensor`)."""
-        fast = self.__dict__.get("_batch_to_tensor", False)
-        if fast is False:
-            fast = self._batch_to_tensor = _BatchToTensor.of(self.transform) if self.synthetic_transform is None else None
+        key = (self.transform, self.synthetic_transform)  # recomputed if either is replaced
+        cached = self.__dict__.get("_batch_to_tensor")
+        if cached is None or cached[0][0] is not key[0] or cached[0][1] is not key[1]:
+            cached = self._batch_to_tensor = (key, _BatchToTensor.of(self.transform) if self.synthetic_transform is None else None)
+        fast = cached[1]
         if fast is None or not isinstance(images, np.ndarray) or not self._image_form.takes(images.shape[3]):
             return None
         return fast(images)
