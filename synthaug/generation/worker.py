@@ -14,8 +14,8 @@ handed, and fresh = records at or after the smallest cursor (every record when n
 cursor yet; :meth:`SyntheticCache.fresh_count`). While fewer than ``min_fresh`` records are
 fresh, or a consumer says it is waiting for a record (its cursor's ``waiting`` flag: one drawing
 only some classes may want none of the fresh records), the worker generates ``batch_size``
-images and appends them in one transaction. Its first batch, when nothing is fresh, holds at
-most ``FIRST_BATCH`` (4) images: a trainer that started with the worker waits for those, not for
+images and appends them in one transaction. Its first batch (the first of the process), when
+nothing is fresh, holds at most ``FIRST_BATCH`` (4) images: a trainer that started with the worker waits for those, not for
 a full batch (sampled one at a time, images can differ in a few pixels by one level from their
 batched selves; see :mod:`synthaug.generation.sd`; their seeds do not change).
 
@@ -190,6 +190,7 @@ class _WorkerLoop:
         self._last_beat = 0.0
         self._beat_state: Optional[str] = None
         self._warned_writer = False
+        self._planned = False  # whether this process has planned a batch yet (FIRST_BATCH)
         # the heartbeat thread and the loop write heartbeats under this lock; after the final
         # state ("stopped"/"failed") nothing else is written
         self._beat_lock = threading.Lock()
@@ -378,8 +379,9 @@ class _WorkerLoop:
             self.beat("paused")
             return None
         k = min(self.s.batch_size, room)
-        if not self.generated and not snap["fresh"]:
+        if not self._planned and not snap["fresh"]:
             k = min(k, FIRST_BATCH)  # a trainer may be waiting for the first record: make a few first
+        self._planned = True
         return next_seq, k, limit
 
 
