@@ -44,7 +44,8 @@ from synthaug.benchmarks.common import interleaved, print_table, rate, write_res
 __all__ = ["run", "main", "reference_cnn", "recognition", "paired_difference", "DEFAULT_CONFIG", "COLUMNS"]
 
 DEFAULT_MODEL = "builtin:fashion-mnist-ddpm"
-#: today's default of the embedded model (synthaug_model.json "generation", the demo's batch size)
+#: the baseline: the embedded model's sampler settings (synthaug_model.json "generation", the demo's
+#: batch size) in the contiguous memory format (``channels_last`` became the default after this study)
 DEFAULT_CONFIG = {"scheduler": "dpm++", "steps": 20, "guidance": 2.0, "batch_size": 16, "channels_last": False, "compile": False}
 STEP_SWEEP = {"dpm++": (6, 8, 10, 12, 15, 20), "unipc": (6, 8, 10, 12, 15)}
 COLUMNS = ["config", "images/s", "min", "max", "vs default", "warm-up s", "accuracy", "± se", "Δ vs default", "± se(Δ)", "keeps"]
