@@ -5,7 +5,6 @@ and rejected, and never uses a seed twice."""
 import argparse
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from synthaug.generation.fill import fill_cache
 from synthaug.generation.gate import FidelityGate
 from synthaug.generation.worker import FIRST_BATCH
 from tests.helpers.stub_generators import FashionGenerator, fashion_mnist_arrays, fashion_reference_classifier
+from tests.helpers.waiting import wait_for as _wait_for
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,14 +28,6 @@ ENV_1T = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 def reference(tmp_path_factory):
     """A 3-class (Trouser, Shirt, Bag) reference classifier trained on 300 real training images."""
     return fashion_reference_classifier(tmp_path_factory.mktemp("reference"))
-
-
-def _wait_for(cond, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_the_gate_keeps_real_shirts_and_refuses_trousers(reference):

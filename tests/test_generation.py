@@ -24,6 +24,7 @@ from synthaug import GenerationWorker, GenerationWorkerError, SyntheticCache, lo
 from synthaug.adapter import image_sha256
 from synthaug.generation.worker import FIRST_BATCH
 from tests.helpers.stub_generators import FailingGenerator, PatternGenerator, pattern_image
+from tests.helpers.waiting import wait_for as _wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of sks shirt"
@@ -47,15 +48,6 @@ def _sd(tiny_sd_dir, **kw):
 @pytest.fixture(scope="module")
 def sd_gen(tiny_sd_dir):
     return _sd(tiny_sd_dir)
-
-
-def _wait_for(cond, timeout=60.0, interval=0.02, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 # ---------------------------------------------------------------------------------- SD backend

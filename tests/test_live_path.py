@@ -28,6 +28,7 @@ from synthaug import CacheFormatError, CorruptRecordError, GenerationWorker, Gen
 from synthaug.errors import CacheBusyError
 from synthaug.mixing import SyntheticIndex, is_synthetic
 from tests.helpers.stub_generators import StampGenerator, stamp_of
+from tests.helpers.waiting import wait_for as _wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_1T = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -54,15 +55,6 @@ class Real:
         if not 0 <= int(i) < self.n:
             raise IndexError(i)
         return np.full((28, 28), 255, np.uint8), int(i) % 10
-
-
-def _wait_for(cond, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Logged:

@@ -10,15 +10,7 @@ from synthaug import GenerationWorker, SyntheticCache
 from synthaug.generation.worker import FIRST_BATCH
 from synthaug.mixing import mixed_loader
 from tests.helpers.stub_generators import PatternGenerator, pattern_image
-
-
-def _wait_for(cond, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+from tests.helpers.waiting import wait_for as _wait_for
 
 
 class _Real:
