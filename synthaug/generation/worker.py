@@ -15,9 +15,10 @@ cursor yet; :meth:`SyntheticCache.fresh_count`). While fewer than ``min_fresh`` 
 fresh, or a consumer says it is waiting for a record (its cursor's ``waiting`` flag: one drawing
 only some classes may want none of the fresh records), the worker generates ``batch_size``
 images and appends them in one transaction. Its first batch (the first of the process), when
-nothing is fresh, holds at most ``FIRST_BATCH`` (4) images: a trainer that started with the worker waits for those, not for
-a full batch (sampled one at a time, images can differ in a few pixels by one level from their
-batched selves; see :mod:`synthaug.generation.sd`; their seeds do not change).
+nothing is fresh, holds at most ``FIRST_BATCH`` (4) images: a trainer that started with the
+worker waits for those, not for a full batch (sampled in a smaller batch, images can differ in a
+few pixels by one level from their batched selves, see :mod:`synthaug.generation.sd`; their seeds
+do not change).
 
 **max_items.** The cache never holds more than ``max_items`` records (nor more than the cache's
 own stored ``max_items``, if smaller). To make room the worker evicts the oldest records inside
