@@ -35,6 +35,7 @@ _EXPORTS = {
     "MixedDataset": "synthaug.mixing.dataset",
     "ColumnDataset": "synthaug.mixing.columns",
     "RatioBatchSampler": "synthaug.mixing.sampler",
+    "AdaptiveRatio": "synthaug.mixing.adaptive",
     "SyntheticIndex": "synthaug.mixing.index",
     "mixed_loader": "synthaug.mixing.loader",
 }
@@ -77,3 +78,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from synthaug.mixing.index import SyntheticIndex
     from synthaug.mixing.loader import mixed_loader
     from synthaug.mixing.sampler import RatioBatchSampler
+    from synthaug.mixing.adaptive import AdaptiveRatio

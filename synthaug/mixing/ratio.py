@@ -17,6 +17,12 @@ Everything here is integer arithmetic on ``r = a / b``; no float is ever rounded
   left out of this epoch.
 * With ``batches_per_epoch = n`` every batch is full and the epoch holds exactly ``n`` batches;
   ``r = 1`` is then allowed (all-synthetic batches). ``r > 1`` is always refused.
+* A ratio that changes during an epoch (an adaptive controller, :mod:`synthaug.mixing.adaptive`)
+  splits the epoch into *stretches*: stretch ``j`` starts at batch ``s_j`` with ratio ``r_j`` and
+  is planned as an epoch of its own over the real items still unused, ``N − R(s_j)``; batch
+  ``i`` of it holds ``floor(q_j·(i − s_j + 1)) − floor(q_j·(i − s_j))`` synthetic items
+  (:func:`plan_stretches`). A change at or after the batch where the epoch ends applies to the
+  next epoch.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, List, Optional, Sequence
 
-__all__ = ["MAX_DENOMINATOR", "EpochPlan", "as_fraction", "plan_epoch", "split_by_deficit"]
+__all__ = ["MAX_DENOMINATOR", "EpochPlan", "StretchPlan", "as_fraction", "plan_epoch", "plan_stretches", "split_by_deficit"]
 
 MAX_DENOMINATOR = 10**6
 
@@ -124,6 +130,97 @@ def plan_epoch(
     if drop_last or last_real == 0:
         return EpochPlan(batch_size, ratio, shard_len, full, 0, 0, full, False)
     return EpochPlan(batch_size, ratio, shard_len, full, last_real, last_syn, full + 1, False)
+
+
+@dataclass(frozen=True)
+class StretchPlan:
+    """The composition of one epoch whose ratio changes at batch boundaries (module docstring).
+
+    Attributes:
+        stretches: ``(start batch, EpochPlan of the rest of the epoch at that stretch's ratio,
+            real items used before it, shares)`` for each stretch that the epoch reaches.
+        num_batches, fixed_length: as for :class:`EpochPlan`.
+    """
+
+    batch_size: int
+    shard_len: int
+    stretches: tuple
+    num_batches: int
+    fixed_length: bool
+
+    def stretch(self, i: int) -> tuple:
+        """``(start, plan, real_before_start, shares)`` of the stretch holding batch ``i``."""
+        found = self.stretches[0]
+        for entry in self.stretches:
+            if entry[0] <= i:
+                found = entry
+            else:
+                break
+        return found
+
+    @property
+    def ratio(self) -> Fraction:
+        """The ratio at the epoch's start."""
+        return self.stretches[0][1].ratio
+
+    def synthetic_in(self, i: int) -> int:
+        start, plan, _, _ = self.stretch(i)
+        return plan.synthetic_in(i - start)
+
+    def real_in(self, i: int) -> int:
+        start, plan, _, _ = self.stretch(i)
+        return plan.real_in(i - start)
+
+    def real_before(self, i: int) -> int:
+        start, plan, used, _ = self.stretch(i)
+        return used + plan.real_before(i - start)
+
+    def synthetic_before(self, i: int) -> int:
+        total = 0
+        for j, (start, plan, _, _) in enumerate(self.stretches):
+            end = self.stretches[j + 1][0] if j + 1 < len(self.stretches) else self.num_batches
+            upto = min(i, end)
+            if upto <= start:
+                break
+            n = upto - start
+            total += plan.synthetic_before(min(n, plan.full_batches)) + (plan.last_synthetic if n > plan.full_batches else 0)
+        return total
+
+    @property
+    def real_items(self) -> int:
+        return self.real_before(self.num_batches)
+
+    @property
+    def synthetic_items(self) -> int:
+        return self.synthetic_before(self.num_batches)
+
+
+def plan_stretches(
+    shard_len: int,
+    batch_size: int,
+    changes: Sequence[tuple],
+    *,
+    drop_last: bool,
+    batches_per_epoch: Optional[int] = None,
+) -> StretchPlan:
+    """Plan an epoch whose ratio changes: ``changes`` are ``(start batch, ratio, shares)``,
+    sorted by start, the first at batch 0. A stretch starting at or after the batch where the
+    epoch ends (under the ratios before it) is not reached in this epoch."""
+    stretches = []
+    used = 0
+    num = 0
+    for j, (start, ratio, shares) in enumerate(changes):
+        if j and start >= num:
+            break  # the epoch ended before this change
+        rest = None if batches_per_epoch is None else batches_per_epoch - start
+        plan = plan_epoch(shard_len - used, batch_size, ratio, drop_last=drop_last, batches_per_epoch=rest)
+        stretches.append((start, plan, used, tuple(shares)))
+        num = start + plan.num_batches
+        if j + 1 < len(changes):
+            nxt = changes[j + 1][0]
+            if nxt < num:
+                used += plan.real_before(nxt - start)
+    return StretchPlan(batch_size, shard_len, tuple(stretches), num, batches_per_epoch is not None)
 
 
 def split_by_deficit(k: int, shares: Sequence[Fraction], batch_size: int, batch_index: int, counts: List[int]) -> List[int]:

@@ -24,14 +24,15 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from synthaug.cache.codec import Label, label_class
+from synthaug.mixing.adaptive import AdaptiveRatio
 from synthaug.mixing.dataset import MixedDataset
 from synthaug.mixing.index import SyntheticIndex
 from synthaug.mixing.pool import ON_EXHAUSTED, NeedRecords, SyntheticPool
-from synthaug.mixing.ratio import EpochPlan, as_fraction, plan_epoch, split_by_deficit
+from synthaug.mixing.ratio import EpochPlan, StretchPlan, as_fraction, plan_epoch, plan_stretches, split_by_deficit
 
 __all__ = ["RatioBatchSampler", "Ratio"]
 
-Ratio = Union[float, Fraction, Mapping[Union[int, str], float], Callable[[int], float]]
+Ratio = Union[float, Fraction, Mapping[Union[int, str], float], Callable[[int], float], AdaptiveRatio]
 _STATE_FORMAT = 1
 _COUNTER_NAMES = ("served", "fresh", "reused", "waited_s", "real", "evicted_unseen", "corrupt_skipped")
 # batches tracked as in flight (handed to the DataLoader, not read yet); older ones count as read
@@ -86,7 +87,9 @@ class RatioBatchSampler(Sampler):
             ``batches_per_epoch``), read as the nearest fraction with denominator <= 10**6 (0.3 is
             3/10); or a dict ``{class: r_c}`` (class index or name) giving each class its own
             share (``r`` is their exact sum; synthetic draws are limited to those classes); or a
-            callable ``epoch -> r`` (a schedule, evaluated at each epoch, same rules).
+            callable ``epoch -> r`` (a schedule, evaluated at each epoch, same rules); or an
+            :class:`~synthaug.mixing.adaptive.AdaptiveRatio`, a per-class ratio its controller
+            changes during training (below, "Adaptive ratio").
         shuffle: shuffle the real indices (a permutation fixed by ``(seed, epoch)``); ``False``
             takes them in order.
         seed: seed of the real shuffle and of the choice among equally reused records (>= 0).
@@ -157,6 +160,16 @@ class RatioBatchSampler(Sampler):
     drawing keeps its hold while its process lives; :meth:`close` removes it. Each synthetic
     index also carries the record's label and the shard stride, so a record found corrupt when
     read is replaced by one of the same label and shard (:class:`MixedDataset`, ``on_corrupt``).
+
+    Adaptive ratio: with an :class:`~synthaug.mixing.adaptive.AdaptiveRatio`, each change the
+    controller makes takes effect at a batch boundary: the next batch this sampler yields (under
+    DDP, the furthest any rank's sampler has got, so every rank changes at the same batch). The
+    sampler records ``(epoch, batch, ratios)`` of every change; a stretch between two changes is
+    planned as an epoch of its own over the real items still unused, so within it batch ``i``
+    holds ``floor(q·(i − s + 1)) − floor(q·(i − s))`` synthetic items (``s`` its first batch),
+    and per-class slots are split from the stretch's start. The changes are part of
+    :meth:`state_dict` (with the controller's state): a resumed sampler applies them at the same
+    batches. A change at or after the epoch's last batch applies from the next epoch.
 
     Determinism contract: the batch shapes (which positions are synthetic, ``len``) and the real
     indices of every batch are a pure function of ``(seed, epoch, r, B, len(real), num_replicas,
@@ -234,12 +247,17 @@ class RatioBatchSampler(Sampler):
                 "gets one; use drop_last=False (pads by repetition) or fewer replicas"
             )
 
+        self._controller: Optional[AdaptiveRatio] = None
+        self._changes: List[Tuple[int, int, Tuple[Fraction, ...]]] = []  # adaptive: (epoch, batch, shares) of each change
+        self._plans: Dict[int, Tuple[int, Any]] = {}  # adaptive: epoch -> (len(self._changes) when planned, plan)
+        self._pos: Dict[str, Any] = {"epoch": 0, "batch": 0, "group_counts": []}
         self._setup_ratio(synthetic_ratio, classes)
         self.epoch = 0
         self._check_epoch(0)
 
         self._counters: Dict[str, float] = {name: 0 for name in _COUNTER_NAMES}
         self._counters.update({"epoch_" + name: 0 for name in _COUNTER_NAMES})
+        self._counters.update({f"served_group_{g}": 0 for g in range(len(self._groups))})
         self._counters["waited_s"] = self._counters["epoch_waited_s"] = 0.0
         self._pool = SyntheticPool(
             mixed.cache,
@@ -274,7 +292,29 @@ class RatioBatchSampler(Sampler):
     def _setup_ratio(self, ratio: Ratio, classes: Optional[Sequence[Union[int, str]]]) -> None:
         self._schedule: Optional[Callable[[int], Any]] = None
         self._static: Optional[List[Fraction]] = None
-        if isinstance(ratio, Mapping):
+        if isinstance(ratio, AdaptiveRatio):
+            if classes is not None:
+                raise ValueError("an AdaptiveRatio names its own classes; drop classes=[...]")
+            resolved = [self.mixed.resolve_class(key, name="AdaptiveRatio classes") for key in ratio.classes]
+            if len(set(resolved)) != len(resolved):
+                raise ValueError(f"the AdaptiveRatio names a class twice (classes {ratio.classes})")
+            most = ratio.max_total()
+            if most > 1 or (most == 1 and self.batches_per_epoch is None):
+                raise ValueError(
+                    f"the AdaptiveRatio's classes can reach a synthetic ratio of {float(most):g} together ({len(resolved)} x its largest "
+                    f"grid ratio {float(ratio.grid[-1]):g}); it must stay below 1 (at most 1 with batches_per_epoch): lower the grid"
+                )
+            self._groups = [(c,) for c in resolved]
+            self._static = list(ratio.start_ratios().values())
+            self._controller = ratio
+            aliases: Dict[Any, Any] = {}
+            names = self.mixed.label_names or []
+            for key, cls in zip(ratio.classes, resolved):
+                aliases[cls] = aliases[str(cls)] = key
+                if cls < len(names):
+                    aliases[names[cls]] = key
+            ratio._attach(self, aliases)
+        elif isinstance(ratio, Mapping):
             if classes is not None:
                 raise ValueError(
                     "give either classes=[...] (one ratio for those classes) or synthetic_ratio={class: ratio} "
@@ -311,7 +351,9 @@ class RatioBatchSampler(Sampler):
         self._all_classes = self._groups == [()]
 
     def shares(self, epoch: Optional[int] = None) -> List[Fraction]:
-        """The synthetic ratio of each class group at ``epoch`` (default: the current one)."""
+        """The synthetic ratio of each class group at the start of ``epoch`` (default: the current one)."""
+        if self._controller is not None:
+            return list(self._shares_at(self.epoch if epoch is None else epoch, 0))
         if self._static is not None:
             return list(self._static)
         epoch = self.epoch if epoch is None else epoch
@@ -321,7 +363,68 @@ class RatioBatchSampler(Sampler):
         """``r`` at ``epoch`` (default: the current one), as the exact fraction used."""
         return sum(self.shares(epoch), Fraction(0))
 
-    def _check_epoch(self, epoch: int) -> EpochPlan:
+    # ------------------------------------------------------------------ adaptive ratio
+    def _shares_at(self, epoch: int, batch: int) -> Tuple[Fraction, ...]:
+        """The shares in force at ``(epoch, batch)``: those of the last change at or before it."""
+        found: Tuple[Fraction, ...] = tuple(self._static or ())
+        for e, b, shares in self._changes:
+            if (e, b) <= (epoch, batch):
+                found = shares
+            else:
+                break
+        return found
+
+    def _next_position(self) -> Tuple[int, int]:
+        """``(epoch, batch)`` of the next batch this sampler yields (``batch`` may be the epoch's
+        length: the next epoch's start)."""
+        return int(self._pos["epoch"]), int(self._pos["batch"])
+
+    def _record_change(self, where: Tuple[int, int], ratios: Mapping[Any, Fraction]) -> None:
+        """The controller changed the ratios: they apply from batch ``where`` on."""
+        shares = tuple(as_fraction(ratios[key]) for key in self._controller.classes)
+        where = (int(where[0]), int(where[1]))
+        if where < self._next_position():
+            raise RuntimeError(f"a ratio change at (epoch, batch) {where} is behind this sampler's position {self._next_position()}")
+        self._changes = [c for c in self._changes if (c[0], c[1]) != where] + [(where[0], where[1], shares)]
+        self._changes.sort(key=lambda c: (c[0], c[1]))
+        self._plans.clear()
+
+    def changes(self) -> List[Dict[str, Any]]:
+        """The ratio changes this sampler applied or will apply: ``epoch``, ``batch`` (the first
+        batch at the new ratios), ``ratios`` per class index (adaptive ratio only; else empty)."""
+        return [{"epoch": e, "batch": b, "ratios": {int(g[0]): float(r) for g, r in zip(self._groups, shares)}} for e, b, shares in self._changes]
+
+    def _adaptive_plan(self, epoch: int) -> StretchPlan:
+        cached = self._plans.get(epoch)
+        if cached is not None:
+            return cached
+        changes = [(0, sum(self._shares_at(epoch, 0), Fraction(0)), self._shares_at(epoch, 0))]
+        changes += [(b, sum(shares, Fraction(0)), shares) for e, b, shares in self._changes if e == epoch and b > 0]
+        plan = plan_stretches(self.shard_len, self.batch_size, changes, drop_last=self.drop_last, batches_per_epoch=self.batches_per_epoch)
+        if len(self._plans) > 8:
+            self._plans.clear()
+        self._plans[epoch] = plan
+        return plan
+
+    @staticmethod
+    def _stretch(plan: Any, i: int, shares: Sequence[Fraction]) -> Tuple[int, EpochPlan, Sequence[Fraction]]:
+        """``(first batch, plan, shares)`` of the stretch that holds batch ``i`` (``shares``:
+        the epoch's, when the ratio does not change within it)."""
+        if isinstance(plan, StretchPlan):
+            start, sub, _, stretch_shares = plan.stretch(i)
+            return start, sub, stretch_shares
+        return 0, plan, shares
+
+    def _check_epoch(self, epoch: int) -> Union[EpochPlan, StretchPlan]:
+        if self._controller is not None:
+            plan = self._adaptive_plan(epoch)
+            if plan.num_batches == 0:
+                raise ValueError(
+                    f"no batch fits in epoch {epoch}: each rank's shard holds {self.shard_len} real items, and with batch_size="
+                    f"{self.batch_size} at synthetic_ratio {float(plan.ratio):g} drop_last=True drops them all. Use drop_last=False "
+                    "or a smaller batch_size"
+                )
+            return plan
         r = self.ratio(epoch)
         where = "synthetic_ratio" if self._schedule is None else f"synthetic_ratio({epoch}) (the schedule at epoch {epoch})"
         if r < 0:
@@ -450,7 +553,16 @@ class RatioBatchSampler(Sampler):
         self._inflight.clear()
         self._publish(force=True)  # register (or refresh) this consumer's hold before drawing
         stride = self.cache_shard[1]
-        for i in range(start, plan.num_batches):
+        i = start - 1
+        while True:
+            i += 1
+            if self._controller is not None:
+                plan = self._check_epoch(epoch)  # a change recorded since the last batch re-plans the rest of the epoch
+            if i >= plan.num_batches:
+                break
+            s_start, s_plan, s_shares = self._stretch(plan, i, shares)
+            if i == s_start:
+                group_counts = [0] * len(self._groups)  # per-class slots are split from each stretch's start
             before = {"epoch": epoch, "batch": i, "group_counts": list(group_counts), "counters": dict(self._counters)}
             carried: List[tuple] = []  # scans made while waiting belong to the batch's journal
             while True:
@@ -464,11 +576,12 @@ class RatioBatchSampler(Sampler):
                     k = plan.synthetic_in(i)
                     if k:
                         rng = random.Random(f"synthaug.mixing:{self.seed}:{epoch}:{i}:{self.rank}")
-                        per_group = split_by_deficit(k, shares, self.batch_size, min(i, plan.full_batches), counts)
+                        per_group = split_by_deficit(k, s_shares, self.batch_size, min(i - s_start, s_plan.full_batches), counts)
                         ticket = self.mixed._new_ticket()
                         for g, demand in enumerate(per_group):
                             if demand:
                                 batch += [SyntheticIndex(s, pool.label_of(s), stride=stride, ticket=ticket) for s in pool.draw(g, demand, rng)]
+                                self._counters[f"served_group_{g}"] += demand
                         self._inflight.append((ticket, min(pool.drawn), k))
                         if len(self._inflight) > _INFLIGHT_MAX:
                             self._inflight.popleft()
@@ -571,9 +684,29 @@ class RatioBatchSampler(Sampler):
             epoch=self._pos["epoch"],
             batch=self._pos["batch"],
             served=int(self._counters["served"]),
+            ratios=self._class_ratios(),
+            served_by_class=self._served_by_class(),
         )
         pool.hold = hold
         self._published = (cursor, hold, pool.waiting)
+
+    def _class_ratios(self) -> Dict[str, float]:
+        """The synthetic ratio per class index now (``"*"``: any class), as published in the
+        cursor table for generation workers that split their supply by demand."""
+        epoch, batch = self._next_position()
+        shares = self._shares_at(epoch, batch) if self._controller is not None else self.shares(epoch)
+        out: Dict[str, float] = {}
+        for group, share in zip(self._groups, shares):
+            if not group:
+                out["*"] = float(share)
+            for c in group:
+                out[str(c)] = float(share) / len(group)
+        return out
+
+    def _served_by_class(self) -> Dict[str, int]:
+        """Synthetic items served per class group (``"*"``: any class; a group of several classes
+        is named by its classes joined with "+")."""
+        return {("+".join(str(c) for c in group) or "*"): int(self._counters[f"served_group_{g}"]) for g, group in enumerate(self._groups)}
 
     def close(self) -> None:
         """Remove this consumer's cursor from the cache: writers stop keeping records for it
@@ -594,7 +727,9 @@ class RatioBatchSampler(Sampler):
         consumer got to them), ``corrupt_skipped`` (records whose header could not be read),
         the same with an ``epoch_`` prefix for the current epoch, and ``epoch``, ``batch`` (the
         next batch of the epoch), ``cursor``, ``hold`` (the oldest record it may still read, as
-        last published), ``consumer``.
+        last published), ``consumer``, ``served_by_class`` (synthetic items per class, ``"*"``
+        for any class) and ``ratios`` (the ratio per class now). With an adaptive ratio also
+        ``ratio_changes`` (:meth:`changes`) and ``controller`` (the controller's ``stats()``).
         """
         c = self._counters
         out: Dict[str, Any] = {"consumer": self.consumer, "epoch": self._pos["epoch"], "batch": self._pos["batch"]}
@@ -606,6 +741,11 @@ class RatioBatchSampler(Sampler):
                 out[prefix + name] = float(v) if name == "waited_s" else int(v)
             total = c[prefix + "served"] + c[prefix + "real"]
             out[prefix + "synthetic_share"] = c[prefix + "served"] / total if total else 0.0
+        out["served_by_class"] = self._served_by_class()
+        out["ratios"] = self._class_ratios()
+        if self._controller is not None:
+            out["ratio_changes"] = self.changes()
+            out["controller"] = self._controller.stats()
         return out
 
     def freshness(self) -> Dict[str, Any]:
@@ -650,7 +790,8 @@ class RatioBatchSampler(Sampler):
             "real_len": len(self.mixed.real_dataset),
             "groups": [list(g) for g in self._groups],
             "batches_per_epoch": self.batches_per_epoch,
-            "ratio": None if self._static is None else [str(s) for s in self._static],
+            "ratio": None if self._static is None or self._controller is not None else [str(s) for s in self._static],
+            "adaptive": self._controller is not None,
             "max_reuse": self.max_reuse,
         }
 
@@ -692,7 +833,7 @@ class RatioBatchSampler(Sampler):
                 counters = dict(before["counters"])
                 pool_state["pending"] = [list(p) for p in pool_state["pending"]]
                 pool_state["buckets"] = [{c: v for c, v in b.items() if v} for b in pool_state["buckets"]]
-        return {
+        state = {
             "format": _STATE_FORMAT,
             "epoch": pos["epoch"],
             "batch": pos["batch"],
@@ -702,6 +843,12 @@ class RatioBatchSampler(Sampler):
             "consumer": self.consumer,
             "config": self._config(),
         }
+        if self._controller is not None:
+            # every change, also those at batches the rewind above gives back: the loop made the
+            # observations behind them before this state was taken, and will not make them again
+            state["adaptive"] = {"changes": [[e, b, [str(x) for x in shares]] for e, b, shares in self._changes],
+                                 "controller": self._controller.state_dict()}
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`: the next iteration continues the saved epoch at the saved
@@ -720,6 +867,8 @@ class RatioBatchSampler(Sampler):
                 continue
             if key == "cache_shard" and key not in theirs:  # saved before cache_shard existed: the default
                 theirs = {**theirs, key: [theirs.get("rank"), theirs.get("num_replicas")]}
+            if key == "adaptive" and key not in theirs:  # saved before adaptive ratios existed
+                theirs = {**theirs, key: False}
             if theirs.get(key) != value:
                 raise ValueError(
                     f"the state was saved by a sampler with {key}={theirs.get(key)!r}, this one has {key}={value!r}; "
@@ -727,6 +876,12 @@ class RatioBatchSampler(Sampler):
                 )
         epoch = int(state["epoch"])
         self._check_epoch(epoch)
+        if self._controller is not None:
+            adaptive = state["adaptive"]
+            self._controller.load_state_dict(adaptive["controller"])
+            self._changes = [(int(e), int(b), tuple(Fraction(x) for x in shares)) for e, b, shares in adaptive["changes"]]
+            self._plans.clear()
+            self._offsets = {0: 0}
         self._pool.load(state["pool"])
         self._counters.update({k: v for k, v in state["counters"].items() if k in self._counters})
         self.epoch = epoch
@@ -735,7 +890,7 @@ class RatioBatchSampler(Sampler):
         self._journal.clear()
 
     def __repr__(self) -> str:
-        ratio = "schedule" if self._schedule is not None else str(self.ratio(self.epoch))
+        ratio = "schedule" if self._schedule is not None else "adaptive" if self._controller is not None else str(self.ratio(self.epoch))
         return (
             f"RatioBatchSampler(batch_size={self.batch_size}, synthetic_ratio={ratio}, rank={self.rank}/{self.num_replicas}, "
             f"consumer={self.consumer!r}, epoch={self.epoch})"
