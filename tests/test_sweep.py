@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from synthaug.data.fashion_mnist import find_fashion_mnist
+from synthaug.data.fashion_mnist import FASHION_MNIST_CLASSES, find_fashion_mnist
 from synthaug.evaluation.sweep import SweepConfig, run_sweep
 from synthaug.evaluation.sweep_report import markdown_summary
 
+SHIRT = FASHION_MNIST_CLASSES.index("Shirt")
 REPO = Path(__file__).resolve().parents[1]
 needs_fmnist = pytest.mark.skipif(find_fashion_mnist() is None, reason="Fashion-MNIST is not installed (scripts/bootstrap.sh installs it as root)")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -28,13 +29,13 @@ def _is_png(path: Path) -> bool:
 @needs_fmnist
 def test_reduced_fashion_mnist_sweep_writes_results_summary_and_plots(tmp_path, capsys):
     cfg = SweepConfig(ratios=[0.25, 0.5], seeds=2, per_class=60, shots=12, steps=25, batch_size=32, lora_steps=3,
-                      arms=["real_only", "oversampled", "classic_aug", "synthetic", "synthetic+classic_aug"],
+                      arms=["real_only", "oversampled", "classic_aug", "synthetic", "synthetic+classic_aug", "adaptive"], adaptive_interval=5,
                       synthetic_images=24, set_sizes=[8], test_size=400, bootstrap=2000, out=str(tmp_path / "sweep"))
     summary = run_sweep(cfg, progress=False)
     out = tmp_path / "sweep"
     rows = json.loads((out / "results.json").read_text())["rows"]
     arms = ["real_only", "oversampled@0.25", "classic_aug@0.25", "synthetic@0.25", "synthetic+classic_aug@0.25", "oversampled@0.5",
-            "classic_aug@0.5", "synthetic@0.5", "synthetic+classic_aug@0.5", "synthetic@0.25/n=8"]
+            "classic_aug@0.5", "synthetic@0.5", "synthetic+classic_aug@0.5", "adaptive", "synthetic@0.25/n=8"]
     # one row per arm x seed, each with the real-test metrics and the same number of steps
     assert sorted((r["arm"], r["seed"]) for r in rows) == sorted((a, s) for a in arms for s in (0, 1))
     assert {r["training"]["steps"] for r in rows} == {25}
@@ -64,6 +65,18 @@ def test_reduced_fashion_mnist_sweep_writes_results_summary_and_plots(tmp_path, 
     md = (out / "summary.md").read_text()
     assert "| synthetic@0.5 | oversampled@0.5 |" in md and "| real_only | 2 |" in md
     assert _is_png(out / "ratio_curves.png") and _is_png(out / "set_size.png")
+    # the adaptive arm: one run per seed, its ratio moved over the sweep's ratios by validation AP
+    for s in (0, 1):
+        row = by[("adaptive", s)]
+        assert row["ratio"] == 0.25 and row["training"]["adaptive"]["observations"] == 5  # start: the lower middle; 25 steps / 5
+        assert row["training"]["adaptive"]["grid"] == [0.25, 0.5] and row["training"]["adaptive_eval_s"] > 0
+        assert set(row["sampler"]["served_by_class"]) == {str(SHIRT)}
+    ad = on_disk["adaptive"]["adaptive"]
+    assert ad["fixed_arms"] == ["synthetic@0.25", "synthetic@0.5"] and len(ad["per_seed"]) == 2
+    bases = {c["baseline"] for c in ad["comparisons"]}
+    assert {"synthetic@0.25", "synthetic@0.5", "fixed ratio chosen on validation", "real_only"} <= bases
+    assert any(b.startswith("best fixed ratio on test") for b in bases)
+    assert "## adaptive: the ratio chosen during the run" in md and _is_png(out / "adaptive_trajectory.png")
 
     # resume: the same settings again train nothing; a lost row is trained again, alone
     before = (out / "results.json").read_text()

@@ -7,6 +7,8 @@
   synthetic arm's batch does, only repeated real images instead of generated ones.
 * ``classic_aug@r``: the same, with standard torchvision augmentation of those repeated images.
 * ``synthetic@r``: generated rare-class images from the cache, mixed at ratio ``r``.
+* ``adaptive``: the same, at a ratio an :class:`~synthaug.mixing.adaptive.AdaptiveRatio` moves
+  during training from the rare class's validation AP (``train_and_evaluate(controller=...)``).
 
 All arms train the same model for the same number of optimizer steps with the same batch size,
 and are evaluated on the real held-out test set only.
@@ -137,6 +139,7 @@ def train_and_evaluate(
     synthetic_weight: float = 1.0,
     refit_loader=None,
     refit_steps: int = 0,
+    controller=None,
 ) -> ArmResult:
     """Train a fresh classifier (init seeded by ``seed``) for ``steps`` steps on ``loader``,
     counting rare-class draws, and evaluate it on ``test_loader`` (and ``val_loader``, the real
@@ -147,25 +150,39 @@ def train_and_evaluate(
     class-probability vectors (soft labels; an item counts as a rare draw when it gives the rare
     class any weight), and batches ``(x, y, is_synthetic)``, weighted by ``synthetic_weight``.
     ``refit_loader``, ``refit_steps``: afterwards re-fit the last layer on that real data,
-    class-balanced (:func:`synthaug.classifier.refit_last_layer`)."""
+    class-balanced (:func:`synthaug.classifier.refit_last_layer`). ``controller``: the loader's
+    :class:`~synthaug.mixing.adaptive.AdaptiveRatio`; every ``controller.interval`` steps the
+    rare class's average precision on ``val_loader`` (real images) is measured and observed; the
+    seconds spent on it are ``training["adaptive_eval_s"]``, the trajectory ``training["adaptive"]``."""
     import torch
 
     torch.manual_seed(seed)
     net = build_classifier(model, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     rare_draws = [0]
 
+    if controller is not None and val_loader is None:
+        raise ValueError("an adaptive ratio reads its reward from real validation data: pass val_loader")
+    eval_s = [0.0]
+
     def count(step, x, y):
         rare_draws[0] += int((y[:, rare] > 0).sum()) if y.ndim > 1 else int((y == rare).sum())
+        if controller is not None and controller.due(step):
+            t = time.time()
+            controller.observe(step, {rare: evaluate(val_loader)["rare_average_precision"]})  # predict() puts the net back in train mode
+            eval_s[0] += time.time() - t
+
+    def evaluate(eval_loader) -> Dict[str, float]:
+        y, pred, scores = predict(net, eval_loader, device=device, multilabel=multilabel)
+        return multilabel_rare_metrics(y, scores, rare) if multilabel else rare_class_metrics(y, pred, rare, scores)
 
     t0 = time.time()
     training = train_classifier(net, loader, steps=steps, lr=lr, device=device, progress=progress, desc=name, on_step=count, multilabel=multilabel,
                                 synthetic_weight=synthetic_weight)
     if refit_loader is not None and refit_steps:
         training["refit"] = refit_last_layer(net, refit_loader, steps=refit_steps, lr=lr, seed=seed, device=device)
-
-    def evaluate(eval_loader) -> Dict[str, float]:
-        y, pred, scores = predict(net, eval_loader, device=device, multilabel=multilabel)
-        return multilabel_rare_metrics(y, scores, rare) if multilabel else rare_class_metrics(y, pred, rare, scores)
+    if controller is not None:
+        training["adaptive_eval_s"] = eval_s[0]
+        training["adaptive"] = controller.stats()
 
     metrics = evaluate(test_loader)
     val_metrics = evaluate(val_loader) if val_loader is not None else None

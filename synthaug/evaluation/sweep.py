@@ -20,7 +20,11 @@ For every seed (one few-shot split, one adapter, one classifier initialisation):
    * ``classic_aug@r``: ``oversampled@r`` with standard torchvision augmentation of the repeats;
    * ``synthetic@r``: the synthetic pool mixed at ratio r;
    * ``synthetic+classic_aug@r`` (optional): the same with the augmentation on synthetic images;
-   * ``synthetic@r/n=N``: the pool cut to its first N images (the synthetic-set-size effect).
+   * ``synthetic@r/n=N``: the pool cut to its first N images (the synthetic-set-size effect);
+   * ``adaptive`` (optional): the synthetic pool mixed at a ratio an
+     :class:`~synthaug.mixing.adaptive.AdaptiveRatio` moves over ``ratios`` during the run, from
+     the rare class's average precision on the seed's validation split, read every
+     ``adaptive_interval`` steps (one run instead of one per ratio).
 
 Outputs in ``out``: ``results.json`` (one row per arm × seed, written as each finishes, so an
 interrupted sweep resumes where it stopped), ``summary.json`` and ``summary.md`` (mean ± std per
@@ -50,6 +54,7 @@ from synthaug.cache.store import SyntheticCache
 from synthaug.data.study import StudyData, check_patient_overlap, load_study_dataset
 from synthaug.data.transforms import WithTransform, classic_augmentation
 from synthaug.evaluation.arms import mixed_arm_loader, real_only_loader, real_rare_cache, train_and_evaluate
+from synthaug.mixing.adaptive import AdaptiveRatio
 from synthaug.evaluation.leakage import dataset_image_hashes, file_image_hashes
 from synthaug.evaluation.sweep_checks import preflight
 from synthaug.evaluation.sweep_config import ARM_KINDS, SweepConfig
@@ -282,7 +287,7 @@ def _run_seed(cfg, data: StudyData, seed: int, todo, test_loader, test_hashes, r
 
 
 def _draws_synthetic(p: Dict[str, Any]) -> bool:
-    return p["kind"].startswith("synthetic") or p["kind"] == "oversampled+synthetic"
+    return p["kind"].startswith("synthetic") or p["kind"] in ("oversampled+synthetic", "adaptive")
 
 
 def _fill_pools(cfg, data: StudyData, seed: int, adapter: Path, train_idx, rare_idx, val_idx, todo, seed_dir: Path, pools, info, log, progress) -> None:
@@ -368,6 +373,9 @@ def _run_arm(cfg, data: StudyData, p: Dict[str, Any], seed: int, steps: int, rea
              device, progress) -> Dict[str, Any]:
     """Train and evaluate one arm; its row for ``results.json``."""
     kind, r, variant = p["kind"], p["ratio"], p.get("variant")
+    controller = None
+    if kind == "adaptive":
+        controller = AdaptiveRatio({data.rare: r}, grid=sorted(cfg.ratios), interval=cfg.adaptive_interval_for(steps), mode="max")
     if kind == "real_only":
         loader, sampler = real_only_loader(real_train, batch_size=cfg.batch_size, seed=seed, transform=data.transform, num_workers=cfg.num_workers), None
     else:
@@ -381,15 +389,18 @@ def _run_arm(cfg, data: StudyData, p: Dict[str, Any], seed: int, steps: int, rea
             syn_tf = aug
         # classes=[rare]: only rare-class records are drawn, so each synthetic arm and its
         # oversampled control draw the rare class equally often even from a mixed cache
-        loader, sampler = mixed_arm_loader(real_train, pool, ratio=r, batch_size=cfg.batch_size, seed=seed, transform=data.transform,
+        # classes=[rare] (the adaptive controller names the rare class itself)
+        loader, sampler = mixed_arm_loader(real_train, pool, ratio=controller or r, batch_size=cfg.batch_size, seed=seed, transform=data.transform,
                                            synthetic_transform=syn_tf, consumer=f"sweep-{p['arm']}-seed{seed}", num_workers=cfg.num_workers,
-                                           classes=[data.rare], soft_targets=_has_soft_labels(pool), mark_synthetic=variant == "weighted")
+                                           classes=None if controller else [data.rare], soft_targets=_has_soft_labels(pool),
+                                           mark_synthetic=variant == "weighted")
     try:
         result = train_and_evaluate(p["arm"], loader, test_loader, sampler=sampler, rare=data.rare, steps=steps, seed=seed, model=cfg.model,
                                     in_channels=data.channels, num_classes=len(data.classes), image_size=data.size, lr=cfg.lr, device=device,
                                     progress=progress, multilabel=data.multilabel, val_loader=val_loader,
                                     synthetic_weight=cfg.synthetic_weight if variant == "weighted" else 1.0,
-                                    refit_loader=refit_loader if variant == "refit" else None, refit_steps=cfg.refit_steps).to_dict()
+                                    refit_loader=refit_loader if variant == "refit" else None, refit_steps=cfg.refit_steps,
+                                    controller=controller).to_dict()
     finally:
         if sampler is not None:
             # a finished arm's cursor must not pin the pool's fresh count (a worker would idle)

@@ -16,7 +16,7 @@ from synthaug.classifier import CLASSIFIERS
 
 __all__ = ["ARM_KINDS", "GENERATION_MODES", "VARIANTS", "SweepConfig", "arm_name"]
 
-ARM_KINDS = ("real_only", "oversampled", "classic_aug", "synthetic", "synthetic+classic_aug", "oversampled+synthetic")
+ARM_KINDS = ("real_only", "oversampled", "classic_aug", "synthetic", "synthetic+classic_aug", "oversampled+synthetic", "adaptive")
 #: how a synthetic pool is generated: from noise, around the rare shots (SDEdit), from other
 #: classes' real images into the rare class (soft labels), or steered toward hard images
 GENERATION_MODES = ("txt2img", "img2img", "translate", "feedback")
@@ -74,6 +74,7 @@ class SweepConfig:
     refit_steps: int = 100
     real_share: float = 0.5
     val_shots: int = 10
+    adaptive_interval: Optional[int] = None  # steps between the adaptive arm's validation readings (default: steps // 24, at least 5)
     reference_steps: int = 800
     worker: bool = False
     image_size: int = 64
@@ -186,6 +187,10 @@ class SweepConfig:
             raise ValueError(f"--gate must be LOW,HIGH with 0 <= LOW < HIGH <= 1, got {self.gate}")
         if not 0 < self.real_share < 1:
             raise ValueError(f"--real-share must be in (0, 1), got {self.real_share}")
+        if "adaptive" in self.arms and len(self.ratios) < 2:
+            raise ValueError(f"the adaptive arm moves its ratio over --ratios: give at least two, got {self.ratios}")
+        if self.adaptive_interval is not None and self.adaptive_interval < 1:
+            raise ValueError(f"--adaptive-interval must be >= 1, got {self.adaptive_interval}")
         for name in ("translate_classes", "refit_steps", "val_shots", "reference_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -210,7 +215,7 @@ class SweepConfig:
         ratios = sorted(self.ratios)
         for r in ratios:
             for kind in ARM_KINDS[1:]:
-                if kind not in self.arms:
+                if kind not in self.arms or kind == "adaptive":  # one run per mode, below
                     continue
                 if kind in ("oversampled", "classic_aug"):
                     add(kind, r)
@@ -220,6 +225,11 @@ class SweepConfig:
                     if kind == "synthetic":
                         for variant in self.variants:
                             add(kind, r, mode, variant)
+        if "adaptive" in self.arms:
+            start = self.adaptive_start()
+            for mode in self.generation:
+                plan.append({"arm": "adaptive" + ("" if mode == "txt2img" else f"[{mode}]"), "kind": "adaptive", "ratio": start, "pool": None,
+                             "mode": mode, "variant": None})
         if "synthetic" in self.arms:
             first = self.generation[0]
             for n in sorted(set(self.set_sizes)):
@@ -232,6 +242,16 @@ class SweepConfig:
                 if "oversampled" in self.arms:
                     add("oversampled", r)
         return plan
+
+    def adaptive_start(self) -> float:
+        """The adaptive arm's starting ratio: the middle of ``ratios`` (the lower of two middles)."""
+        ratios = sorted(self.ratios)
+        return ratios[(len(ratios) - 1) // 2]
+
+    def adaptive_interval_for(self, steps: int) -> int:
+        """Steps between the adaptive arm's validation readings: ``adaptive_interval``, else
+        ``steps // 24`` (12 probe rounds per run), at least 5."""
+        return int(self.adaptive_interval) if self.adaptive_interval else max(5, steps // 24)
 
     def val_per_class(self) -> int:
         """Validation images per other class: ``val_shots``, as many as of the rare class. The
@@ -246,6 +266,8 @@ class SweepConfig:
         d = asdict(self)
         for k in ("out", "overwrite", "bootstrap", "strict"):  # strict only refuses runs, never changes one
             d.pop(k)
+        if "adaptive" not in self.arms:  # a setting of the adaptive arm alone: sweeps without it keep their identity
+            d.pop("adaptive_interval")
         d["seeds"] = self.seed_list
         return d
 
@@ -253,7 +275,7 @@ class SweepConfig:
 _FLOAT_FIELDS = ("epochs", "lr", "set_size_ratio", "guidance_scale", "soft_label_gamma", "feedback_scale", "synthetic_weight", "real_share")
 _INT_FIELDS = ("shots", "per_class", "steps", "batch_size", "lora_steps", "lora_rank", "synthetic_images", "generation_steps",
                "image_size", "channels", "test_size", "num_workers", "bootstrap", "translate_classes", "refit_steps", "val_shots",
-               "reference_steps")
+               "reference_steps", "adaptive_interval")
 _LIST_FIELDS = {"ratios": float, "set_sizes": int, "strengths": float, "gate": float, "generation": str, "variants": str, "translate_from": str}
 _BOOL_FIELDS = ("worker", "overwrite", "leakage_check", "strict")
 

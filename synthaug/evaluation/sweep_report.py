@@ -11,6 +11,13 @@ over seeds, with ``oversampled@r`` at the chosen ratio (matched draws), with the
 ratio chosen on validation by the same rule, and with ``real_only``. :func:`select_on_validation`
 reads validation metrics only: the test set decides nothing.
 
+**Adaptive arm.** Each ``adaptive`` arm (one run whose ratio an AdaptiveRatio moves over the
+sweep's ratios) is compared, paired over seeds, with every fixed ``synthetic@r`` of its generation
+mode, with the fixed ratio chosen per seed on validation AP (the one-run-per-ratio way of choosing
+it), with the fixed ratio best on *test* AP on average (an oracle no user has: the bar it would
+have to clear), and with ``real_only``; beside them its cost: its training time, validation
+readings included, against the fixed arms' total.
+
 The paired statistics themselves are in :mod:`synthaug.evaluation.stats`.
 """
 
@@ -19,6 +26,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
 
 from synthaug.evaluation.stats import describe, format_mean_std, paired_comparison
 from synthaug.evaluation.sweep_config import SweepConfig
@@ -87,14 +96,62 @@ def summarize_results(rows: Sequence[Dict[str, Any]], out: Optional[Path] = None
                 b = [by_arm[base][s]["metrics"].get(metric, float("nan")) for s in seeds]
                 comparisons.append({"arm": arm, "baseline": base, "metric": metric, "seeds": seeds, **paired_comparison(a, b, n_boot=n_boot)})
     summary = {"arms": arms, "comparisons": comparisons, "selection": _selection(rows, by_arm, n_boot),
-               "meta": meta or {}, "config": cfg.identity() if cfg is not None else None}
+               "adaptive": _adaptive(rows, by_arm, n_boot), "meta": meta or {}, "config": cfg.identity() if cfg is not None else None}
     if out is not None:
         out = Path(out)
         write_json(out / "summary.json", summary)
         (out / "summary.md").write_text(markdown_summary(summary))
         plot_ratio_curves(summary, out / "ratio_curves.png")
         plot_set_size(summary, out / "set_size.png")
+        trajectories = [r["training"]["adaptive"] for r in rows if r["kind"] == "adaptive" and (r.get("training") or {}).get("adaptive")]
+        if trajectories:
+            from synthaug.mixing.adaptive import plot_ratio_trajectory
+
+            plot_ratio_trajectory(trajectories, out / "adaptive_trajectory.png", title="adaptive arm: rare-class ratio and validation AP, per seed")
     return summary
+
+
+def _adaptive(rows, by_arm, n_boot: int) -> Dict[str, Any]:
+    """The adaptive arms against the fixed ratios (see the module docstring)."""
+    out: Dict[str, Any] = {}
+    for arm, per_seed in by_arm.items():
+        first = next(iter(per_seed.values()))
+        if first["kind"] != "adaptive":
+            continue
+        mode = first.get("mode") or "txt2img"
+        fixed = {a: s for a, s in by_arm.items() if (next(iter(s.values())) or {}).get("kind") == "synthetic" and "/n=" not in a
+                 and not next(iter(s.values())).get("variant") and (next(iter(s.values())).get("mode") or "txt2img") == mode}
+        if not fixed:
+            continue
+        fixed_rows = [r for a in fixed for r in fixed[a].values()]
+        chosen = select_on_validation(fixed_rows, kinds=("synthetic",))
+        oracle = max(fixed, key=lambda a: float(np.nanmean([r["metrics"].get(SELECTION_METRIC, float("nan")) for r in fixed[a].values()])))
+        by_ratio = sorted(fixed, key=lambda a: next(iter(fixed[a].values()))["ratio"])
+        baselines: Dict[str, Dict[int, Dict[str, Any]]] = {a: {s: r["metrics"] for s, r in fixed[a].items()} for a in by_ratio}
+        baselines["fixed ratio chosen on validation"] = {s: fixed[a][s]["metrics"] for s, a in chosen.items()}
+        baselines[f"best fixed ratio on test ({oracle}, oracle)"] = {s: r["metrics"] for s, r in fixed[oracle].items()}
+        if "real_only" in by_arm:
+            baselines["real_only"] = {s: r["metrics"] for s, r in by_arm["real_only"].items()}
+        comparisons = []
+        for base, values in baselines.items():
+            seeds = sorted(set(per_seed) & set(values))
+            if not seeds:
+                continue
+            for metric in COMPARED_METRICS:
+                a = [per_seed[s]["metrics"].get(metric, float("nan")) for s in seeds]
+                b = [values[s].get(metric, float("nan")) for s in seeds]
+                comparisons.append({"arm": arm, "baseline": base, "metric": metric, "seeds": seeds, **paired_comparison(a, b, n_boot=n_boot)})
+        seeds_info = []
+        for s, r in sorted(per_seed.items()):
+            traj = (r.get("training") or {}).get("adaptive") or {}
+            cls = next(iter((traj.get("classes") or {}).values()), {})
+            seeds_info.append({"seed": s, "final_centre": cls.get("centre"), "moves": cls.get("moves"), "observations": traj.get("observations"),
+                               "synthetic_share": (r.get("sampler") or {}).get("synthetic_share"),
+                               "chosen_on_validation": fixed[chosen[s]][s]["ratio"] if s in chosen else None,
+                               "wall_s": r["training"].get("wall_s_with_eval"), "eval_s": r["training"].get("adaptive_eval_s"),
+                               "fixed_wall_s": sum(fixed[a][s]["training"].get("wall_s_with_eval", 0.0) for a in fixed if s in fixed[a])})
+        out[arm] = {"mode": mode, "fixed_arms": sorted(fixed), "oracle": oracle, "per_seed": seeds_info, "comparisons": comparisons}
+    return out
 
 
 def _selection(rows, by_arm, n_boot: int) -> Dict[str, Any]:
@@ -142,7 +199,8 @@ def _fresh_share(rows) -> Optional[float]:
 def _arm_order(summary) -> List[str]:
     def key(arm):
         a = summary["arms"][arm]
-        order = {"real_only": 0, "oversampled": 1, "classic_aug": 2, "synthetic": 3, "synthetic+classic_aug": 4, "oversampled+synthetic": 5}[a["kind"]]
+        order = {"real_only": 0, "oversampled": 1, "classic_aug": 2, "synthetic": 3, "synthetic+classic_aug": 4, "oversampled+synthetic": 5,
+                 "adaptive": 6}[a["kind"]]
         return (a["pool"] is not None and a["kind"] == "synthetic" and "/n=" in arm, a["ratio"], order, a.get("mode") or "", a.get("variant") or "",
                 a["pool"] or 0)
 
@@ -199,7 +257,47 @@ def markdown_summary(summary: Dict[str, Any]) -> str:
                           f"{c['wins']}/{c['losses']}"]
             lines.append(f"| {arm} | {base} | " + " | ".join(cells) + " |")
     lines += _selection_markdown(summary.get("selection") or {}, shown)
+    lines += _adaptive_markdown(summary.get("adaptive") or {}, shown)
     return "\n".join(lines) + "\n"
+
+
+def _adaptive_markdown(adaptive: Dict[str, Any], shown) -> List[str]:
+    lines: List[str] = []
+    for arm, a in adaptive.items():
+        lines += ["", f"## {arm}: the ratio chosen during the run", "",
+                  "One run per seed whose rare-class ratio an AdaptiveRatio moved over the sweep's ratios from validation AP "
+                  "(`adaptive_trajectory.png`). Δ = adaptive − baseline, paired over seeds. The oracle is the fixed ratio with the best "
+                  "mean *test* AP: no user can pick it, it is the bar.", "",
+                  "| seed | final ratio | moves | validation readings | synthetic share of draws | fixed ratio chosen on validation | "
+                  "adaptive run s (of it, validation) | all fixed runs s |", "|---|---|---|---|---|---|---|---|"]
+        for s in a["per_seed"]:
+            share = s["synthetic_share"]
+            lines.append(f"| {s['seed']} | {_g(s['final_centre'])} | {s['moves']} | {s['observations']} | {'–' if share is None else f'{share:.3f}'} | "
+                         f"{_g(s['chosen_on_validation'])} | {_g(s['wall_s'], '.0f')} ({_g(s['eval_s'], '.1f')}) | {_g(s['fixed_wall_s'], '.0f')} |")
+        by_base: Dict[str, Dict[str, Any]] = {}
+        for c in a["comparisons"]:
+            if c["metric"] in shown:
+                by_base.setdefault(c["baseline"], {})[c["metric"]] = c
+        if by_base:
+            lines += ["", f"| {arm} against | Δ recall [95% CI] | W/L | Δ F1 [95% CI] | W/L | Δ AP [95% CI] | p (perm / t) | W/L |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for base, cs in by_base.items():
+                cells = []
+                for metric in shown:
+                    c = cs.get(metric)
+                    if c is None:
+                        cells += ["–", "–"] if metric != "rare_average_precision" else ["–", "–", "–"]
+                        continue
+                    cells.append(f"{c['mean_diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]")
+                    if metric == "rare_average_precision":
+                        cells.append(f"{c['p_sign_flip']:.3f} / {_fmt_p(c['p_ttest'])}")
+                    cells.append(f"{c['wins']}/{c['losses']}")
+                lines.append(f"| {base} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _g(value, fmt: str = "g") -> str:
+    return "–" if value is None else format(value, fmt)
 
 
 def _selection_markdown(selection: Dict[str, Any], shown) -> List[str]:
