@@ -116,6 +116,9 @@ def register(sub) -> None:
                    f"as the test set is); drawn outside the training split, never from the test set (default: {d.val_shots})")
     g.add_argument("--adaptive-interval", type=int, help="training steps between two validation readings of the adaptive arm (an AdaptiveRatio "
                    "hill-climbing the rare class's ratio over --ratios on validation AP; default: steps // 24, at least 5)")
+    g.add_argument("--adaptive-reward", choices=["loss", "ap"], help="what the adaptive arm reads on the validation split: loss, the rare "
+                   "class's one-vs-rest log loss (a proper score over every validation image; smoother than AP on a few rare images), "
+                   f"or ap, its average precision (default: {d.adaptive_reward})")
     p.add_argument("--worker", action="store_true", default=None, help="keep a GenerationWorker topping up the pool while the arms train (default: pre-fill only)")
     p.add_argument("--image-size", type=int, help=f"image side for imagefolder/csv datasets (default: {d.image_size})")
     p.add_argument("--channels", type=int, choices=[1, 3], help="1 (gray) or 3 (RGB) for imagefolder/csv (default: 3 for imagefolder, 1 for csv)")

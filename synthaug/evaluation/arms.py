@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence
 
+import numpy as np
+
 from synthaug.cache.store import SyntheticCache
 from synthaug.data.transforms import WithTransform
 from synthaug.classifier import build_classifier, predict, refit_last_layer, train_classifier
@@ -140,6 +142,7 @@ def train_and_evaluate(
     refit_loader=None,
     refit_steps: int = 0,
     controller=None,
+    controller_reward: str = "loss",
 ) -> ArmResult:
     """Train a fresh classifier (init seeded by ``seed``) for ``steps`` steps on ``loader``,
     counting rare-class draws, and evaluate it on ``test_loader`` (and ``val_loader``, the real
@@ -152,8 +155,10 @@ def train_and_evaluate(
     ``refit_loader``, ``refit_steps``: afterwards re-fit the last layer on that real data,
     class-balanced (:func:`synthaug.classifier.refit_last_layer`). ``controller``: the loader's
     :class:`~synthaug.mixing.adaptive.AdaptiveRatio`; every ``controller.interval`` steps the
-    rare class's average precision on ``val_loader`` (real images) is measured and observed; the
-    seconds spent on it are ``training["adaptive_eval_s"]``, the trajectory ``training["adaptive"]``."""
+    rare class's ``controller_reward`` on ``val_loader`` (real images) is measured and observed:
+    ``"loss"``, its one-vs-rest log loss (give the controller ``mode="min"``), or ``"ap"``, its
+    average precision (``mode="max"``). The seconds spent on it are
+    ``training["adaptive_eval_s"]``, the trajectory ``training["adaptive"]``."""
     import torch
 
     torch.manual_seed(seed)
@@ -162,18 +167,29 @@ def train_and_evaluate(
 
     if controller is not None and val_loader is None:
         raise ValueError("an adaptive ratio reads its reward from real validation data: pass val_loader")
+    if controller_reward not in ("loss", "ap"):
+        raise ValueError(f"controller_reward must be 'loss' or 'ap', got {controller_reward!r}")
     eval_s = [0.0]
 
     def count(step, x, y):
         rare_draws[0] += int((y[:, rare] > 0).sum()) if y.ndim > 1 else int((y == rare).sum())
         if controller is not None and controller.due(step):
             t = time.time()
-            controller.observe(step, {rare: evaluate(val_loader)["rare_average_precision"]})  # predict() puts the net back in train mode
+            controller.observe(step, {rare: reward(val_loader)})
             eval_s[0] += time.time() - t
 
     def evaluate(eval_loader) -> Dict[str, float]:
         y, pred, scores = predict(net, eval_loader, device=device, multilabel=multilabel)
         return multilabel_rare_metrics(y, scores, rare) if multilabel else rare_class_metrics(y, pred, rare, scores)
+
+    def reward(eval_loader) -> float:
+        """The controller's reading on real validation images (predict() leaves the net in train mode)."""
+        if controller_reward == "ap":
+            return evaluate(eval_loader)["rare_average_precision"]
+        y, _, scores = predict(net, eval_loader, device=device, multilabel=multilabel)
+        positive = (y[:, rare] > 0) if y.ndim > 1 else (y == rare)
+        p = np.clip(scores[:, rare].astype(np.float64), 1e-7, 1 - 1e-7)
+        return float(-np.mean(np.where(positive, np.log(p), np.log1p(-p))))
 
     t0 = time.time()
     training = train_classifier(net, loader, steps=steps, lr=lr, device=device, progress=progress, desc=name, on_step=count, multilabel=multilabel,

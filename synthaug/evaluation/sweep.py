@@ -23,8 +23,9 @@ For every seed (one few-shot split, one adapter, one classifier initialisation):
    * ``synthetic@r/n=N``: the pool cut to its first N images (the synthetic-set-size effect);
    * ``adaptive`` (optional): the synthetic pool mixed at a ratio an
      :class:`~synthaug.mixing.adaptive.AdaptiveRatio` moves over ``ratios`` during the run, from
-     the rare class's average precision on the seed's validation split, read every
-     ``adaptive_interval`` steps (one run instead of one per ratio).
+     the rare class's one-vs-rest log loss (``adaptive_reward: loss``) or average precision
+     (``ap``) on the seed's validation split, read every ``adaptive_interval`` steps (one run
+     instead of one per ratio).
 
 Outputs in ``out``: ``results.json`` (one row per arm × seed, written as each finishes, so an
 interrupted sweep resumes where it stopped), ``summary.json`` and ``summary.md`` (mean ± std per
@@ -375,7 +376,8 @@ def _run_arm(cfg, data: StudyData, p: Dict[str, Any], seed: int, steps: int, rea
     kind, r, variant = p["kind"], p["ratio"], p.get("variant")
     controller = None
     if kind == "adaptive":
-        controller = AdaptiveRatio({data.rare: r}, grid=sorted(cfg.ratios), interval=cfg.adaptive_interval_for(steps), mode="max")
+        controller = AdaptiveRatio({data.rare: r}, grid=sorted(cfg.ratios), interval=cfg.adaptive_interval_for(steps),
+                                   mode="min" if cfg.adaptive_reward == "loss" else "max")
     if kind == "real_only":
         loader, sampler = real_only_loader(real_train, batch_size=cfg.batch_size, seed=seed, transform=data.transform, num_workers=cfg.num_workers), None
     else:
@@ -400,7 +402,7 @@ def _run_arm(cfg, data: StudyData, p: Dict[str, Any], seed: int, steps: int, rea
                                     progress=progress, multilabel=data.multilabel, val_loader=val_loader,
                                     synthetic_weight=cfg.synthetic_weight if variant == "weighted" else 1.0,
                                     refit_loader=refit_loader if variant == "refit" else None, refit_steps=cfg.refit_steps,
-                                    controller=controller).to_dict()
+                                    controller=controller, controller_reward=cfg.adaptive_reward).to_dict()
     finally:
         if sampler is not None:
             # a finished arm's cursor must not pin the pool's fresh count (a worker would idle)

@@ -75,6 +75,7 @@ class SweepConfig:
     real_share: float = 0.5
     val_shots: int = 10
     adaptive_interval: Optional[int] = None  # steps between the adaptive arm's validation readings (default: steps // 24, at least 5)
+    adaptive_reward: str = "loss"  # the adaptive arm's reward on validation: "loss" (rare-vs-rest log loss) or "ap" (rare-class AP)
     reference_steps: int = 800
     worker: bool = False
     image_size: int = 64
@@ -189,6 +190,8 @@ class SweepConfig:
             raise ValueError(f"--real-share must be in (0, 1), got {self.real_share}")
         if "adaptive" in self.arms and len(self.ratios) < 2:
             raise ValueError(f"the adaptive arm moves its ratio over --ratios: give at least two, got {self.ratios}")
+        if self.adaptive_reward not in ("loss", "ap"):
+            raise ValueError(f"--adaptive-reward must be loss or ap, got {self.adaptive_reward!r}")
         if self.adaptive_interval is not None and self.adaptive_interval < 1:
             raise ValueError(f"--adaptive-interval must be >= 1, got {self.adaptive_interval}")
         for name in ("translate_classes", "refit_steps", "val_shots", "reference_steps"):
@@ -268,6 +271,7 @@ class SweepConfig:
             d.pop(k)
         if "adaptive" not in self.arms:  # a setting of the adaptive arm alone: sweeps without it keep their identity
             d.pop("adaptive_interval")
+            d.pop("adaptive_reward")
         d["seeds"] = self.seed_list
         return d
 
