@@ -55,7 +55,6 @@ from synthaug.cache.store import SyntheticCache
 from synthaug.data.study import StudyData, check_patient_overlap, load_study_dataset
 from synthaug.data.transforms import WithTransform, classic_augmentation
 from synthaug.evaluation.arms import mixed_arm_loader, real_only_loader, real_rare_cache, train_and_evaluate
-from synthaug.mixing.adaptive import AdaptiveRatio
 from synthaug.evaluation.leakage import dataset_image_hashes, file_image_hashes
 from synthaug.evaluation.sweep_checks import preflight
 from synthaug.evaluation.sweep_config import ARM_KINDS, SweepConfig
@@ -376,6 +375,8 @@ def _run_arm(cfg, data: StudyData, p: Dict[str, Any], seed: int, steps: int, rea
     kind, r, variant = p["kind"], p["ratio"], p.get("variant")
     controller = None
     if kind == "adaptive":
+        from synthaug.mixing.adaptive import AdaptiveRatio  # imports torch, which the CLI imports only when a command runs
+
         controller = AdaptiveRatio({data.rare: r}, grid=sorted(cfg.ratios), interval=cfg.adaptive_interval_for(steps),
                                    mode="min" if cfg.adaptive_reward == "loss" else "max")
     if kind == "real_only":
