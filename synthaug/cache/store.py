@@ -557,6 +557,8 @@ class SyntheticCache:
 
         def start(txn):
             txn.put(b"relabel_pending", _jdump(pending), db=handle.dbs["meta"])
+            # counted, so a writer that remembers labels it scanned knows to read them again
+            txn.put(b"relabels", _jdump(_jload(txn.get(b"relabels", db=handle.dbs["meta"]), 0) + 1), db=handle.dbs["meta"])
             if label_names is not None:
                 txn.put(b"label_names", _jdump(new_names), db=handle.dbs["meta"])
 
@@ -841,6 +843,46 @@ class SyntheticCache:
             "consumers": len(cursors),
             "waiting": waiting,
         }
+
+    def scan_classes(self, start: int = 0) -> Dict[str, Any]:
+        """The class of every record at or after ``start`` and the :meth:`supply` snapshot, read in
+        one transaction: what a writer serving several classes decides by.
+
+        Only each record's header and label bytes are read (no CRC, no image): a record whose
+        header is damaged is left out (``synthaug cache verify`` names it). Cheap enough to call
+        every poll when ``start`` is the first seq not scanned before (``supply["next_seq"]`` of
+        the previous call): each record is read once.
+
+        Returns:
+            ``{"seqs": [seq, ...], "classes": [class, ...], "supply": {...}, "cursors": {...},
+            "relabels": int, "relabeling": bool}``:
+            ``classes[i]`` is the class record ``seqs[i]`` is filed under
+            (:func:`~synthaug.cache.codec.label_class`: an int, or a tuple of ints for a
+            multi-label record); ``supply`` as :meth:`supply` returns it; ``cursors`` the live
+            consumers' entries as :meth:`cursors` returns them; ``relabels`` counts the
+            :meth:`relabel` runs ever started on the cache and ``relabeling`` says one is under
+            way (when the count changes, or while one runs, labels read before may have changed:
+            scan again from the start).
+        """
+        handle = self._env()
+        seqs: List[int] = []
+        classes: List[Any] = []
+        with handle.read() as txn:
+            supply = self._supply(txn, handle, evict_unheld=False)
+            cursors = self._cursors(txn, handle)
+            relabels = _jload(txn.get(b"relabels", db=handle.dbs["meta"]), 0)
+            relabeling = txn.get(b"relabel_pending", db=handle.dbs["meta"]) is not None
+            cur = txn.cursor(db=handle.dbs["records"])
+            if cur.set_range(_key(max(0, int(start), supply["first_seq"]))):
+                for key, value in cur:
+                    s = _seq(key)
+                    try:
+                        label = codec.peek_label(value, s, self._path, check_crc=False)
+                    except CorruptRecordError:
+                        continue
+                    seqs.append(s)
+                    classes.append(codec.label_class(label))
+        return {"seqs": seqs, "classes": classes, "supply": supply, "cursors": cursors, "relabels": relabels, "relabeling": relabeling}
 
     def fresh_count(self, consumer: Optional[str] = None) -> int:
         """Records no live consumer has been handed yet (``consumer``: that one only).

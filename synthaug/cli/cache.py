@@ -65,6 +65,46 @@ def provenance_summary(metas: Dict[int, Dict[str, Any]], top: int = 5) -> Dict[s
     return out
 
 
+def class_supply(cache) -> Dict[str, Dict[str, Any]]:
+    """Per class index (as a string): ``{"name", "stored", "fresh", "served", "generated"}``.
+
+    ``fresh``: records of the class at or after the smallest live cursor (every record while no
+    consumer has one); ``served``: summed over the live cursors' ``served_by_class`` (``None``
+    when no cursor counts it); ``generated``: by the workers whose heartbeat counts it per class
+    (``None`` when none does). A multi-label record counts under each of its labels.
+    """
+    scan = cache.scan_classes(0)
+    cursors = scan["cursors"]
+    handed = min((int(c.get("next_seq", 0)) for c in cursors.values()), default=0)
+    stored: Counter = Counter()
+    fresh: Counter = Counter()
+    for seq, cls in zip(scan["seqs"], scan["classes"]):
+        for c in cls if isinstance(cls, tuple) else (cls,):
+            stored[c] += 1
+            if seq >= handed:
+                fresh[c] += 1
+    served: Dict[int, int] = {}
+    for cur in cursors.values():
+        for k, v in (cur.get("served_by_class") or {}).items():
+            if str(k).lstrip("-").isdigit():
+                served[int(k)] = served.get(int(k), 0) + int(v or 0)
+    generated: Dict[int, int] = {}
+    for hb in cache.heartbeats().values():
+        for c in (hb.get("classes") or {}).values():
+            generated[int(c["label"])] = generated.get(int(c["label"]), 0) + int(c.get("generated") or 0)
+    names = cache.label_names or []
+    out = {}
+    for label in sorted(set(stored) | set(served) | set(generated)):
+        out[str(label)] = {
+            "name": names[label] if 0 <= label < len(names) and names[label] else None,
+            "stored": stored.get(label, 0),
+            "fresh": fresh.get(label, 0),
+            "served": served.get(label) if served or any("served_by_class" in c for c in cursors.values()) else None,
+            "generated": generated.get(label) if generated else None,
+        }
+    return out
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     cache = _open(args.path)
     stats = cache.stats()
@@ -73,6 +113,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "stats": stats,
         "label_histogram": cache.label_histogram(corrupt=corrupt),
         "corrupt_seqs": corrupt,
+        "classes": class_supply(cache),
         "provenance": provenance_summary(cache.metas(skip_corrupt=True)),
         "cursors": cache.cursors(),
         "workers": {str(block): {**hb, "dead": dead_writer(hb)} for block, hb in stats["heartbeats"].items()},
@@ -93,8 +134,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if hb["dead"]:
             state = f"{state}, but its process is gone"
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(hb.get("time") or 0)))
-        extra = {k: v for k, v in hb.items() if k not in ("pid", "host", "time", "state", "dead", "pid_start")}
+        extra = {k: v for k, v in hb.items() if k not in ("pid", "host", "time", "state", "dead", "pid_start", "classes")}
         print(f"worker       seeds block {block}: {state}; pid {hb.get('pid')} on {hb.get('host')}, heartbeat {when}: {json.dumps(extra)}")
+        for name, c in (hb.get("classes") or {}).items():
+            served = "?" if c.get("served") is None else c["served"]
+            print(f"  class {name:<18} label {c.get('label')}: generated {c.get('generated')}, fresh {c.get('fresh')} "
+                  f"(target {c.get('target')}), served {served}")
     if corrupt:
         shown = ", ".join(str(s) for s in corrupt[:10]) + (" ..." if len(corrupt) > 10 else "")
         print(f"corrupt      {len(corrupt)} record(s) with a bad header or CRC (seq {shown}): left out below; "
@@ -102,6 +147,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("labels")
     for label, count in report["label_histogram"].items():
         print(f"  {label:<24} {count}")
+    if report["classes"]:
+        print("supply per class (fresh: not yet handed to the slowest live consumer; served: by live consumers that count it)")
+        for label, c in report["classes"].items():
+            name = f"{label} {c['name']}" if c["name"] else label
+            served = "?" if c["served"] is None else c["served"]
+            generated = "" if c["generated"] is None else f", generated {c['generated']} (workers' last heartbeats)"
+            print(f"  {name:<24} stored {c['stored']}, fresh {c['fresh']}, served {served}{generated}")
     if report["cursors"]:
         print("consumers")
         for name, cur in report["cursors"].items():

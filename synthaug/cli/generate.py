@@ -49,10 +49,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_generator_arguments(p: argparse.ArgumentParser) -> None:
-    """The model and generation flags shared by ``generate`` and ``worker``."""
+def add_generator_arguments(p: argparse.ArgumentParser, *, several_adapters: bool = False) -> None:
+    """The model and generation flags shared by ``generate`` and ``worker``; ``several_adapters``:
+    ``--adapter`` may be repeated as ``NAME=DIR``, one adapter per class (``worker``)."""
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--adapter", metavar="DIR", help="synthaug adapter directory (from `synthaug finetune`)")
+    if several_adapters:
+        src.add_argument("--adapter", metavar="[NAME=]DIR", action="append",
+                         help="synthaug adapter directory (from `synthaug finetune`); repeat as --adapter NAME=DIR, one per class "
+                         "(e.g. --adapter Shirt=runs/shirt --adapter Coat=runs/coat), all on one base model: one process loads "
+                         "the base model once and swaps the adapters per batch, each class's share following demand")
+    else:
+        src.add_argument("--adapter", metavar="DIR", help="synthaug adapter directory (from `synthaug finetune`)")
     src.add_argument("--model", metavar="SRC", help="model without adapter: builtin:<name>, a pixel-DDPM or diffusers pipeline folder, or a hub id in the local cache")
     g = p.add_argument_group("generation settings (default: the adapter's synthaug.json, then the backend's defaults)")
     g.add_argument("--label", type=int, default=None, help="class index of the images in the classifier's label space (required without an adapter)")

@@ -6,7 +6,8 @@ holds ``unet/`` (``UNet2DModel.from_pretrained``), ``scheduler/`` and ``synthaug
 (class names, the null class used for classifier-free guidance, the crop that turns the model's
 canvas back into dataset images, default generation settings). A LoRA adapter from
 ``synthaug finetune`` is injected with peft and merged into the weights, so sampling costs the
-same with or without it.
+same with or without it. Several adapters can share one UNet (``PixelDDPMGenerator(unet=...)``,
+``load_lora_into_unet(..., adapter_name=...)``): see :mod:`synthaug.generation.multi`.
 
 Modes (``mode=``): ``"txt2img"`` (from noise), ``"img2img"`` (SDEdit from real images),
 ``"translate"`` (SDEdit from real images of other classes into the generator's class, labelled
@@ -50,12 +51,18 @@ _DEFAULTS = {"num_inference_steps": 40, "guidance_scale": 1.0, "scheduler": "ddi
 FEEDBACK_DEFAULTS = {"feedback_scale": 1.0, "feedback_objective": "entropy"}
 
 
-def load_lora_into_unet(unet, adapter_dir: Union[str, Path], config: Dict[str, Any], merge: bool = True) -> None:
+def load_lora_into_unet(unet, adapter_dir: Union[str, Path], config: Dict[str, Any], merge: bool = True, *,
+                        adapter_name: str = "default") -> None:
     """Inject the adapter's LoRA (peft) into ``unet`` and load its weights.
 
     The weights file holds peft state-dict keys prefixed with ``unet.`` (diffusers' convention).
     With ``merge``, the LoRA deltas are folded into the base weights (no inference overhead).
+    ``adapter_name``: the peft adapter name; several adapters can be injected under different
+    names (unmerged) and switched (:class:`~synthaug.generation.multi.AdapterSwitch`). An
+    adapter's class-embedding table smaller than the model's (another adapter added a class
+    slot) is padded with copies of its last row: rows this adapter never conditions on.
     """
+    import torch
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -65,10 +72,17 @@ def load_lora_into_unet(unet, adapter_dir: Union[str, Path], config: Dict[str, A
         peft_kwargs = {"r": lora["rank"], "lora_alpha": lora.get("alpha", lora["rank"]), "target_modules": lora["target_modules"]}
         if lora.get("modules_to_save"):
             peft_kwargs["modules_to_save"] = lora["modules_to_save"]
-    inject_adapter_in_model(LoraConfig(**peft_kwargs), unet)
+    emb = getattr(unet, "class_embedding", None)
+    emb = getattr(emb, "original_module", emb)  # a table another adapter's modules_to_save wrapped
+    n_rows = int(emb.num_embeddings) if isinstance(emb, torch.nn.Embedding) else None
+    inject_adapter_in_model(LoraConfig(**peft_kwargs), unet, adapter_name=adapter_name)
     state = load_file(str(Path(adapter_dir) / config["weights"]))
     state = {k[len("unet."):] if k.startswith("unet.") else k: v for k, v in state.items()}
-    result = set_peft_model_state_dict(unet, state)
+    if n_rows is not None:
+        for k, v in state.items():
+            if "class_embedding" in k and v.ndim == 2 and v.shape[0] < n_rows:
+                state[k] = torch.cat([v, v[-1:].expand(n_rows - v.shape[0], -1)])
+    result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k or "modules_to_save" in k]
     if unexpected:
         raise ValueError(f"adapter {adapter_dir} does not fit this model: unexpected keys {unexpected[:5]}")
@@ -174,6 +188,10 @@ class PixelDDPMGenerator(Generator):
         channels_last: UNet weights in channels-last memory format (default: on; same images up
             to float rounding; on one CPU thread 1.17-1.28× the built-in model's images/s,
             ``benchmarks/sampler.py``). ``False`` keeps the contiguous format.
+        unet: a UNet already loaded (with this adapter's LoRA among others) to share with other
+            generators (:class:`~synthaug.generation.multi.MultiAdapterGenerator`). Nothing is
+            loaded then: device, ``dtype``, ``channels_last``, ``compile`` and the adapter's
+            weights are the sharer's, which activates this generator's adapter before each call.
     """
 
     def __init__(
@@ -204,6 +222,7 @@ class PixelDDPMGenerator(Generator):
         width: Optional[int] = None,
         prompt: Optional[str] = None,
         negative_prompt: Optional[str] = None,
+        unet: Optional[Any] = None,
     ) -> None:
         import torch
         from diffusers import UNet2DModel
@@ -293,18 +312,22 @@ class PixelDDPMGenerator(Generator):
         if mode == "feedback":
             self.feedback = self._feedback(feedback_classifier, feedback_scale, feedback_objective)
 
-        self.unet = UNet2DModel.from_pretrained(self.model_dir, subfolder="unet", **dtype_kwargs(self.dtype))
-        if self.adapter is not None:
-            embeds = self.adapter_config.get("class_embeds")
-            if embeds and embeds > self.unet.class_embedding.weight.shape[0]:  # the adapter added a class slot
-                extend_class_embedding(self.unet, int(embeds), self.null_class)
-            load_lora_into_unet(self.unet, self.adapter, self.adapter_config, merge=True)
-        self.unet = self.unet.to(self.device).eval().requires_grad_(False)
         self.channels_last = bool(channels_last)
-        if self.channels_last:
-            self.unet = self.unet.to(memory_format=torch.channels_last)
-        if compile:
-            self.unet = torch.compile(self.unet)
+        self.shared = unet is not None
+        if unet is not None:
+            self.unet = unet
+        else:
+            self.unet = UNet2DModel.from_pretrained(self.model_dir, subfolder="unet", **dtype_kwargs(self.dtype))
+            if self.adapter is not None:
+                embeds = self.adapter_config.get("class_embeds")
+                if embeds and embeds > self.unet.class_embedding.weight.shape[0]:  # the adapter added a class slot
+                    extend_class_embedding(self.unet, int(embeds), self.null_class)
+                load_lora_into_unet(self.unet, self.adapter, self.adapter_config, merge=True)
+            self.unet = self.unet.to(self.device).eval().requires_grad_(False)
+            if self.channels_last:
+                self.unet = self.unet.to(memory_format=torch.channels_last)
+            if compile:
+                self.unet = torch.compile(self.unet)
         self._compile = bool(compile)
         with_strength = mode in ("img2img", "translate")
         self._overrides = {

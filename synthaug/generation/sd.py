@@ -4,7 +4,8 @@ The pipeline is loaded with ``AutoPipelineForText2Image.from_pretrained`` (a loc
 folder or a hub id already in the local Hugging Face cache); image-to-image mode reuses its
 components through ``AutoPipelineForImage2Image.from_pipe``. A synthaug adapter's LoRA is loaded
 with diffusers' own ``load_lora_weights`` and fused into the weights, so sampling costs the same
-with or without it.
+with or without it. Several adapters can share one pipeline (:func:`load_pipeline` with
+``fuse=False``, ``StableDiffusionGenerator(pipeline=...)``): see :mod:`synthaug.generation.multi`.
 
 Speed settings (each overridable): SDPA attention (diffusers' default on torch 2), xformers when
 installed and on CUDA; fp16 on CUDA and fp32 on CPU (``dtype="bf16"`` for bf16);
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -51,7 +53,7 @@ from synthaug.generation.modes import check_mode_settings, mode_overrides, parse
 from synthaug.generation.sources import looks_like_hub_id
 from synthaug.imaging import to_hwc_uint8
 
-__all__ = ["StableDiffusionGenerator", "SCHEDULERS", "ATTENTION", "resolve_pipeline_source"]
+__all__ = ["StableDiffusionGenerator", "SCHEDULERS", "ATTENTION", "load_pipeline", "resolve_pipeline_source"]
 
 #: scheduler names accepted by ``scheduler=`` -> (diffusers class, extra config). A diffusers
 #: scheduler class name (e.g. ``"EulerDiscreteScheduler"``) is accepted too.
@@ -192,6 +194,12 @@ class StableDiffusionGenerator(Generator):
         output_size: resize the generated images to this size (int or ``[height, width]``,
             Lanczos) before they are returned, e.g. to the classifier's input size; default: the
             adapter's ``output_size``, else no resize.
+        pipeline: a pipeline already loaded by :func:`load_pipeline` to share with other
+            generators (:class:`~synthaug.generation.multi.MultiAdapterGenerator`: one base model,
+            a generator per LoRA adapter). Nothing is loaded then: the adapter's LoRA, the device,
+            ``dtype``, ``attention``, ``channels_last``, ``compile`` and ``tiny_vae`` are the
+            sharer's (which activates this generator's adapter before each call); this generator
+            keeps its own settings, sizes and scheduler (put on the pipeline before each call).
     """
 
     def __init__(
@@ -224,8 +232,8 @@ class StableDiffusionGenerator(Generator):
         grayscale: Optional[bool] = None,
         output_size: Optional[Union[int, Sequence[int]]] = None,
         tiny_vae: Optional[Union[str, os.PathLike]] = None,
+        pipeline: Optional[Any] = None,
     ) -> None:
-        import torch
 
         # ---- arguments that can be checked before anything is loaded
         check_mode_settings(
@@ -303,31 +311,15 @@ class StableDiffusionGenerator(Generator):
         self.strength = self.strengths[0] if len(self.strengths) == 1 else self.strengths
         self.soft_label_gamma = float(soft_label_gamma) if soft_label_gamma is not None else None
 
-        # ---- the pipeline
-        index, local_only = resolve_pipeline_source(self.model_ref, adapter=self.adapter)
-        from diffusers import AutoPipelineForText2Image
-
-        extra: Dict[str, Any] = {}
-        if "safety_checker" in index:
-            extra.update(safety_checker=None, requires_safety_checker=False)
-        extra.update(dtype_kwargs(self.dtype))
-        with _quiet_loading():
-            try:
-                pipe = AutoPipelineForText2Image.from_pretrained(self.model_ref, local_files_only=local_only, **extra)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"could not load the diffusers pipeline {self.model_ref}: {exc}") from exc
-            pipe.set_progress_bar_config(disable=True)
-            if self.adapter is not None:
-                self._load_lora(pipe)
-        if tiny_vae is not None:
-            from diffusers import AutoencoderTiny
-
-            try:
-                pipe.vae = AutoencoderTiny.from_pretrained(str(tiny_vae), **dtype_kwargs(self.dtype))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"could not load the tiny VAE {tiny_vae}: {exc}") from exc
+        # ---- the pipeline: loaded here, or shared with other generators (one per LoRA adapter)
+        self.shared = pipeline is not None
+        if pipeline is None:
+            adapters = {"synthaug": self.adapter} if self.adapter is not None else {}
+            pipe = load_pipeline(self.model_ref, adapters=adapters, fuse=True, dtype=self.dtype, device=self.device, tiny_vae=tiny_vae,
+                                 attention=attention, channels_last=channels_last, compile=compile, needed_by=self.adapter)
+        else:
+            pipe = pipeline
         self.tiny_vae = str(tiny_vae) if tiny_vae is not None else None
-        pipe = pipe.to(self.device)
         self.vae_scale_factor = int(getattr(pipe, "vae_scale_factor", 8))
         native = int(pipe.unet.config.sample_size) * self.vae_scale_factor
         self.height = int(height if height is not None else (res[0] if res else native))
@@ -336,17 +328,18 @@ class StableDiffusionGenerator(Generator):
             if v < 8 or v % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8 (the pipelines' constraint), got {v}")
 
-        self.attention = self._set_attention(pipe, attention, on_cuda)
+        self.attention = getattr(pipe, "_synthaug_attention", attention)
         self.channels_last = bool(channels_last) if channels_last is not None else on_cuda
-        if self.channels_last:
-            pipe.unet.to(memory_format=torch.channels_last)
-            pipe.vae.to(memory_format=torch.channels_last)
+        # A shared pipeline serves generators with different schedulers: each keeps its own and
+        # puts it on the pipeline before each call (_sample)
+        scheduler_obj = pipe.scheduler if not self.shared else type(pipe.scheduler).from_config(pipe.scheduler.config)
         if self._scheduler_arg is not None:
             cls, kwargs = _scheduler_class(self._scheduler_arg)
-            pipe.scheduler = cls.from_config(pipe.scheduler.config, **kwargs)
-        self.scheduler_name = str(self._scheduler_arg or type(pipe.scheduler).__name__)
-        if compile:
-            pipe.unet = torch.compile(pipe.unet, mode=None if compile is True else str(compile))
+            scheduler_obj = cls.from_config(pipe.scheduler.config, **kwargs)
+        if not self.shared:
+            pipe.scheduler = scheduler_obj
+        self._scheduler = scheduler_obj
+        self.scheduler_name = str(self._scheduler_arg or type(scheduler_obj).__name__)
         self._compile = compile
         self.pipe = pipe
         self._img2img = None
@@ -384,44 +377,6 @@ class StableDiffusionGenerator(Generator):
             self._overrides["source_images"] = _spec_sources(source_images)
 
     # ------------------------------------------------------------------ loading helpers
-    def _load_lora(self, pipe) -> None:
-        weights = self.adapter_config["weights"]
-        try:
-            with _quiet_text_encoder_notice():
-                pipe.load_lora_weights(str(self.adapter), weight_name=weights, adapter_name="synthaug")
-        except (ValueError, KeyError, RuntimeError, OSError) as exc:
-            raise ValueError(f"adapter {self.adapter} ({weights}) could not be loaded into {self.model_ref}: {exc}") from exc
-        # Fold the LoRA into the weights: no per-step overhead, and torch.compile sees plain layers.
-        pipe.fuse_lora(lora_scale=1.0)
-        pipe.unload_lora_weights()
-
-    @staticmethod
-    def _set_attention(pipe, attention: str, on_cuda: bool) -> str:
-        import importlib.util
-
-        if attention == "auto":
-            attention = "xformers" if on_cuda and importlib.util.find_spec("xformers") is not None else "sdpa"
-        if attention == "xformers":
-            if not on_cuda:
-                raise ValueError("attention='xformers' needs a CUDA device; use 'sdpa' (the default) on CPU")
-            try:
-                pipe.enable_xformers_memory_efficient_attention()
-            except (ImportError, ModuleNotFoundError, ValueError) as exc:
-                raise ValueError(f"attention='xformers' is not available ({exc}); install xformers or use 'sdpa'") from exc
-        elif attention == "sdpa":
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
-            pipe.unet.set_attn_processor(AttnProcessor2_0())
-            if hasattr(pipe.vae, "set_attn_processor"):  # a tiny VAE has no attention
-                pipe.vae.set_attn_processor(AttnProcessor2_0())
-        else:  # eager
-            from diffusers.models.attention_processor import AttnProcessor
-
-            pipe.unet.set_attn_processor(AttnProcessor())
-            if hasattr(pipe.vae, "set_attn_processor"):
-                pipe.vae.set_attn_processor(AttnProcessor())
-        return attention
-
     def _load_sources(self, source_images) -> Tuple[List[Any], List[str]]:
         """img2img sources as RGB PIL images of the generation size, and their pixel hashes."""
         from PIL import Image
@@ -541,6 +496,8 @@ class StableDiffusionGenerator(Generator):
         else:
             pipe = self.pipe
             kwargs.update(height=self.height, width=self.width)
+        if self.shared:  # the pipeline's scheduler is this generator's while it samples
+            pipe.scheduler = self._scheduler
         with torch.inference_mode():
             out = pipe(**kwargs).images  # float32 N×H×W×3 in [0, 1]
         images = (np.clip(out, 0.0, 1.0) * 255.0).round().astype(np.uint8)
@@ -569,6 +526,113 @@ class StableDiffusionGenerator(Generator):
     def __repr__(self) -> str:
         src = f"adapter={str(self.adapter)!r}, " if self.adapter is not None else ""
         return f"StableDiffusionGenerator({self.model_ref!r}, {src}mode={self.mode!r}, {self.height}x{self.width}, device={self.device!r})"
+
+
+def load_pipeline(
+    model_ref: str,
+    *,
+    adapters: Dict[str, Union[str, os.PathLike]],
+    fuse: bool,
+    dtype,
+    device: str,
+    tiny_vae: Optional[Union[str, os.PathLike]] = None,
+    attention: str = "auto",
+    channels_last: Optional[bool] = None,
+    compile: Union[bool, str] = False,
+    needed_by: Optional[Path] = None,
+):
+    """Load the diffusers text-to-image pipeline ``model_ref`` on ``device`` with the speed
+    settings of :class:`StableDiffusionGenerator`, and its LoRA ``adapters``.
+
+    Args:
+        adapters: ``{adapter name: synthaug adapter folder}``, each loaded with diffusers'
+            ``load_lora_weights(..., adapter_name=name)``.
+        fuse: fold the (one) adapter into the weights and drop its LoRA layers: no per-step
+            overhead. ``False`` keeps every adapter's LoRA layers, unmerged, for
+            :class:`~synthaug.generation.multi.AdapterSwitch` to choose among.
+        needed_by: the adapter that names ``model_ref`` (for error messages).
+
+    Returns:
+        The pipeline; ``pipe._synthaug_attention`` records the attention implementation chosen.
+    """
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
+    if fuse and len(adapters) > 1:
+        raise ValueError("fuse=True folds one adapter into the weights; several adapters are loaded unfused")
+    on_cuda = str(device).startswith("cuda")
+    index, local_only = resolve_pipeline_source(model_ref, adapter=needed_by)
+    extra: Dict[str, Any] = {}
+    if "safety_checker" in index:
+        extra.update(safety_checker=None, requires_safety_checker=False)
+    extra.update(dtype_kwargs(dtype))
+    with _quiet_loading():
+        try:
+            pipe = AutoPipelineForText2Image.from_pretrained(model_ref, local_files_only=local_only, **extra)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"could not load the diffusers pipeline {model_ref}: {exc}") from exc
+        pipe.set_progress_bar_config(disable=True)
+        with warnings.catch_warnings():  # peft warns that a second adapter makes several: that is the point
+            warnings.filterwarnings("ignore", message=".*multiple adapters in the model.*")
+            for name, folder in adapters.items():
+                _load_lora(pipe, name, Path(folder), model_ref)
+        if fuse and adapters:
+            # Fold the LoRA into the weights: no per-step overhead, and torch.compile sees plain layers.
+            pipe.fuse_lora(lora_scale=1.0)
+            pipe.unload_lora_weights()
+    if tiny_vae is not None:
+        from diffusers import AutoencoderTiny
+
+        try:
+            pipe.vae = AutoencoderTiny.from_pretrained(str(tiny_vae), **dtype_kwargs(dtype))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"could not load the tiny VAE {tiny_vae}: {exc}") from exc
+    pipe = pipe.to(device)
+    pipe._synthaug_attention = _set_attention(pipe, attention, on_cuda)
+    if bool(channels_last) if channels_last is not None else on_cuda:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if compile:
+        pipe.unet = torch.compile(pipe.unet, mode=None if compile is True else str(compile))
+    return pipe
+
+
+def _load_lora(pipe, name: str, adapter: Path, model_ref: str) -> None:
+    """Load a synthaug adapter's LoRA into ``pipe`` as adapter ``name`` (unfused)."""
+    weights = read_adapter_config(adapter)["weights"]
+    try:
+        with _quiet_text_encoder_notice():
+            pipe.load_lora_weights(str(adapter), weight_name=weights, adapter_name=name)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise ValueError(f"adapter {adapter} ({weights}) could not be loaded into {model_ref}: {exc}") from exc
+
+
+def _set_attention(pipe, attention: str, on_cuda: bool) -> str:
+    """Apply ``attention`` (one of :data:`ATTENTION`) to the pipeline's UNet and VAE; returns the one chosen."""
+    import importlib.util
+
+    if attention == "auto":
+        attention = "xformers" if on_cuda and importlib.util.find_spec("xformers") is not None else "sdpa"
+    if attention == "xformers":
+        if not on_cuda:
+            raise ValueError("attention='xformers' needs a CUDA device; use 'sdpa' (the default) on CPU")
+        try:
+            pipe.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as exc:
+            raise ValueError(f"attention='xformers' is not available ({exc}); install xformers or use 'sdpa'") from exc
+    elif attention == "sdpa":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        if hasattr(pipe.vae, "set_attn_processor"):  # a tiny VAE has no attention
+            pipe.vae.set_attn_processor(AttnProcessor2_0())
+    else:  # eager
+        from diffusers.models.attention_processor import AttnProcessor
+
+        pipe.unet.set_attn_processor(AttnProcessor())
+        if hasattr(pipe.vae, "set_attn_processor"):
+            pipe.vae.set_attn_processor(AttnProcessor())
+    return attention
 
 
 @contextmanager

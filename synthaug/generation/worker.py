@@ -51,6 +51,22 @@ stored, rejected or lost to a kill (a killed batch's seeds are skipped). A worke
 refused with :class:`~synthaug.errors.CacheBusyError` naming the first; several workers share a
 cache with seeds in different blocks (``seed = k * 10**9``, ``synthaug worker --seed-offset k``).
 
+**Several classes.** ``GenerationWorker(cache, {"Shirt": adapter_a, "Coat": adapter_b, ...})``
+(``synthaug worker --adapter Shirt=DIR --adapter Coat=DIR``): one process, one loaded base model,
+one LoRA adapter per class swapped in before each of that class's batches
+(:mod:`synthaug.generation.multi`; adapters on different base models are refused before the
+process starts). Which class a batch is for follows demand (:mod:`synthaug.generation.demand`):
+each class keeps ``min_fresh · w_c / Σw`` fresh records of its label, ``w`` being the live
+consumers' per-class ratios from their cursors (``ratios``), else ``demand=``, else equal; the
+class with the largest relative deficit goes next, and a consumer waiting for records is served
+first. Fresh records are counted per label from the records' headers, reading each record once
+(:class:`~synthaug.generation.demand.ClassTally`). The seed rules do not change: they are
+per seed block, not per class, so a batch of any class stored as sequence numbers ``q, q+1, ...``
+has seeds ``seed + q, ...`` (sequence rule), or seeds reserved from the block's counter (counter
+rule); every record's seed is unique across the classes and across restarts, and
+``meta["label"]``/``meta["adapter"]`` say which class and adapter made it. The first batch of
+each class, when none of its records is fresh, holds at most ``FIRST_BATCH`` images.
+
 **Fidelity gate.** ``gate=`` (a :class:`~synthaug.generation.gate.FidelityGate`, sent as its
 spec and rebuilt in the worker process): each generated batch is scored and only the accepted
 images are appended, with ``meta["gate_score"]`` and ``meta["gate"]``. The worker counts accepted
@@ -79,7 +95,13 @@ change of state. One heartbeat per seed block (key ``heartbeat/<block>`` of the 
      "gate": dict | None,       # label_name, low, high of the gate, None without one
      "last_error": str | None,  # "ExceptionType: message" when state is "failed"
      "seed": int, "min_fresh": int, "max_items": int,
-     "fresh": int, "count": int}   # fresh and stored records at the last check
+     "fresh": int, "count": int,   # fresh and stored records at the last check
+     "classes": {name: {"label": int,       # several classes only (else None), per class:
+                        "generated": int,   #   images appended by this process
+                        "fresh": int,       #   fresh records of its label at the last check
+                        "served": int | None,  # summed over live cursors' served_by_class (None: no cursor counts)
+                        "target": float | None}},  # fresh records the demand rule aims at (None before its first check)
+     "demand_source": "cursors" | "demand" | "equal" | None}  # where the classes' weights came from
 
 ``"running"`` covers both generating and idling with ``min_fresh`` reached. A failed worker
 writes ``"failed"`` and ``last_error`` before it exits, so readers in other processes can stop
@@ -117,14 +139,16 @@ import traceback
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Mapping, Optional, Tuple
 
 from synthaug.cache.store import SyntheticCache
 from synthaug.cache.writers import WriterLock, seed_block
 from synthaug.generation.base import Generator
+from synthaug.generation.demand import ClassTally, plan_class, served_by_class
 from synthaug.generation.fill import Batch, generate_into
 from synthaug.generation.gate import FidelityGate, check_acceptance
 from synthaug.generation.loading import generator_from_spec
+from synthaug.generation.multi import MultiAdapterGenerator, check_class_specs, load_class_generators
 from synthaug.generation.stopping import StopRequested, StopSignal
 from synthaug.errors import GenerationWorkerError, SyntheticExhaustedError
 
@@ -149,6 +173,7 @@ class WorkerSettings:
     heartbeat_interval: float = 1.0
     num_threads: Optional[int] = None
     gate: Optional[Dict[str, Any]] = None  # FidelityGate.spec
+    demand: Optional[Dict[str, float]] = None  # the classes' weights when no cursor states ratios
 
 
 def _error_text(exc: BaseException) -> str:
@@ -191,13 +216,21 @@ class _WorkerLoop:
         self._last_beat = 0.0
         self._beat_state: Optional[str] = None
         self._warned_writer = False
-        self._planned = False  # whether this process has planned a batch yet (FIRST_BATCH)
+        self._planned: set = set()  # the classes this process has planned a batch of (FIRST_BATCH; None: the one generator)
         # the heartbeat thread and the loop write heartbeats under this lock; after the final
         # state ("stopped"/"failed") nothing else is written
         self._beat_lock = threading.Lock()
         self._final = False
         self._pulse_stop = threading.Event()
         self._pulse: Optional[threading.Thread] = None
+        # several classes (one LoRA adapter each): their labels, counts and the demand rule's state
+        self.class_labels: Optional[Dict[str, int]] = None
+        self.class_generated: Dict[str, int] = {}
+        self.class_fresh: Dict[str, int] = {}
+        self.class_served: Dict[str, Optional[int]] = {}
+        self.class_targets: Dict[str, float] = {}
+        self.demand_source: Optional[str] = None
+        self._tally: Optional[ClassTally] = None
 
     # ------------------------------------------------------------------ reporting
     @property
@@ -232,6 +265,22 @@ class _WorkerLoop:
             "max_items": self.s.max_items,
             "fresh": self.fresh,
             "count": self.count,
+            "classes": self._classes_info(),
+            "demand_source": self.demand_source,
+        }
+
+    def _classes_info(self) -> Optional[Dict[str, Dict[str, Any]]]:
+        if self.class_labels is None:
+            return None
+        return {
+            name: {
+                "label": label,
+                "generated": self.class_generated.get(name, 0),
+                "fresh": self.class_fresh.get(name, 0),
+                "served": self.class_served.get(name),
+                "target": round(self.class_targets[name], 3) if name in self.class_targets else None,
+            }
+            for name, label in self.class_labels.items()
         }
 
     def beat(self, state: str, *, force: bool = False) -> None:
@@ -297,8 +346,11 @@ class _WorkerLoop:
             import torch
 
             torch.set_num_threads(int(self.s.num_threads))
-        generator = generator_from_spec(self.spec)
+        multi = "classes" in self.spec
+        generator = load_class_generators(self.spec) if multi else generator_from_spec(self.spec)
         try:
+            if multi:
+                self._start_classes(generator)
             gate = FidelityGate.from_spec(self.s.gate) if self.s.gate is not None else None
             with self.stop.critical():
                 self._prepare_cache(generator)
@@ -311,7 +363,8 @@ class _WorkerLoop:
                 if plan is None:
                     self._sleep()
                     continue
-                first_seq, k, limit = plan
+                name, first_seq, k, limit = plan
+                making = generator.for_class(name) if multi else generator
                 first_seed = self.next_seed
                 if self.counted:  # counter rule: reserve the batch's seeds in the cache first
                     with self.stop.critical():
@@ -320,14 +373,26 @@ class _WorkerLoop:
                 t0 = time.perf_counter()
                 # evicting for it (only what every consumer released) and appending are one
                 # transaction: nothing a consumer holds can go between a decision and the trim
-                generate_into(generator, self.cache, k, first_seed, gate=gate, fit_within=limit, stop=self.stop,
-                              stored=lambda out: self._stored(out, first_seq, t0))
+                generate_into(making, self.cache, k, first_seed, gate=gate, fit_within=limit, stop=self.stop,
+                              stored=lambda out: self._stored(out, first_seq, t0, name))
                 if gate is not None:
                     check_acceptance(self.accepted, self.accepted + self.rejected, gate)
         finally:
             generator.close()
 
-    def _stored(self, out: Batch, first_seq: int, t0: float) -> None:
+    def _start_classes(self, generator: MultiAdapterGenerator) -> None:
+        """The classes' labels (from their loaded generators) and the tally of their records."""
+        labels = {}
+        for name in generator.classes:
+            label = generator.labels.get(name)
+            if label is None or isinstance(label, bool) or not isinstance(label, int):
+                raise ValueError(f"class {name!r}: its generator has no single int label ({label!r}); the worker counts records by label")
+            labels[name] = label
+        self.class_labels = labels
+        self.class_generated = {name: 0 for name in labels}
+        self._tally = ClassTally(list(labels.values()))
+
+    def _stored(self, out: Batch, first_seq: int, t0: float, name: Optional[str] = None) -> None:
         """Account for one generated batch and its append (inside its critical section)."""
         self.accepted += out.accepted
         self.rejected += out.rejected
@@ -340,6 +405,9 @@ class _WorkerLoop:
         k = len(seqs)
         self._window.append((k, time.perf_counter() - t0))  # a batch the gate refused whole counts as 0 images
         self.generated += k
+        if name is not None:
+            self.class_generated[name] += k
+            self.class_fresh[name] = self.class_fresh.get(name, 0) + k
         if not self.counted and seqs:
             self.next_seed = self.s.seed + seqs[-1] + 1
         self.fresh += k
@@ -354,21 +422,41 @@ class _WorkerLoop:
         self.beat("running")
 
     def _prepare_cache(self, generator) -> None:
+        if isinstance(generator, MultiAdapterGenerator):
+            for name in generator.classes:
+                names = getattr(generator.for_class(name), "label_names", None)
+                if names:
+                    self.cache.adopt_label_names(names)  # refuses a cache whose names disagree
+            return
         names = getattr(generator, "label_names", None)
         if names:
             self.cache.adopt_label_names(names)  # refuses a cache whose names disagree
 
-    def _plan(self) -> Optional[Tuple[int, int, int]]:
-        """``(first seq, number of images, limit)`` to generate now, or ``None`` (and the state)
-        to wait. Asks consumers for room ahead of need, so it is free by the time of the append."""
+    def _plan(self) -> Optional[Tuple[Optional[str], int, int, int]]:
+        """``(class, first seq, number of images, limit)`` to generate now (class ``None``: the
+        one generator), or ``None`` (and the state) to wait. Asks consumers for room ahead of
+        need, so it is free by the time of the append."""
         self.cache.check_present()  # a deleted cache would swallow every record
-        snap = self.cache.supply()
+        name = None
+        if self._tally is None:
+            snap = self.cache.supply()
+        else:
+            scan = self._tally.update(self.cache)
+            snap, cursors = scan["supply"], scan["cursors"]
+            handed = min((int(c.get("next_seq", 0)) for c in cursors.values()), default=0)
+            self.class_fresh = {n: self._tally.fresh(lab, handed) for n, lab in self.class_labels.items()}
+            self.class_served = {n: served_by_class(cursors, lab) for n, lab in self.class_labels.items()}
+            demand = plan_class(self.class_fresh, self.class_labels, cursors, self.s.min_fresh, self.s.demand)
+            self.class_targets, self.demand_source, name = demand.targets, demand.source, demand.choice
         count, next_seq = snap["count"], snap["next_seq"]
         limit = min(self.s.max_items, snap["max_items"] or self.s.max_items)
         self.count, self.fresh, self.next_seed = count, snap["fresh"], self.s.seed + next_seq
         if self.counted:
             self.next_seed = max(self.next_seed, self.seed_counter if self.seed_counter is not None else 0)
-        if snap["fresh"] >= self.s.min_fresh and not snap["waiting"]:
+        if self._tally is None and snap["fresh"] >= self.s.min_fresh and not snap["waiting"]:
+            self.beat("running")
+            return None
+        if self._tally is not None and name is None:  # every class at its share of min_fresh, nobody waiting
             self.beat("running")
             return None
         # room for this batch and the next: consumers release while this one is generated
@@ -380,10 +468,11 @@ class _WorkerLoop:
             self.beat("paused")
             return None
         k = min(self.s.batch_size, room)
-        if not self._planned and not snap["fresh"]:
-            k = min(k, FIRST_BATCH)  # a trainer may be waiting for the first record: make a few first
-        self._planned = True
-        return next_seq, k, limit
+        nothing_fresh = not snap["fresh"] if name is None else not self.class_fresh[name]
+        if name not in self._planned and nothing_fresh:
+            k = min(k, FIRST_BATCH)  # a trainer may be waiting for the first record (of this class): make a few first
+        self._planned.add(name)
+        return name, next_seq, k, limit
 
 
 def _run_loop(loop: _WorkerLoop) -> Dict[str, Any]:
@@ -449,6 +538,7 @@ def run_worker(
     num_threads: Optional[int] = None,
     poll_interval: float = 0.2,
     gate: Optional[Any] = None,
+    demand: Optional[Mapping[str, float]] = None,
     progress: Optional[Callable[[Dict[str, Any]], None]] = None,
 ) -> Dict[str, Any]:
     """Run the worker loop in this process until SIGTERM or SIGINT (``synthaug worker``).
@@ -463,7 +553,8 @@ def run_worker(
     Raises:
         Whatever the generator or the cache raised (after writing ``state="failed"``).
     """
-    cache_obj, spec, settings = _prepare(cache, generator, min_fresh, max_items, batch_size, seed, device, worker_id, num_threads, poll_interval, gate)
+    cache_obj, spec, settings = _prepare(cache, generator, min_fresh, max_items, batch_size, seed, device, worker_id, num_threads, poll_interval, gate,
+                                         demand)
     stop = StopSignal()
     old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     stop.install()
@@ -476,14 +567,8 @@ def run_worker(
     return info
 
 
-def _prepare(cache, generator, min_fresh, max_items, batch_size, seed, device, worker_id, num_threads, poll_interval, gate=None):
-    """Checked (cache, spec, settings) from the user's arguments."""
-    if isinstance(cache, (str, os.PathLike)):
-        cache = SyntheticCache(cache)
-    if not isinstance(cache, SyntheticCache):
-        raise ValueError(f"cache must be a SyntheticCache or a cache folder path, got {type(cache).__name__}")
-    if cache.readonly:
-        raise ValueError(f"cache {cache.path} was opened read-only; the worker appends to it, so open it writable")
+def _one_spec(generator, device) -> Dict[str, Any]:
+    """The checked spec of one generator argument (a Generator, a spec dict or a model source)."""
     if isinstance(generator, Generator):
         spec = generator.spec
     elif isinstance(generator, dict):
@@ -502,7 +587,41 @@ def _prepare(cache, generator, min_fresh, max_items, batch_size, seed, device, w
         )
     if device is not None:
         overrides["device"] = str(device)
-    spec = {**spec, "overrides": overrides}
+    return {**spec, "overrides": overrides}
+
+
+def is_class_mapping(generator) -> bool:
+    """Whether a worker's ``generator`` argument maps class names to generators (several
+    classes, one adapter each) rather than being one generator spec (a dict with ``"source"``
+    or ``"factory"``)."""
+    return isinstance(generator, Mapping) and not ("source" in generator or "factory" in generator)
+
+
+def _prepare(cache, generator, min_fresh, max_items, batch_size, seed, device, worker_id, num_threads, poll_interval, gate=None, demand=None):
+    """Checked (cache, spec, settings) from the user's arguments."""
+    if isinstance(cache, (str, os.PathLike)):
+        cache = SyntheticCache(cache)
+    if not isinstance(cache, SyntheticCache):
+        raise ValueError(f"cache must be a SyntheticCache or a cache folder path, got {type(cache).__name__}")
+    if cache.readonly:
+        raise ValueError(f"cache {cache.path} was opened read-only; the worker appends to it, so open it writable")
+    if is_class_mapping(generator):
+        specs = {name: _one_spec(g, device) for name, g in generator.items()}
+        check_class_specs(specs)  # one base model, one label per class: refused here, before a process starts
+        spec: Dict[str, Any] = {"classes": specs}
+        overrides = {}
+        sizes = [int((s.get("overrides") or {}).get("batch_size") or 0) for s in specs.values()]
+        if batch_size is None and all(sizes):
+            batch_size = min(sizes)
+        if gate is not None:
+            raise ValueError("gate= checks one class; a worker serving several classes takes none: run a gated worker per class")
+        if demand is not None:
+            demand = _check_demand(demand, list(specs))
+    else:
+        if demand is not None:
+            raise ValueError("demand= weighs the classes of a worker serving several; give the generator as {class name: adapter, ...}")
+        spec = _one_spec(generator, device)
+        overrides = spec["overrides"]
     for name, value in (("min_fresh", min_fresh), ("max_items", max_items)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -533,8 +652,24 @@ def _prepare(cache, generator, min_fresh, max_items, batch_size, seed, device, w
         poll_interval=float(poll_interval),
         num_threads=int(num_threads) if num_threads else None,
         gate=gate.spec if gate is not None else None,
+        demand=demand,
     )
     return cache, spec, settings
+
+
+def _check_demand(demand, classes) -> Dict[str, float]:
+    if not isinstance(demand, Mapping):
+        raise ValueError(f"demand must map class names to weights, e.g. {{{classes[0]!r}: 2}}, got {type(demand).__name__}")
+    out = {}
+    for name, weight in demand.items():
+        if name not in classes:
+            raise ValueError(f"demand names class {name!r}, which this worker does not serve; its classes are {classes}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(f"demand[{name!r}] must be a number >= 0, got {weight!r}")
+        out[name] = float(weight)
+    if not sum(out.values()) > 0:
+        raise ValueError(f"demand {dict(demand)!r} weighs no class above 0")
+    return out
 
 
 class GenerationWorker:
@@ -545,8 +680,13 @@ class GenerationWorker:
         generator: a :class:`~synthaug.generation.base.Generator` (its ``spec`` is sent to the
             worker, which loads its own copy of the model), a spec dict, or a model source as for
             ``load_generator``. Passing ``generator.spec`` or the source avoids loading the model
-            in this process.
-        min_fresh: keep at least this many records that no consumer has been handed.
+            in this process. Several classes: ``{class name: adapter}`` (each value one of the
+            above, every adapter on one base model): the worker loads the base model once and
+            swaps the adapters per batch (:mod:`synthaug.generation.multi`), keeping each class's
+            fresh records in proportion to demand (module docstring, "Several classes").
+            Adapters on different base models are refused here with ``ValueError``.
+        min_fresh: keep at least this many records that no consumer has been handed (several
+            classes: in all, shared among the classes by demand).
         max_items: the cache never holds more records than this (see the module docstring:
             records are only evicted once every consumer has passed them).
         batch_size: images per ``generate`` call and per append (default: the generator's
@@ -560,7 +700,9 @@ class GenerationWorker:
         poll_interval: seconds between checks of the cache while idle or paused.
         gate: a :class:`~synthaug.generation.gate.FidelityGate` (or its spec): only the images it
             accepts are appended (module docstring); the worker process loads its own copy of the
-            classifier, on the gate's device.
+            classifier, on the gate's device. One class only.
+        demand: several classes: ``{class name: weight}``, the classes' shares of ``min_fresh``
+            while no consumer's cursor states its ratios per class (default: equal shares).
 
     Use as a context manager (started on entry; stopped on exit, which raises
     :class:`~synthaug.errors.GenerationWorkerError` if the worker failed), or call :meth:`start`
@@ -582,9 +724,10 @@ class GenerationWorker:
         num_threads: Optional[int] = None,
         poll_interval: float = 0.2,
         gate: Optional[Any] = None,
+        demand: Optional[Mapping[str, float]] = None,
     ) -> None:
         self._cache, self._spec, self._settings = _prepare(
-            cache, generator, min_fresh, max_items, batch_size, seed, device, worker_id, num_threads, poll_interval, gate
+            cache, generator, min_fresh, max_items, batch_size, seed, device, worker_id, num_threads, poll_interval, gate, demand
         )
         self._process = None
         self._conn = None
