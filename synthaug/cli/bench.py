@@ -20,6 +20,7 @@ BENCHMARKS = {
     "crash": "SIGKILL a real cache writer --kills times (default 200) while readers read: no committed record lost, none torn",
     "sampler": "pixel DDPM sampler/steps/options: images/s on one CPU thread and class recognition of the generated images",
     "soak": "a worker evicting from a small cache while two trainers with 4 prefetching DataLoader workers each read it: every item checked",
+    "adapters": "one worker with 3 LoRA adapters (swapped per batch) vs 3 workers with one each, on the same cores; the cost of one swap",
 }
 
 
@@ -48,7 +49,7 @@ def register(sub) -> None:
     listing = "; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items())
     p = sub.add_parser(
         "bench",
-        help="run a benchmark (loader, cache, generate, sampler, overlap, ratio, crash, soak); --quick for a short run",
+        help="run a benchmark (loader, cache, generate, sampler, overlap, ratio, crash, soak, adapters); --quick for a short run",
         description=__doc__ + f" Benchmarks: {listing}. Flags after the name go to the benchmark: "
         "`synthaug bench overlap --help` lists them; every benchmark has --quick (a smoke test, not figures) and --out DIR.",
     )
