@@ -74,11 +74,15 @@ def random_metrics(seed, n, classes=("Shirt", "Coat")):
     return out
 
 
-def check_stretches(sampler, batches, labels, batch_size, shard_len):
-    """Every batch of the (single) epoch holds the count the stretch rule gives, per-class slots
-    within 2 of their running target, and every real index once."""
-    changes = [(0, {SHIRT: sampler._static[0], COAT: sampler._static[1]})]
-    changes += [(c["batch"], {k: as_frac(v) for k, v in c["ratios"].items()}) for c in sampler.changes() if c["epoch"] == 0 and c["batch"] > 0]
+def check_stretches(sampler, batches, labels, batch_size, shard_len, epoch=0, drop_last=False):
+    """Every batch of the epoch holds the count the stretch rule gives, per-class slots within 2
+    of their running target, and every real index once (drop_last: at most once)."""
+    start = {SHIRT: sampler._static[0], COAT: sampler._static[1]}
+    for c in sampler.changes():
+        if (c["epoch"], c["batch"]) <= (epoch, 0):
+            start = {k: as_frac(v) for k, v in c["ratios"].items()}
+    changes = [(0, start)]
+    changes += [(c["batch"], {k: as_frac(v) for k, v in c["ratios"].items()}) for c in sampler.changes() if c["epoch"] == epoch and c["batch"] > 0]
     real_seen = []
     for j, (start, ratios) in enumerate(changes):
         end = changes[j + 1][0] if j + 1 < len(changes) else len(batches)
@@ -97,7 +101,10 @@ def check_stretches(sampler, batches, labels, batch_size, shard_len):
                     assert abs(per_class[c] - ratios[c] * batch_size * (n + 1)) < 2
             else:  # the epoch's last, shorter batch: share at most r
                 assert i == len(batches) - 1 and len(syn) <= sum(ratios.values()) * len(batches[i])
-    assert sorted(real_seen) == list(range(shard_len))
+    if drop_last:
+        assert len(set(real_seen)) == len(real_seen) and shard_len - len(real_seen) < batch_size
+    else:
+        assert sorted(real_seen) == list(range(shard_len))
 
 
 def as_frac(x):
@@ -206,6 +213,49 @@ def test_batches_per_epoch_and_a_change_after_the_epoch_ends(train, two_classes)
     assert syn == [math.floor(q * (i + 1)) - math.floor(q * i) for i in range(6)]
 
 
+def test_changes_across_epochs_with_drop_last_and_with_a_fixed_epoch_length(train, two_classes):
+    """Changes every 3 batches over three epochs: each epoch keeps the stretch rule and uses each
+    real index once (drop_last: the rest left out); with batches_per_epoch the real stream stays
+    one pass after another across epochs."""
+    labels = two_classes.labels()
+    mixed = MixedDataset(Subset(train, range(170)), two_classes)
+    metrics = random_metrics(5, 100)
+    for drop in (True, False):
+        ctrl = AdaptiveRatio({"Shirt": 0.1, COAT: 0.05}, grid=GRID, interval=3, min_pairs=1, z=0.0)
+        s = RatioBatchSampler(mixed, batch_size=9, synthetic_ratio=ctrl, seed=2, drop_last=drop, shuffle=False)
+        step = 0
+        for epoch in range(3):
+            s.set_epoch(epoch)
+            batches, step = drive(s, ctrl, metrics, 3, start_step=step)
+            check_stretches(s, batches, labels, 9, 170, epoch=epoch, drop_last=drop)
+        assert len({c["epoch"] for c in s.changes()}) == 3
+    ctrl = AdaptiveRatio({"Shirt": 0.1, COAT: 0.05}, grid=GRID, interval=3, min_pairs=1, z=0.0)
+    s = RatioBatchSampler(mixed, batch_size=9, synthetic_ratio=ctrl, seed=2, batches_per_epoch=7)
+    real, step = [], 0
+    for epoch in range(4):
+        s.set_epoch(epoch)
+        batches, step = drive(s, ctrl, metrics, 3, start_step=step)
+        assert len(batches) == 7 and all(len(b) == 9 for b in batches)
+        real += [i for b in batches for i in b if not is_synthetic(i)]
+    passes = [real[p:p + 170] for p in range(0, len(real) - 169, 170)]
+    assert passes and all(sorted(p) == list(range(170)) for p in passes)  # every full pass uses each index once
+
+
+def test_a_sampler_built_after_the_controller_moved_starts_where_it_is_and_resume_keeps_the_start(train, two_classes):
+    mixed = MixedDataset(Subset(train, range(200)), two_classes)
+    ctrl = AdaptiveRatio({"Shirt": 0.1, "Coat": 0.1}, grid=GRID, interval=5, min_pairs=1, z=0.0)
+    ctrl.observe(5, {"Shirt": 1.0, "Coat": 1.0})  # e.g. a DataLoader rebuilt each epoch: the first probe went up
+    assert {k: float(v) for k, v in ctrl.ratios().items()} == {"Shirt": 0.2, "Coat": 0.2}
+    s = RatioBatchSampler(mixed, batch_size=10, synthetic_ratio=ctrl, seed=1, consumer="late")
+    assert float(s.ratio()) == 0.4 and sum(is_synthetic(i) for i in next(iter(s))) == 4
+    assert s.class_stats()["ratios"] == {str(SHIRT): 0.2, str(COAT): 0.2}
+    state = s.state_dict()
+    fresh = AdaptiveRatio({"Shirt": 0.1, "Coat": 0.1}, grid=GRID, interval=5, min_pairs=1, z=0.0)  # rebuilt at its start
+    resumed = RatioBatchSampler(mixed, batch_size=10, synthetic_ratio=fresh, seed=1, consumer="again")
+    resumed.load_state_dict(state)
+    assert float(resumed.ratio()) == 0.4 and fresh.state_dict() == ctrl.state_dict()
+
+
 # ---------------------------------------------------------------------------------- the controller
 def simulated_run(seed, *, noise, n=60, peak=0.3, start=0.1):
     """A reward whose gain per step peaks at ``peak`` (+ a trend that shrinks as 'training' goes
@@ -306,3 +356,36 @@ def test_torchrun_two_ranks_apply_every_change_at_the_same_batch(tmp_path):
     assert ranks[0]["controller"] == ranks[1]["controller"]  # rank 0's decision, though rank 1 saw other metrics
     assert ranks[0]["shapes"] == ranks[1]["shapes"]  # synthetic count of every batch, both epochs
     assert len(ranks[0]["shapes"][0]) == len(ranks[1]["shapes"][0]) > 0
+    assert all("rank 0" in r["refused"] and "finite" in r["refused"] for r in ranks)
+
+
+def test_readme_adaptive_snippet_runs(tmp_path, monkeypatch, train):
+    import re
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("### A ratio that tunes itself", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    build_stand_in_cache(tmp_path / "cache" / "shirt.lmdb", 100).close()
+    monkeypatch.chdir(tmp_path)
+    import synthaug.data.fashion_mnist as fm
+
+    monkeypatch.setattr(fm, "FashionMNIST", lambda train=True, **kw: Subset(FashionMNIST(train=train, **kw), range(3000)))
+    losses = iter([1.0, 0.9, 0.7, 0.65, 0.5, 0.45, 0.3, 0.28, 0.2, 0.19] * 10)
+    namespace = {"shirt_val_loss": lambda: next(losses)}
+    exec(compile(code, "README.md#a-ratio-that-tunes-itself", "exec"), namespace)
+    sampler = namespace["loader"].batch_sampler
+    assert sampler.changes() and sampler.changes()[0]["batch"] == 20  # no workers: the batch after step 20
+    assert namespace["ctrl"].stats()["observations"] == len(sampler) // 20
+
+
+def test_settle_at_ends_probing_at_the_centre():
+    ctrl = AdaptiveRatio({"Shirt": 0.25}, grid=[0.1, 0.25, 0.5], interval=10, settle_at=60)
+    seen = []
+    for k in range(1, 10):
+        ctrl.observe(10 * k, {"Shirt": float(k % 3)})
+        seen.append(float(ctrl.ratios()["Shirt"]))
+    assert seen[:5] != [0.25] * 5  # probing before step 60
+    assert seen[5:] == [0.25] * 4 and ctrl.stats()["classes"]["Shirt"]["settled"]  # the centre from step 60 on
+    assert ctrl.changes[-1]["step"] == 60 and ctrl.changes[-1]["ratios"] == {"Shirt": 0.25}
+    with pytest.raises(ValueError, match="settle_at"):
+        AdaptiveRatio({"Shirt": 0.25}, settle_at=-1)

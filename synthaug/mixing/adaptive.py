@@ -43,10 +43,16 @@ observations). Several classes are climbed at once, each on its own metric; thei
 are not modelled.
 
 Ranks: under ``torch.distributed`` every rank calls :meth:`observe` at the same step (it is a
-collective). The decision is rank 0's (give rank 0 the validation metric, all-reduced if each rank
-evaluates a shard): its whole controller state is sent to every rank with the batch at which the
-change takes effect, the furthest any rank's sampler has got, so every rank applies the same
-change at the same batch.
+collective). The decision is rank 0's: only rank 0's ``metrics`` are read (all-reduce them first
+if each rank evaluates a shard; the other ranks may pass ``None``), and its climbs and history
+entry are sent to every rank, with the batch at which the change takes effect, the furthest any
+rank's sampler has got, so every rank applies the same change at the same batch. A reading rank 0
+refuses (a NaN, a missing class) raises ``ValueError`` on every rank.
+
+Prefetching: a change takes effect at the next batch the sampler *yields*, which a DataLoader
+does ``num_workers × prefetch_factor`` batches ahead of the loop, so the first that many steps
+after an observation still train at the previous ratios while their gain is credited to the new
+one. Keep ``interval`` several times that depth (the sweep uses at least 8 × ``num_workers``).
 """
 
 from __future__ import annotations
@@ -99,6 +105,7 @@ class _Climb:
         self.pooled_ss = 0.0  # squared deviations of finished centres' differences from their means
         self.pooled_dof = 0
         self.moves = 0
+        self.settled = False  # probing over: the centre holds to the end
 
     def index(self) -> int:
         if self.probe == "up":
@@ -116,6 +123,8 @@ class _Climb:
     def step(self, gain: Optional[float], z: float, min_pairs: int) -> None:
         """The metric of the stretch that just ended gave ``gain`` (``None``: the first
         observation, nothing ran under the controller yet): start the next probe."""
+        if self.settled:
+            return
         if self.probe is None or gain is None:
             self.probe = self.first_probe()
             return
@@ -155,13 +164,20 @@ class _Climb:
         self.centre = target
         self.moves += 1
 
+    def settle(self) -> None:
+        """Stop probing: the centre is the ratio from now on."""
+        self.settled = True
+        self.probe = None
+
     def state(self) -> Dict[str, Any]:
         return {"centre": self.centre, "probe": self.probe, "order": self.order, "rounds": self.rounds, "gains": dict(self.gains),
-                "diffs": list(self.diffs), "pooled_ss": self.pooled_ss, "pooled_dof": self.pooled_dof, "moves": self.moves}
+                "diffs": list(self.diffs), "pooled_ss": self.pooled_ss, "pooled_dof": self.pooled_dof, "moves": self.moves,
+                "settled": self.settled}
 
     def load(self, state: Mapping[str, Any]) -> None:
         for key in ("centre", "probe", "order", "rounds", "pooled_ss", "pooled_dof", "moves"):
             setattr(self, key, state[key])
+        self.settled = bool(state.get("settled", False))
         self.gains = {str(k): float(v) for k, v in state["gains"].items()}
         self.diffs = [float(d) for d in state["diffs"]]
 
@@ -185,6 +201,10 @@ class AdaptiveRatio:
         min_pairs: probe rounds at a ratio before it may move (>= 1).
         sync: under ``torch.distributed``, make rank 0's decision every rank's (module
             docstring). ``False`` leaves each rank on its own.
+        settle_at: from the first observation at or after this step, stop probing: each class
+            holds its centre to the end of training (default: probe to the end). A run that ends
+            in a probe leaves the classifier tuned to the probe's ratio, not the chosen one: its
+            last steps set its bias for the class (the sweep holds the last sixth).
 
     The ratios of all classes together must stay at or below 1 (below 1 unless the sampler has
     ``batches_per_epoch``): the sampler checks the grid's largest sum when it is built.
@@ -198,7 +218,9 @@ class AdaptiveRatio:
             if ctrl.due(step):
                 ctrl.observe(step, {"Shirt": rare_ap_on_real_validation(model)})
 
-    :meth:`stats` returns the trajectory; :func:`plot_ratio_trajectory` draws it.
+    :meth:`stats` returns the trajectory; :func:`plot_ratio_trajectory` draws it. Give
+    ``settle_at`` (e.g. the last sixth of the run) so training ends at the chosen ratios rather
+    than in a probe.
     """
 
     def __init__(
@@ -214,6 +236,7 @@ class AdaptiveRatio:
         z: float = 2.0,
         min_pairs: int = 2,
         sync: bool = True,
+        settle_at: Optional[int] = None,
     ) -> None:
         if not isinstance(classes, Mapping) or not classes:
             raise ValueError(f"classes must be a non-empty dict {{class: starting ratio}}, got {classes!r}")
@@ -231,6 +254,9 @@ class AdaptiveRatio:
         self.z = float(z)
         self.min_pairs = int(min_pairs)
         self.sync = bool(sync)
+        if settle_at is not None and (isinstance(settle_at, bool) or not isinstance(settle_at, numbers.Integral) or settle_at < 0):
+            raise ValueError(f"settle_at must be a step >= 0 or None, got {settle_at!r}")
+        self.settle_at = None if settle_at is None else int(settle_at)
         self._climbs: Dict[ClassKey, _Climb] = {}
         for key, start in classes.items():
             r = as_fraction(start, name=f"classes[{key!r}]")
@@ -268,7 +294,8 @@ class AdaptiveRatio:
             step: the training step the metric was measured after (increasing).
             metrics: ``{class: metric}`` for every class of the controller (keys as given to it,
                 or the class's index or name), or one number for every class. Computed on held-out
-                **real** images: never a loss on synthetic images.
+                **real** images: never a loss on synthetic images. Under torch.distributed only
+                rank 0's are read (module docstring).
 
         Raises:
             ValueError: a missing class, a metric that is not a finite number, a step that did not
@@ -276,25 +303,63 @@ class AdaptiveRatio:
         """
         if isinstance(step, bool) or not isinstance(step, numbers.Integral):
             raise ValueError(f"step must be an int, got {step!r}")
-        values = self._metric_values(metrics)
-        if self._last is not None and step <= self._last[0]:
-            raise ValueError(f"step must increase from one observe() to the next: got {step} after {self._last[0]}")
-        sign = 1.0 if self.mode == "max" else -1.0
         before = self.ratios()
-        for key, climb in self._climbs.items():
-            gain = None if self._last is None else sign * (values[key] - self._last[1][key]) / (step - self._last[0])
-            climb.step(gain, self.z, self.min_pairs)
-        self._last = (int(step), values)
-        self.history.append({"step": int(step), "metrics": {str(k): v for k, v in values.items()},
-                             "ratios": {str(k): float(r) for k, r in self.ratios().items()},
-                             "centres": {str(k): float(self.grid[c.centre]) for k, c in self._climbs.items()}})
-        self._sync()
+        world = _world() if self.sync else None
+        if world is None:
+            self._step_climbs(int(step), metrics)
+        else:
+            self._observe_synced(int(step), metrics)
         after = self.ratios()
         if after != before:
             where = self._apply(after)
             self.changes.append({"step": int(step), "epoch": where[0] if where else None, "batch": where[1] if where else None,
                                  "ratios": {str(k): float(r) for k, r in after.items()}})
         return {k: float(r) for k, r in after.items()}
+
+    def _step_climbs(self, step: int, metrics: Union[float, Mapping[ClassKey, float]]) -> None:
+        """Check the reading and move every climb one observation on."""
+        values = self._metric_values(metrics)
+        if self._last is not None and step <= self._last[0]:
+            raise ValueError(f"step must increase from one observe() to the next: got {step} after {self._last[0]}")
+        sign = 1.0 if self.mode == "max" else -1.0
+        for key, climb in self._climbs.items():
+            gain = None if self._last is None else sign * (values[key] - self._last[1][key]) / (step - self._last[0])
+            climb.step(gain, self.z, self.min_pairs)
+            if self.settle_at is not None and step >= self.settle_at:
+                climb.settle()
+        self._last = (step, values)
+        self.history.append({"step": step, "metrics": {str(k): v for k, v in values.items()},
+                             "ratios": {str(k): float(r) for k, r in self.ratios().items()},
+                             "centres": {str(k): float(self.grid[c.centre]) for k, c in self._climbs.items()}})
+
+    def _observe_synced(self, step: int, metrics: Any) -> None:
+        """Under torch.distributed (a collective): rank 0 decides from its reading; every rank
+        takes its climbs and history entry, or raises rank 0's error, so no rank is left waiting."""
+        import torch.distributed as dist
+
+        payload: List[Any] = [None]
+        if dist.get_rank() == 0:
+            try:
+                self._step_climbs(step, metrics)
+                payload[0] = {"climbs": [c.state() for c in self._climbs.values()], "last": self._last_state(),
+                              "entry": self.history[-1]}
+            except ValueError as exc:
+                payload[0] = {"error": str(exc)}
+        dist.broadcast_object_list(payload, src=0)
+        decided = payload[0]
+        if "error" in decided:
+            raise ValueError(f"observe() on rank 0: {decided['error']}")
+        if dist.get_rank() != 0:
+            for climb, state in zip(self._climbs.values(), decided["climbs"]):
+                climb.load(state)
+            self._set_last(decided["last"])
+            self.history.append(dict(decided["entry"]))
+
+    def _last_state(self) -> Optional[list]:
+        return None if self._last is None else [self._last[0], [self._last[1][k] for k in self._climbs]]
+
+    def _set_last(self, last: Optional[list]) -> None:
+        self._last = None if last is None else (int(last[0]), dict(zip(self._climbs, (float(v) for v in last[1]))))
 
     def _metric_values(self, metrics: Union[float, Mapping[ClassKey, float]]) -> Dict[ClassKey, float]:
         if isinstance(metrics, numbers.Real) and not isinstance(metrics, bool):
@@ -313,20 +378,6 @@ class AdaptiveRatio:
         if missing:
             raise ValueError(f"metrics lack class(es) {missing}; give one value per class the controller tunes")
         return values
-
-    def _sync(self) -> None:
-        """Under torch.distributed: every rank takes rank 0's state (a collective)."""
-        if not self.sync:
-            return
-        world = _world()
-        if world is None:
-            return
-        import torch.distributed as dist
-
-        payload = [self.state_dict() if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(payload, src=0)
-        if dist.get_rank() != 0:
-            self._load_own(payload[0])
 
     def _apply(self, ratios: Dict[ClassKey, Fraction]) -> Optional[Tuple[int, int]]:
         """Tell the samplers: the change takes effect at the furthest batch any of them (on any
@@ -359,7 +410,7 @@ class AdaptiveRatio:
             "grid": [str(g) for g in self.grid],
             "classes": [str(k) for k in self._climbs],
             "climbs": [c.state() for c in self._climbs.values()],
-            "last": None if self._last is None else [self._last[0], [self._last[1][k] for k in self._climbs]],
+            "last": self._last_state(),
             "history": [dict(h) for h in self.history],
             "changes": [dict(c) for c in self.changes],
         }
@@ -380,8 +431,7 @@ class AdaptiveRatio:
     def _load_own(self, state: Mapping[str, Any]) -> None:
         for climb, s in zip(self._climbs.values(), state["climbs"]):
             climb.load(s)
-        last = state["last"]
-        self._last = None if last is None else (int(last[0]), dict(zip(self._climbs, (float(v) for v in last[1]))))
+        self._set_last(state["last"])
         self.history = [dict(h) for h in state["history"]]
         self.changes = [dict(c) for c in state["changes"]]
 
@@ -391,7 +441,8 @@ class AdaptiveRatio:
         and ``changes`` (step, epoch, batch where it took effect, ratios)."""
         return {
             "ratios": {str(k): float(r) for k, r in self.ratios().items()},
-            "classes": {str(k): {"centre": float(self.grid[c.centre]), "moves": c.moves, "rounds": c.rounds} for k, c in self._climbs.items()},
+            "classes": {str(k): {"centre": float(self.grid[c.centre]), "moves": c.moves, "rounds": c.rounds, "settled": c.settled}
+                        for k, c in self._climbs.items()},
             "observations": len(self.history),
             "grid": [float(g) for g in self.grid],
             "history": [dict(h) for h in self.history],
@@ -413,10 +464,10 @@ def _world() -> Optional[int]:
     return None
 
 
-def plot_ratio_trajectory(stats: Mapping[str, Any], path, *, title: Optional[str] = None):
-    """Draw each class's ratio (probes and centre) and its validation metric against the training
-    step, from :meth:`AdaptiveRatio.stats` (or a list of them: one line each, e.g. seeds). Returns
-    the path written."""
+def plot_ratio_trajectory(stats: Mapping[str, Any], path, *, title: Optional[str] = None, labels: Optional[Sequence[str]] = None):
+    """Draw each class's ratio (probes thin, centre thick) and its validation metric against the
+    training step, from :meth:`AdaptiveRatio.stats` (or a list of them: one line each, e.g. seeds,
+    named by ``labels``). Returns the path written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -428,9 +479,10 @@ def plot_ratio_trajectory(stats: Mapping[str, Any], path, *, title: Optional[str
         hist = run["history"]
         steps = [h["step"] for h in hist]
         for key in (hist[0]["ratios"] if hist else {}):
-            label = f"{key}" + (f" (run {n})" if len(runs) > 1 else "")
-            line, = ax_r.step(steps, [h["ratios"][key] for h in hist], where="post", alpha=0.35)
-            ax_r.plot(steps, [h["centres"][key] for h in hist], color=line.get_color(), lw=2, label=label)
+            run = labels[n] if labels is not None else (f"run {n}" if len(runs) > 1 else "")
+            label = f"class {key}" + (f", {run}" if run else "")
+            line, = ax_r.step(steps, [h["ratios"][key] for h in hist], where="post", alpha=0.3)
+            ax_r.step(steps, [h["centres"][key] for h in hist], where="post", color=line.get_color(), lw=2, label=label)
             ax_m.plot(steps, [h["metrics"][key] for h in hist], color=line.get_color(), label=label)
     ax_r.set_ylabel("synthetic ratio (thin: probes)")
     ax_m.set_ylabel("validation metric")

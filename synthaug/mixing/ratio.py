@@ -27,6 +27,7 @@ Everything here is integer arithmetic on ``r = a / b``; no float is ever rounded
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 from dataclasses import dataclass
@@ -150,13 +151,17 @@ class StretchPlan:
 
     def stretch(self, i: int) -> tuple:
         """``(start, plan, real_before_start, shares)`` of the stretch holding batch ``i``."""
-        found = self.stretches[0]
-        for entry in self.stretches:
-            if entry[0] <= i:
-                found = entry
-            else:
-                break
-        return found
+        if len(self.stretches) == 1:
+            return self.stretches[0]
+        return self.stretches[max(0, bisect.bisect_right(self.starts, i) - 1)]
+
+    @property
+    def starts(self) -> tuple:
+        cached = self.__dict__.get("_starts")
+        if cached is None:
+            cached = tuple(entry[0] for entry in self.stretches)
+            object.__setattr__(self, "_starts", cached)
+        return cached
 
     @property
     def ratio(self) -> Fraction:

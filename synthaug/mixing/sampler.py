@@ -249,7 +249,7 @@ class RatioBatchSampler(Sampler):
 
         self._controller: Optional[AdaptiveRatio] = None
         self._changes: List[Tuple[int, int, Tuple[Fraction, ...]]] = []  # adaptive: (epoch, batch, shares) of each change
-        self._plans: Dict[int, Tuple[int, Any]] = {}  # adaptive: epoch -> (len(self._changes) when planned, plan)
+        self._plans: Dict[int, StretchPlan] = {}  # adaptive: each epoch's plan under the changes recorded so far
         self._pos: Dict[str, Any] = {"epoch": 0, "batch": 0, "group_counts": []}
         self._setup_ratio(synthetic_ratio, classes)
         self.epoch = 0
@@ -257,7 +257,8 @@ class RatioBatchSampler(Sampler):
 
         self._counters: Dict[str, float] = {name: 0 for name in _COUNTER_NAMES}
         self._counters.update({"epoch_" + name: 0 for name in _COUNTER_NAMES})
-        self._counters.update({f"served_group_{g}": 0 for g in range(len(self._groups))})
+        self._served_keys = [f"served_group_{g}" for g in range(len(self._groups))]
+        self._counters.update({key: 0 for key in self._served_keys})
         self._counters["waited_s"] = self._counters["epoch_waited_s"] = 0.0
         self._pool = SyntheticPool(
             mixed.cache,
@@ -305,7 +306,8 @@ class RatioBatchSampler(Sampler):
                     f"grid ratio {float(ratio.grid[-1]):g}); it must stay below 1 (at most 1 with batches_per_epoch): lower the grid"
                 )
             self._groups = [(c,) for c in resolved]
-            self._static = list(ratio.start_ratios().values())
+            # the ratios the controller is at now (its start, unless it observed before this sampler existed)
+            self._static = [as_fraction(r) for r in ratio.ratios().values()]
             self._controller = ratio
             aliases: Dict[Any, Any] = {}
             names = self.mixed.label_names or []
@@ -478,8 +480,10 @@ class RatioBatchSampler(Sampler):
         each epoch, so they drive this sampler's epochs without extra code."""
         return self._epoch_hook
 
-    def plan(self, epoch: Optional[int] = None) -> EpochPlan:
-        """The composition of every batch of ``epoch`` (default: the current one) on this rank."""
+    def plan(self, epoch: Optional[int] = None) -> Union[EpochPlan, StretchPlan]:
+        """The composition of every batch of ``epoch`` (default: the current one) on this rank: an
+        :class:`EpochPlan`, or with an adaptive ratio a :class:`StretchPlan` under the changes
+        recorded so far."""
         return self._check_epoch(self.epoch if epoch is None else epoch)
 
     def __len__(self) -> int:
@@ -581,7 +585,7 @@ class RatioBatchSampler(Sampler):
                         for g, demand in enumerate(per_group):
                             if demand:
                                 batch += [SyntheticIndex(s, pool.label_of(s), stride=stride, ticket=ticket) for s in pool.draw(g, demand, rng)]
-                                self._counters[f"served_group_{g}"] += demand
+                                self._counters[self._served_keys[g]] += demand
                         self._inflight.append((ticket, min(pool.drawn), k))
                         if len(self._inflight) > _INFLIGHT_MAX:
                             self._inflight.popleft()
@@ -706,7 +710,7 @@ class RatioBatchSampler(Sampler):
     def _served_by_class(self) -> Dict[str, int]:
         """Synthetic items served per class group (``"*"``: any class; a group of several classes
         is named by its classes joined with "+")."""
-        return {("+".join(str(c) for c in group) or "*"): int(self._counters[f"served_group_{g}"]) for g, group in enumerate(self._groups)}
+        return {("+".join(str(c) for c in group) or "*"): int(self._counters[self._served_keys[g]]) for g, group in enumerate(self._groups)}
 
     def close(self) -> None:
         """Remove this consumer's cursor from the cache: writers stop keeping records for it
@@ -727,9 +731,8 @@ class RatioBatchSampler(Sampler):
         consumer got to them), ``corrupt_skipped`` (records whose header could not be read),
         the same with an ``epoch_`` prefix for the current epoch, and ``epoch``, ``batch`` (the
         next batch of the epoch), ``cursor``, ``hold`` (the oldest record it may still read, as
-        last published), ``consumer``, ``served_by_class`` (synthetic items per class, ``"*"``
-        for any class) and ``ratios`` (the ratio per class now). With an adaptive ratio also
-        ``ratio_changes`` (:meth:`changes`) and ``controller`` (the controller's ``stats()``).
+        last published), ``consumer``. Every value is a number or a string (log them as scalars);
+        the per-class view is :meth:`class_stats`.
         """
         c = self._counters
         out: Dict[str, Any] = {"consumer": self.consumer, "epoch": self._pos["epoch"], "batch": self._pos["batch"]}
@@ -741,8 +744,13 @@ class RatioBatchSampler(Sampler):
                 out[prefix + name] = float(v) if name == "waited_s" else int(v)
             total = c[prefix + "served"] + c[prefix + "real"]
             out[prefix + "synthetic_share"] = c[prefix + "served"] / total if total else 0.0
-        out["served_by_class"] = self._served_by_class()
-        out["ratios"] = self._class_ratios()
+        return out
+
+    def class_stats(self) -> Dict[str, Any]:
+        """Per class: ``served_by_class`` (synthetic items served per class group, ``"*"`` for any
+        class), ``ratios`` (the ratio per class index now); with an adaptive ratio also
+        ``ratio_changes`` (:meth:`changes`) and ``controller`` (the controller's ``stats()``)."""
+        out: Dict[str, Any] = {"served_by_class": self._served_by_class(), "ratios": self._class_ratios()}
         if self._controller is not None:
             out["ratio_changes"] = self.changes()
             out["controller"] = self._controller.stats()
@@ -846,7 +854,7 @@ class RatioBatchSampler(Sampler):
         if self._controller is not None:
             # every change, also those at batches the rewind above gives back: the loop made the
             # observations behind them before this state was taken, and will not make them again
-            state["adaptive"] = {"changes": [[e, b, [str(x) for x in shares]] for e, b, shares in self._changes],
+            state["adaptive"] = {"start": [str(x) for x in self._static], "changes": [[e, b, [str(x) for x in shares]] for e, b, shares in self._changes],
                                  "controller": self._controller.state_dict()}
         return state
 
@@ -875,13 +883,14 @@ class RatioBatchSampler(Sampler):
                     "resume with the same settings"
                 )
         epoch = int(state["epoch"])
-        self._check_epoch(epoch)
         if self._controller is not None:
             adaptive = state["adaptive"]
             self._controller.load_state_dict(adaptive["controller"])
+            self._static = [Fraction(x) for x in adaptive["start"]]  # the ratios before the first change, as saved
             self._changes = [(int(e), int(b), tuple(Fraction(x) for x in shares)) for e, b, shares in adaptive["changes"]]
             self._plans.clear()
             self._offsets = {0: 0}
+        self._check_epoch(epoch)
         self._pool.load(state["pool"])
         self._counters.update({k: v for k, v in state["counters"].items() if k in self._counters})
         self.epoch = epoch

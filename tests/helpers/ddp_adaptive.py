@@ -38,10 +38,16 @@ def main() -> None:
             seen.append(int(synthetic.sum()))
             step += 1
             if ctrl.due(step):
-                # a metric of this rank's own: only rank 0's decision may count
-                ctrl.observe(step, {"Shirt": (step * (7 + rank)) % 5, "Coat": (step * (3 + rank)) % 4})
+                # only rank 0's reading is read: rank 1 passes one of its own, or none at all
+                mine = {"Shirt": (step * (7 + rank)) % 5, "Coat": (step * (3 + rank)) % 4}
+                ctrl.observe(step, mine if rank == 0 or step % 8 else None)
         shapes.append(seen)
-    mine = {"rank": rank, "changes": sampler.changes(), "controller": ctrl.state_dict(), "shapes": shapes}
+    try:  # a reading rank 0 refuses raises on every rank (none is left waiting in a collective)
+        ctrl.observe(step + 1, {"Shirt": float("nan"), "Coat": 0.0} if rank == 0 else None)
+        refused = None
+    except ValueError as exc:
+        refused = str(exc)
+    mine = {"rank": rank, "changes": sampler.changes(), "controller": ctrl.state_dict(), "shapes": shapes, "refused": refused}
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
     if rank == 0:
