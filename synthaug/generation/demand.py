@@ -102,7 +102,7 @@ def class_weights(cursors: Mapping[str, Mapping[str, Any]], labels: Mapping[str,
             continue
         for name, lab in labels.items():
             r = _number(ratios.get(str(lab)))
-            if r is not None and r > 0:
+            if r is not None and r >= 0:  # a class at ratio 0 (an adaptive grid may hold 0) is named, with no weight
                 weights[name] += r
                 named = True
     if named:

@@ -19,7 +19,7 @@ adapter, a swap costs one pass over the adapted layers (``benchmarks/adapters.py
 the copy costs the adapted layers' memory once, and each class's images are the ones its
 single-adapter generator makes (same arithmetic: original weight + the adapter's delta). A
 restore-then-merge never subtracts a delta, so no rounding drift builds up over many swaps.
-``fuse=False`` only switches peft's active adapter (diffusers' ``set_adapters``): swaps are
+``fuse=False`` only switches peft's active adapter (peft's ``set_adapter`` on the UNet): swaps are
 nearly free, each denoising step pays the LoRA layers' extra matmuls, and images match the merged
 ones only up to float rounding.
 
