@@ -305,6 +305,10 @@ def test_example_config_is_the_default_study():
     plan = [p["arm"] for p in cfg.arm_plan()]
     assert plan[0] == "real_only" and len(plan) == 1 + 3 * 4 + 3 and "synthetic@0.25/n=30" in plan
     assert SweepConfig.from_yaml(REPO / "examples" / "sweep_fashion_mnist.yaml", seeds=2).seed_list == [0, 1]
+    adaptive = SweepConfig.from_yaml(REPO / "examples" / "sweep_fashion_mnist_adaptive.yaml")
+    adaptive.check()
+    assert [p["arm"] for p in adaptive.arm_plan()] == ["synthetic@0.1", "synthetic@0.25", "synthetic@0.5", "synthetic@0.75", "adaptive"]
+    assert adaptive.adaptive_start() == 0.25 and adaptive.adaptive_interval_for(565) == 23 and adaptive.adaptive_settle_at(565) == 471
 
 
 @pytest.mark.parametrize(

@@ -115,7 +115,10 @@ def register(sub) -> None:
     g.add_argument("--val-shots", type=int, help=f"images of every class in the validation split configurations are chosen on (balanced, "
                    f"as the test set is); drawn outside the training split, never from the test set (default: {d.val_shots})")
     g.add_argument("--adaptive-interval", type=int, help="training steps between two validation readings of the adaptive arm (an AdaptiveRatio "
-                   "hill-climbing the rare class's ratio over --ratios on validation AP; default: steps // 24, at least 5)")
+                   "hill-climbing the rare class's ratio over --ratios on the validation split, --adaptive-reward; default: steps // 24, at least 5 "
+                   "and 8 x --num-workers, so a DataLoader's prefetch stays a small part of each reading)")
+    g.add_argument("--adaptive-settle", type=float, help="the adaptive arm's last share of the training steps held at the ratio it chose, "
+                   f"without probes, so the classifier ends at that ratio; 0 probes to the end (default: {d.adaptive_settle:.3g})")
     g.add_argument("--adaptive-reward", choices=["loss", "ap"], help="what the adaptive arm reads on the validation split: loss, the rare "
                    "class's one-vs-rest log loss (a proper score over every validation image; smoother than AP on a few rare images), "
                    f"or ap, its average precision (default: {d.adaptive_reward})")

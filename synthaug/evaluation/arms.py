@@ -8,7 +8,8 @@
 * ``classic_aug@r``: the same, with standard torchvision augmentation of those repeated images.
 * ``synthetic@r``: generated rare-class images from the cache, mixed at ratio ``r``.
 * ``adaptive``: the same, at a ratio an :class:`~synthaug.mixing.adaptive.AdaptiveRatio` moves
-  during training from the rare class's validation AP (``train_and_evaluate(controller=...)``).
+  during training from a reading of the rare class on the real validation set, its log loss or
+  AP (``train_and_evaluate(controller=..., controller_reward=...)``).
 
 All arms train the same model for the same number of optimizer steps with the same batch size,
 and are evaluated on the real held-out test set only.
@@ -199,9 +200,12 @@ def train_and_evaluate(
     if controller is not None:
         training["adaptive_eval_s"] = eval_s[0]
         training["adaptive"] = controller.stats()
+        training["adaptive_reward"] = controller_reward
 
     metrics = evaluate(test_loader)
     val_metrics = evaluate(val_loader) if val_loader is not None else None
     training["wall_s_with_eval"] = time.time() - t0
     stats = sampler.stats() if sampler is not None and hasattr(sampler, "stats") else {}
+    if hasattr(sampler, "class_stats"):
+        stats.update({k: v for k, v in sampler.class_stats().items() if k != "controller"})  # the controller's trajectory is training["adaptive"]
     return ArmResult(name, metrics, training, jsonable(stats), rare_draws[0], val_metrics)

@@ -24,8 +24,9 @@ For every seed (one few-shot split, one adapter, one classifier initialisation):
    * ``adaptive`` (optional): the synthetic pool mixed at a ratio an
      :class:`~synthaug.mixing.adaptive.AdaptiveRatio` moves over ``ratios`` during the run, from
      the rare class's one-vs-rest log loss (``adaptive_reward: loss``) or average precision
-     (``ap``) on the seed's validation split, read every ``adaptive_interval`` steps (one run
-     instead of one per ratio).
+     (``ap``) on the seed's validation split, read every ``adaptive_interval`` steps, holding
+     its chosen ratio for the last ``adaptive_settle`` share of the steps (one run instead of one
+     per ratio).
 
 Outputs in ``out``: ``results.json`` (one row per arm × seed, written as each finishes, so an
 interrupted sweep resumes where it stopped), ``summary.json`` and ``summary.md`` (mean ± std per
@@ -378,7 +379,7 @@ def _run_arm(cfg, data: StudyData, p: Dict[str, Any], seed: int, steps: int, rea
         from synthaug.mixing.adaptive import AdaptiveRatio  # imports torch, which the CLI imports only when a command runs
 
         controller = AdaptiveRatio({data.rare: r}, grid=sorted(cfg.ratios), interval=cfg.adaptive_interval_for(steps),
-                                   mode="min" if cfg.adaptive_reward == "loss" else "max")
+                                   mode="min" if cfg.adaptive_reward == "loss" else "max", settle_at=cfg.adaptive_settle_at(steps))
     if kind == "real_only":
         loader, sampler = real_only_loader(real_train, batch_size=cfg.batch_size, seed=seed, transform=data.transform, num_workers=cfg.num_workers), None
     else:

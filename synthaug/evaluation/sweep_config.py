@@ -75,6 +75,7 @@ class SweepConfig:
     real_share: float = 0.5
     val_shots: int = 10
     adaptive_interval: Optional[int] = None  # steps between the adaptive arm's validation readings (default: steps // 24, at least 5)
+    adaptive_settle: float = 1 / 6  # the adaptive arm's last share of steps held at its chosen ratio (no probes; 0: probe to the end)
     adaptive_reward: str = "loss"  # the adaptive arm's reward on validation: "loss" (rare-vs-rest log loss) or "ap" (rare-class AP)
     reference_steps: int = 800
     worker: bool = False
@@ -192,6 +193,8 @@ class SweepConfig:
             raise ValueError(f"the adaptive arm moves its ratio over --ratios: give at least two, got {self.ratios}")
         if self.adaptive_reward not in ("loss", "ap"):
             raise ValueError(f"--adaptive-reward must be loss or ap, got {self.adaptive_reward!r}")
+        if not 0 <= self.adaptive_settle < 1:
+            raise ValueError(f"--adaptive-settle must be in [0, 1), got {self.adaptive_settle}")
         if self.adaptive_interval is not None and self.adaptive_interval < 1:
             raise ValueError(f"--adaptive-interval must be >= 1, got {self.adaptive_interval}")
         for name in ("translate_classes", "refit_steps", "val_shots", "reference_steps"):
@@ -253,8 +256,14 @@ class SweepConfig:
 
     def adaptive_interval_for(self, steps: int) -> int:
         """Steps between the adaptive arm's validation readings: ``adaptive_interval``, else
-        ``steps // 24`` (12 probe rounds per run), at least 5."""
-        return int(self.adaptive_interval) if self.adaptive_interval else max(5, steps // 24)
+        ``steps // 24`` (12 probe rounds per run), at least 5 and at least 8 × ``num_workers``
+        (a DataLoader fetches ``2 × num_workers`` batches ahead, and those steps after a reading
+        still run the previous ratio: :mod:`synthaug.mixing.adaptive`)."""
+        return int(self.adaptive_interval) if self.adaptive_interval else max(5, steps // 24, 8 * int(self.num_workers or 0))
+
+    def adaptive_settle_at(self, steps: int) -> Optional[int]:
+        """The step from which the adaptive arm stops probing and holds its chosen ratio."""
+        return steps - int(round(steps * self.adaptive_settle)) if self.adaptive_settle > 0 else None
 
     def val_per_class(self) -> int:
         """Validation images per other class: ``val_shots``, as many as of the rare class. The
@@ -272,11 +281,12 @@ class SweepConfig:
         if "adaptive" not in self.arms:  # a setting of the adaptive arm alone: sweeps without it keep their identity
             d.pop("adaptive_interval")
             d.pop("adaptive_reward")
+            d.pop("adaptive_settle")
         d["seeds"] = self.seed_list
         return d
 
 
-_FLOAT_FIELDS = ("epochs", "lr", "set_size_ratio", "guidance_scale", "soft_label_gamma", "feedback_scale", "synthetic_weight", "real_share")
+_FLOAT_FIELDS = ("adaptive_settle", "epochs", "lr", "set_size_ratio", "guidance_scale", "soft_label_gamma", "feedback_scale", "synthetic_weight", "real_share")
 _INT_FIELDS = ("shots", "per_class", "steps", "batch_size", "lora_steps", "lora_rank", "synthetic_images", "generation_steps",
                "image_size", "channels", "test_size", "num_workers", "bootstrap", "translate_classes", "refit_steps", "val_shots",
                "reference_steps", "adaptive_interval")

@@ -103,11 +103,15 @@ def summarize_results(rows: Sequence[Dict[str, Any]], out: Optional[Path] = None
         (out / "summary.md").write_text(markdown_summary(summary))
         plot_ratio_curves(summary, out / "ratio_curves.png")
         plot_set_size(summary, out / "set_size.png")
-        trajectories = [r["training"]["adaptive"] for r in rows if r["kind"] == "adaptive" and (r.get("training") or {}).get("adaptive")]
+        ran = [r for r in rows if r["kind"] == "adaptive" and (r.get("training") or {}).get("adaptive")]
+        trajectories = [r["training"]["adaptive"] for r in ran]
         if trajectories:
             from synthaug.mixing.adaptive import plot_ratio_trajectory
 
-            plot_ratio_trajectory(trajectories, out / "adaptive_trajectory.png", title="adaptive arm: rare-class ratio and validation AP, per seed")
+            reward = next((r["training"].get("adaptive_reward") for r in rows if r["kind"] == "adaptive"), None) or "reading"
+            what = {"loss": "validation log loss", "ap": "validation AP"}.get(reward, "validation reading")
+            plot_ratio_trajectory(trajectories, out / "adaptive_trajectory.png", title=f"adaptive arm: rare-class ratio and {what}, per seed",
+                                  labels=[f"{r['arm']}, seed {r['seed']}" for r in ran])
     return summary
 
 
@@ -125,11 +129,16 @@ def _adaptive(rows, by_arm, n_boot: int) -> Dict[str, Any]:
             continue
         fixed_rows = [r for a in fixed for r in fixed[a].values()]
         chosen = select_on_validation(fixed_rows, kinds=("synthetic",))
-        oracle = max(fixed, key=lambda a: float(np.nanmean([r["metrics"].get(SELECTION_METRIC, float("nan")) for r in fixed[a].values()])))
+        common = set(per_seed).intersection(*(set(s) for s in fixed.values()))  # the oracle is judged on the seeds every arm has
+        means = {a: float(np.mean([fixed[a][s]["metrics"].get(SELECTION_METRIC, float("nan")) for s in common])) if common else float("nan")
+                 for a in fixed}
+        finite = [a for a in fixed if math.isfinite(means[a])]
+        oracle = max(finite, key=lambda a: means[a]) if finite else None
         by_ratio = sorted(fixed, key=lambda a: next(iter(fixed[a].values()))["ratio"])
         baselines: Dict[str, Dict[int, Dict[str, Any]]] = {a: {s: r["metrics"] for s, r in fixed[a].items()} for a in by_ratio}
         baselines["fixed ratio chosen on validation"] = {s: fixed[a][s]["metrics"] for s, a in chosen.items()}
-        baselines[f"best fixed ratio on test ({oracle}, oracle)"] = {s: r["metrics"] for s, r in fixed[oracle].items()}
+        if oracle is not None:
+            baselines[f"best fixed ratio on test ({oracle}, oracle)"] = {s: r["metrics"] for s, r in fixed[oracle].items()}
         if "real_only" in by_arm:
             baselines["real_only"] = {s: r["metrics"] for s, r in by_arm["real_only"].items()}
         comparisons = []
@@ -150,7 +159,8 @@ def _adaptive(rows, by_arm, n_boot: int) -> Dict[str, Any]:
                                "chosen_on_validation": fixed[chosen[s]][s]["ratio"] if s in chosen else None,
                                "wall_s": r["training"].get("wall_s_with_eval"), "eval_s": r["training"].get("adaptive_eval_s"),
                                "fixed_wall_s": sum(fixed[a][s]["training"].get("wall_s_with_eval", 0.0) for a in fixed if s in fixed[a])})
-        out[arm] = {"mode": mode, "fixed_arms": sorted(fixed), "oracle": oracle, "per_seed": seeds_info, "comparisons": comparisons}
+        out[arm] = {"mode": mode, "reward": (first.get("training") or {}).get("adaptive_reward"), "fixed_arms": sorted(fixed), "oracle": oracle,
+                    "per_seed": seeds_info, "comparisons": comparisons}
     return out
 
 
@@ -265,14 +275,15 @@ def _adaptive_markdown(adaptive: Dict[str, Any], shown) -> List[str]:
     lines: List[str] = []
     for arm, a in adaptive.items():
         lines += ["", f"## {arm}: the ratio chosen during the run", "",
-                  "One run per seed whose rare-class ratio an AdaptiveRatio moved over the sweep's ratios from validation AP "
+                  "One run per seed whose rare-class ratio an AdaptiveRatio moved over the sweep's ratios from a reading on the "
+                  f"validation split ({a.get('reward') or 'see the config'}) "
                   "(`adaptive_trajectory.png`). Δ = adaptive − baseline, paired over seeds. The oracle is the fixed ratio with the best "
                   "mean *test* AP: no user can pick it, it is the bar.", "",
-                  "| seed | final ratio | moves | validation readings | synthetic share of draws | fixed ratio chosen on validation | "
+                  "| seed | final centre ratio | moves | validation readings | synthetic share of draws | fixed ratio chosen on validation | "
                   "adaptive run s (of it, validation) | all fixed runs s |", "|---|---|---|---|---|---|---|---|"]
         for s in a["per_seed"]:
             share = s["synthetic_share"]
-            lines.append(f"| {s['seed']} | {_g(s['final_centre'])} | {s['moves']} | {s['observations']} | {'–' if share is None else f'{share:.3f}'} | "
+            lines.append(f"| {s['seed']} | {_g(s['final_centre'])} | {_g(s['moves'])} | {_g(s['observations'])} | {'–' if share is None else f'{share:.3f}'} | "
                          f"{_g(s['chosen_on_validation'])} | {_g(s['wall_s'], '.0f')} ({_g(s['eval_s'], '.1f')}) | {_g(s['fixed_wall_s'], '.0f')} |")
         by_base: Dict[str, Dict[str, Any]] = {}
         for c in a["comparisons"]:
