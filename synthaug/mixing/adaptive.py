@@ -196,7 +196,7 @@ class AdaptiveRatio:
         mode: ``"max"`` when a higher metric is better (average precision, recall), ``"min"``
             for a loss.
         z: how many standard errors the mean round difference must clear before the ratio moves
-            (default 2: on a flat reward about one round in 25 moves the ratio, measured in the
+            (default 2: on a flat reward about one round in 23 moves the ratio, measured in the
             tests' simulation).
         min_pairs: probe rounds at a ratio before it may move (>= 1).
         sync: under ``torch.distributed``, make rank 0's decision every rank's (module
