@@ -285,25 +285,31 @@ def _adaptive_markdown(adaptive: Dict[str, Any], shown) -> List[str]:
             share = s["synthetic_share"]
             lines.append(f"| {s['seed']} | {_g(s['final_centre'])} | {_g(s['moves'])} | {_g(s['observations'])} | {'–' if share is None else f'{share:.3f}'} | "
                          f"{_g(s['chosen_on_validation'])} | {_g(s['wall_s'], '.0f')} ({_g(s['eval_s'], '.1f')}) | {_g(s['fixed_wall_s'], '.0f')} |")
-        by_base: Dict[str, Dict[str, Any]] = {}
-        for c in a["comparisons"]:
-            if c["metric"] in shown:
-                by_base.setdefault(c["baseline"], {})[c["metric"]] = c
-        if by_base:
-            lines += ["", f"| {arm} against | Δ recall [95% CI] | W/L | Δ F1 [95% CI] | W/L | Δ AP [95% CI] | p (perm / t) | W/L |",
-                      "|---|---|---|---|---|---|---|---|"]
-            for base, cs in by_base.items():
-                cells = []
-                for metric in shown:
-                    c = cs.get(metric)
-                    if c is None:
-                        cells += ["–", "–"] if metric != "rare_average_precision" else ["–", "–", "–"]
-                        continue
-                    cells.append(f"{c['mean_diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]")
-                    if metric == "rare_average_precision":
-                        cells.append(f"{c['p_sign_flip']:.3f} / {_fmt_p(c['p_ttest'])}")
-                    cells.append(f"{c['wins']}/{c['losses']}")
-                lines.append(f"| {base} | " + " | ".join(cells) + " |")
+        lines += _against_table(f"{arm} against", [c for c in a["comparisons"] if c["metric"] in shown], shown)
+    return lines
+
+
+def _against_table(title: str, comps: List[Dict[str, Any]], shown) -> List[str]:
+    """One row per baseline: Δ with its CI and W/L per metric, the p-values for AP."""
+    if not comps:
+        return []
+    lines = ["", f"| {title} | Δ recall [95% CI] | W/L | Δ F1 [95% CI] | W/L | Δ AP [95% CI] | p (perm / t) | W/L |",
+             "|---|---|---|---|---|---|---|---|"]
+    by_base: Dict[str, Dict[str, Any]] = {}
+    for c in comps:
+        by_base.setdefault(c["baseline"], {})[c["metric"]] = c
+    for base, cs in by_base.items():
+        cells = []
+        for metric in shown:
+            c = cs.get(metric)
+            if c is None:
+                cells += ["–", "–"] if metric != "rare_average_precision" else ["–", "–", "–"]
+                continue
+            cells.append(f"{c['mean_diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]")
+            if metric == "rare_average_precision":
+                cells.append(f"{c['p_sign_flip']:.3f} / {_fmt_p(c['p_ttest'])}")
+            cells.append(f"{c['wins']}/{c['losses']}")
+        lines.append(f"| {base} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -323,26 +329,7 @@ def _selection_markdown(selection: Dict[str, Any], shown) -> List[str]:
         m = s["metrics"]
         lines.append(f"| {s['seed']} | {s['arm']} | {s['val_metric']:.3f} | {m['rare_recall']:.3f} | {m['rare_f1']:.3f} | "
                      f"{m.get('rare_average_precision', float('nan')):.3f} | {s['matched_control'] or '–'} | {s['oversampled_chosen'] or '–'} |")
-    comps = [c for c in selection["comparisons"] if c["metric"] in shown]
-    if comps:
-        lines += ["", "| chosen synthetic arm against | Δ recall [95% CI] | W/L | Δ F1 [95% CI] | W/L | Δ AP [95% CI] | p (perm / t) | W/L |",
-                  "|---|---|---|---|---|---|---|---|"]
-        by_base: Dict[str, Dict[str, Any]] = {}
-        for c in comps:
-            by_base.setdefault(c["baseline"], {})[c["metric"]] = c
-        for base, cs in by_base.items():
-            cells = []
-            for metric in shown:
-                c = cs.get(metric)
-                if c is None:
-                    cells += ["–", "–"] if metric != "rare_average_precision" else ["–", "–", "–"]
-                    continue
-                cells.append(f"{c['mean_diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]")
-                if metric == "rare_average_precision":
-                    cells.append(f"{c['p_sign_flip']:.3f} / {_fmt_p(c['p_ttest'])}")
-                cells.append(f"{c['wins']}/{c['losses']}")
-            lines.append(f"| {base} | " + " | ".join(cells) + " |")
-    return lines
+    return lines + _against_table("chosen synthetic arm against", [c for c in selection["comparisons"] if c["metric"] in shown], shown)
 
 
 def _fmt_p(p: float) -> str:
