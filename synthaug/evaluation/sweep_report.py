@@ -96,7 +96,7 @@ def summarize_results(rows: Sequence[Dict[str, Any]], out: Optional[Path] = None
                 b = [by_arm[base][s]["metrics"].get(metric, float("nan")) for s in seeds]
                 comparisons.append({"arm": arm, "baseline": base, "metric": metric, "seeds": seeds, **paired_comparison(a, b, n_boot=n_boot)})
     summary = {"arms": arms, "comparisons": comparisons, "selection": _selection(rows, by_arm, n_boot),
-               "adaptive": _adaptive(rows, by_arm, n_boot), "meta": meta or {}, "config": cfg.identity() if cfg is not None else None}
+               "adaptive": _adaptive(by_arm, info, n_boot), "meta": meta or {}, "config": cfg.identity() if cfg is not None else None}
     if out is not None:
         out = Path(out)
         write_json(out / "summary.json", summary)
@@ -115,16 +115,17 @@ def summarize_results(rows: Sequence[Dict[str, Any]], out: Optional[Path] = None
     return summary
 
 
-def _adaptive(rows, by_arm, n_boot: int) -> Dict[str, Any]:
-    """The adaptive arms against the fixed ratios (see the module docstring)."""
+def _adaptive(by_arm, info, n_boot: int) -> Dict[str, Any]:
+    """The adaptive arms against the fixed ratios (see the module docstring); ``info``: each
+    arm's kind, ratio, pool, mode and variant."""
     out: Dict[str, Any] = {}
     for arm, per_seed in by_arm.items():
-        first = next(iter(per_seed.values()))
-        if first["kind"] != "adaptive":
+        if info[arm]["kind"] != "adaptive":
             continue
-        mode = first.get("mode") or "txt2img"
-        fixed = {a: s for a, s in by_arm.items() if (next(iter(s.values())) or {}).get("kind") == "synthetic" and "/n=" not in a
-                 and not next(iter(s.values())).get("variant") and (next(iter(s.values())).get("mode") or "txt2img") == mode}
+        first = next(iter(per_seed.values()))
+        mode = info[arm]["mode"] or "txt2img"
+        fixed = {a: s for a, s in by_arm.items() if info[a]["kind"] == "synthetic" and "/n=" not in a
+                 and not info[a]["variant"] and (info[a]["mode"] or "txt2img") == mode}
         if not fixed:
             continue
         fixed_rows = [r for a in fixed for r in fixed[a].values()]

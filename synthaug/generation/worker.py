@@ -422,15 +422,11 @@ class _WorkerLoop:
         self.beat("running")
 
     def _prepare_cache(self, generator) -> None:
-        if isinstance(generator, MultiAdapterGenerator):
-            for name in generator.classes:
-                names = getattr(generator.for_class(name), "label_names", None)
-                if names:
-                    self.cache.adopt_label_names(names)  # refuses a cache whose names disagree
-            return
-        names = getattr(generator, "label_names", None)
-        if names:
-            self.cache.adopt_label_names(names)  # refuses a cache whose names disagree
+        multi = isinstance(generator, MultiAdapterGenerator)
+        for gen in [generator.for_class(name) for name in generator.classes] if multi else [generator]:
+            names = getattr(gen, "label_names", None)
+            if names:
+                self.cache.adopt_label_names(names)  # refuses a cache whose names disagree
 
     def _plan(self) -> Optional[Tuple[Optional[str], int, int, int]]:
         """``(class, first seq, number of images, limit)`` to generate now (class ``None``: the

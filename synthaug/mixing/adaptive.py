@@ -262,7 +262,6 @@ class AdaptiveRatio:
             r = as_fraction(start, name=f"classes[{key!r}]")
             nearest = min(range(len(self.grid)), key=lambda i: (abs(self.grid[i] - r), i))
             self._climbs[key] = _Climb(self.grid, nearest)
-        self._start = {key: c.centre for key, c in self._climbs.items()}
         self._last: Optional[Tuple[int, Dict[ClassKey, float]]] = None
         self.history: List[Dict[str, Any]] = []  # one entry per observation
         self.changes: List[Dict[str, Any]] = []  # one entry per ratio change: step, epoch, batch, ratios
@@ -273,10 +272,6 @@ class AdaptiveRatio:
     def ratios(self) -> Dict[ClassKey, Fraction]:
         """Each class's ratio now (the one the next batches are drawn at)."""
         return {key: climb.ratio() for key, climb in self._climbs.items()}
-
-    def start_ratios(self) -> Dict[ClassKey, Fraction]:
-        """Each class's ratio before the first observation (its grid start)."""
-        return {key: self.grid[i] for key, i in self._start.items()}
 
     def max_total(self) -> Fraction:
         """The largest ratio sum the classes can reach together."""

@@ -250,7 +250,6 @@ class RatioBatchSampler(Sampler):
         self._controller: Optional[AdaptiveRatio] = None
         self._changes: List[Tuple[int, int, Tuple[Fraction, ...]]] = []  # adaptive: (epoch, batch, shares) of each change
         self._plans: Dict[int, StretchPlan] = {}  # adaptive: each epoch's plan under the changes recorded so far
-        self._pos: Dict[str, Any] = {"epoch": 0, "batch": 0, "group_counts": []}
         self._setup_ratio(synthetic_ratio, classes)
         self.epoch = 0
         self._check_epoch(0)
@@ -400,7 +399,8 @@ class RatioBatchSampler(Sampler):
         cached = self._plans.get(epoch)
         if cached is not None:
             return cached
-        changes = [(0, sum(self._shares_at(epoch, 0), Fraction(0)), self._shares_at(epoch, 0))]
+        first = self._shares_at(epoch, 0)
+        changes = [(0, sum(first, Fraction(0)), first)]
         changes += [(b, sum(shares, Fraction(0)), shares) for e, b, shares in self._changes if e == epoch and b > 0]
         plan = plan_stretches(self.shard_len, self.batch_size, changes, drop_last=self.drop_last, batches_per_epoch=self.batches_per_epoch)
         if len(self._plans) > 8:
