@@ -24,6 +24,7 @@ from synthaug import MixedDataset, RatioBatchSampler
 from synthaug.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
 from synthaug.mixing import is_synthetic
 from synthaug.mixing.adaptive import AdaptiveRatio, plot_ratio_trajectory
+from tests.helpers.readme import readme_python
 from tests.helpers.stand_in_cache import build_stand_in_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -360,11 +361,7 @@ def test_torchrun_two_ranks_apply_every_change_at_the_same_batch(tmp_path):
 
 
 def test_readme_adaptive_snippet_runs(tmp_path, monkeypatch, train):
-    import re
-
-    text = (REPO / "README.md").read_text()
-    section = text.split("### A ratio that tunes itself", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = readme_python("### A ratio that tunes itself")
     build_stand_in_cache(tmp_path / "cache" / "shirt.lmdb", 100).close()
     monkeypatch.chdir(tmp_path)
     import synthaug.data.fashion_mnist as fm

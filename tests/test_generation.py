@@ -23,6 +23,7 @@ import synthaug
 from synthaug import GenerationWorker, GenerationWorkerError, SyntheticCache, load_generator
 from synthaug.adapter import image_sha256
 from synthaug.generation.worker import FIRST_BATCH
+from tests.helpers.readme import readme_python
 from tests.helpers.stub_generators import FailingGenerator, PatternGenerator, pattern_image
 from tests.helpers.waiting import wait_for as _wait_for
 
@@ -666,9 +667,7 @@ def test_cli_worker_runs_until_ctrl_c(tmp_path, tiny_ddpm_dir):
 
 # ---------------------------------------------------------------------------------- docs and benchmark
 def test_readme_generating_snippet_runs(tmp_path, tiny_sd_adapter, monkeypatch):
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Generating"):]
-    code = section[section.index("```python") + len("```python"): section.index("```", section.index("```python") + 9)]
+    code = readme_python("## Generating")
     code = code.replace('"cache/adapters/shirt"', repr(str(tiny_sd_adapter))).replace('"cache/shirt.lmdb"', repr(str(tmp_path / "shirt.lmdb")))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     exec(compile(code, "README.md#generating", "exec"), {})

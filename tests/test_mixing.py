@@ -10,7 +10,6 @@ import io
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from synthaug.cache.codec import HEADER_SIZE
 from synthaug.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
 from synthaug.mixing import SyntheticIndex, is_synthetic, plan_epoch
 from synthaug.mixing.ratio import as_fraction
+from tests.helpers.readme import readme_python
 from tests.helpers.stand_in_cache import build_stand_in_cache, stand_in_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -676,9 +676,7 @@ def test_bad_input_is_refused_with_clear_errors(train, shirts, tmp_path):
 
 # ---------------------------------------------------------------------------------- README, examples
 def test_readme_mixing_snippet_runs(tmp_path, monkeypatch, capsys, train):
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Mixing", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = readme_python("## Mixing")
     build_stand_in_cache(tmp_path / "cache" / "shirt.lmdb", 100).close()
     monkeypatch.chdir(tmp_path)
     import synthaug.data.fashion_mnist as fm

@@ -5,7 +5,6 @@ differs from rank to rank; rank 0 writes what all ranks saw to a JSON file.
     python -m torch.distributed.run --nproc_per_node=2 -m tests.helpers.ddp_adaptive CACHE OUT_JSON
 """
 
-import json
 import sys
 
 import torch
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader, Subset
 from synthaug import MixedDataset, RatioBatchSampler, SyntheticCache
 from synthaug.data.fashion_mnist import FashionMNIST
 from synthaug.mixing.adaptive import AdaptiveRatio
+from tests.helpers.ddp_check import write_all_ranks
 
 
 def zeros(image):
@@ -24,7 +24,7 @@ def zeros(image):
 def main() -> None:
     cache_path, out = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     mixed = MixedDataset(Subset(FashionMNIST(train=True), range(200)), SyntheticCache(cache_path), transform=zeros, mark_synthetic=True)
     ctrl = AdaptiveRatio({"Shirt": 0.1, "Coat": 0.1}, grid=[0.05, 0.1, 0.2, 0.3], interval=4, min_pairs=1, z=0.0)
     sampler = RatioBatchSampler(mixed, batch_size=8, synthetic_ratio=ctrl, seed=3)
@@ -48,13 +48,7 @@ def main() -> None:
     except ValueError as exc:
         refused = str(exc)
     mine = {"rank": rank, "changes": sampler.changes(), "controller": ctrl.state_dict(), "shapes": shapes, "refused": refused}
-    everyone = [None] * world
-    dist.all_gather_object(everyone, mine)
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(everyone, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    write_all_ranks(mine, out)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,14 @@ def main() -> None:
     loaded = [len(y) for _, y in DataLoader(mixed, batch_sampler=sampler, num_workers=1)]
     mine = {"rank": rank, "world": world, "sampler": [sampler.num_replicas, sampler.rank], "batches": batches,
             "loaded": loaded, "consumer": sampler.consumer}
-    everyone = [None] * world
+    write_all_ranks(mine, out)
+
+
+def write_all_ranks(mine, out) -> None:
+    """Gather every rank's ``mine``; rank 0 writes the list to ``out`` (JSON); then leave the group."""
+    everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    if rank == 0:
+    if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(everyone, f)
     dist.barrier()
